@@ -1,0 +1,228 @@
+"""Chat JSONL: reading with precise errors, record validation, and the curated dataset build.
+
+A record is ``{"messages": [{"role": ..., "content": ...}, ...]}``. Reading fails on anything that means the
+file itself is broken (bad UTF-8, a line that is not JSON, no ``messages`` list): those errors name the file
+and line. Record-level problems (unknown role, wrong order, empty or over-long content) drop the record and
+are counted; too many of them fail the build, because that means an upstream format change, not noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .phi import find_phi, scrub_text
+
+ROLES = ("system", "user", "assistant")
+
+
+class DatasetError(ValueError):
+    """Input data cannot be used; the message says where and what to do."""
+
+
+@dataclass(frozen=True)
+class SourcedRecord:
+    """A parsed record and where it came from (file and 1-based line), for error messages."""
+
+    messages: list[dict[str, str]]
+    source: str
+    line: int
+
+    @property
+    def location(self) -> str:
+        return f"{self.source}:{self.line}"
+
+
+def read_jsonl(path: Path, display_name: str | None = None) -> list[SourcedRecord]:
+    """Parse one chat JSONL file. Blank lines are skipped; every other line must be a record."""
+    name = display_name or str(path)
+    records = []
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DatasetError(
+                    f"{name} line {line_no}: not valid UTF-8 (byte {raw[error.start]:#04x} at column "
+                    f"{error.start + 1}); re-encode the file as UTF-8"
+                ) from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise DatasetError(
+                    f"{name} line {line_no}: malformed JSON ({error.msg} at column {error.colno}); "
+                    "each line must be one JSON object like {\"messages\": [{\"role\": ..., \"content\": ...}]}"
+                ) from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+                raise DatasetError(
+                    f"{name} line {line_no}: expected an object with a \"messages\" list, got "
+                    f"{type(obj).__name__}{' with keys ' + str(sorted(obj)) if isinstance(obj, dict) else ''}"
+                )
+            records.append(SourcedRecord(messages=obj["messages"], source=name, line=line_no))
+    return records
+
+
+def validation_problem(messages: list[Any], max_message_chars: int) -> str | None:
+    """Why a record cannot be trained on, as a short reason code with detail; None when valid.
+
+    Valid: an optional leading system message, then user/assistant turns alternating from user and ending
+    with an assistant turn (the reply we learn), every content a non-empty string within the length limit.
+    """
+    if not messages:
+        return "empty_conversation"
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) - {"role", "content"} or "role" not in message:
+            return f"bad_message_shape: message {index} must be {{role, content}}"
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            return f"unknown_role: message {index} has role {role!r}; allowed: {', '.join(ROLES)}"
+        if not isinstance(content, str) or not content.strip():
+            return f"empty_content: message {index} ({role}) has no text"
+        if len(content) > max_message_chars:
+            return f"too_long: message {index} has {len(content)} characters (limit {max_message_chars})"
+    turns = messages[1:] if messages[0]["role"] == "system" else messages
+    expected = "user"
+    for offset, message in enumerate(turns):
+        if message["role"] != expected:
+            index = offset + len(messages) - len(turns)
+            return f"wrong_order: message {index} is {message['role']!r}, expected {expected!r}"
+        expected = "assistant" if expected == "user" else "user"
+    if not turns or turns[-1]["role"] != "assistant":
+        return "no_assistant_reply: the conversation must end with an assistant message"
+    return None
+
+
+def _normalised_key(messages: list[dict[str, str]]) -> str:
+    """Duplicate key: roles and text with case and whitespace folded."""
+    canon = [(m["role"], re.sub(r"\s+", " ", m["content"]).strip().lower()) for m in messages]
+    return hashlib.sha256(json.dumps(canon).encode()).hexdigest()
+
+
+@dataclass
+class CurationReport:
+    input_records: int = 0
+    kept_records: int = 0
+    train_records: int = 0
+    validation_records: int = 0
+    duplicates_dropped: int = 0
+    dropped_by_reason: Counter[str] = field(default_factory=Counter)
+    # First few locations per reason: enough to find the problem without copying record text (PHI) anywhere.
+    example_locations: dict[str, list[str]] = field(default_factory=dict)
+    phi_replacements: Counter[str] = field(default_factory=Counter)
+    records_with_phi: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input_records": self.input_records,
+            "kept_records": self.kept_records,
+            "train_records": self.train_records,
+            "validation_records": self.validation_records,
+            "duplicates_dropped": self.duplicates_dropped,
+            "dropped_by_reason": dict(self.dropped_by_reason),
+            "example_locations": self.example_locations,
+            "phi_replacements": dict(self.phi_replacements),
+            "records_with_phi": self.records_with_phi,
+        }
+
+
+@dataclass(frozen=True)
+class CuratedDataset:
+    train: list[list[dict[str, str]]]
+    validation: list[list[dict[str, str]]]
+    report: CurationReport
+
+
+def curate(
+    records: Iterable[SourcedRecord],
+    *,
+    validation_fraction: float,
+    max_message_chars: int,
+    max_invalid_fraction: float,
+    split_seed: int,
+) -> CuratedDataset:
+    """Validate, scrub PHI, de-duplicate and split deterministically (by content hash, not position)."""
+    report = CurationReport()
+    seen: set[str] = set()
+    kept: list[tuple[str, list[dict[str, str]]]] = []
+    for record in records:
+        report.input_records += 1
+        problem = validation_problem(record.messages, max_message_chars)
+        if problem:
+            reason = problem.split(":", 1)[0]
+            report.dropped_by_reason[reason] += 1
+            examples = report.example_locations.setdefault(reason, [])
+            if len(examples) < 5:
+                examples.append(f"{record.location} ({problem})")
+            continue
+        scrubbed = []
+        record_phi: Counter[str] = Counter()
+        for message in record.messages:
+            result = scrub_text(message["content"])
+            record_phi.update(result.counts)
+            scrubbed.append({"role": message["role"], "content": result.text})
+        report.phi_replacements.update(record_phi)
+        report.records_with_phi += bool(record_phi)
+        key = _normalised_key(scrubbed)
+        if key in seen:
+            report.duplicates_dropped += 1
+            continue
+        seen.add(key)
+        kept.append((key, scrubbed))
+
+    if report.input_records == 0:
+        raise DatasetError("the dataset is empty: no records found; add chat JSONL files to the landing location")
+    invalid = sum(report.dropped_by_reason.values())
+    if not kept or invalid / report.input_records > max_invalid_fraction:
+        details = "; ".join(
+            f"{reason}: {count} (e.g. {', '.join(report.example_locations[reason][:2])})"
+            for reason, count in report.dropped_by_reason.most_common()
+        )
+        raise DatasetError(
+            f"{invalid} of {report.input_records} records are invalid (limit {max_invalid_fraction:.0%}): {details}. "
+            "Fix the records at those locations or raise max_invalid_fraction if dropping them is intended."
+        )
+
+    # Deterministic split by hash: a record stays on its side when other records are added or removed.
+    def bucket(key: str) -> float:
+        return int(hashlib.sha256(f"{split_seed}:{key}".encode()).hexdigest()[:12], 16) / 16**12
+
+    kept.sort(key=lambda item: bucket(item[0]))
+    validation_count = round(len(kept) * validation_fraction)
+    if validation_fraction > 0 and len(kept) >= 2:
+        validation_count = min(max(validation_count, 1), len(kept) - 1)
+    validation = [messages for _, messages in kept[:validation_count]]
+    train = [messages for _, messages in kept[validation_count:]]
+    report.kept_records = len(kept)
+    report.train_records = len(train)
+    report.validation_records = len(validation)
+    return CuratedDataset(train=train, validation=validation, report=report)
+
+
+def residual_phi(conversations: Iterable[list[dict[str, str]]]) -> Counter[str]:
+    """Count PHI pattern hits left in already-scrubbed conversations, by kind (no text, no positions)."""
+    hits: Counter[str] = Counter()
+    for messages in conversations:
+        for message in messages:
+            hits.update(kind for kind, _, _ in find_phi(message["content"]))
+    return hits
+
+
+def write_jsonl(path: Path, conversations: Iterable[list[dict[str, str]]]) -> int:
+    count = 0
+    with open(path, "w", encoding="utf-8") as handle:
+        for messages in conversations:
+            handle.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def load_conversations(path: Path) -> list[list[dict[str, str]]]:
+    return [record.messages for record in read_jsonl(path)]
