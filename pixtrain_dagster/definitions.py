@@ -4,15 +4,11 @@ Loading must stay fast: nothing here imports torch, transformers, peft, lightnin
 them inside their bodies.
 """
 
-from __future__ import annotations
-
 from dagster import AssetSelection, Definitions, define_asset_job
 
 from .assets import ALL_ASSETS
 from .execution import executor_from_env
 from .resources import ArtifactPointerIOManager, ArtifactStoreResource, ModelHubResource, TrainingRuntimeResource
-
-artifact_store = ArtifactStoreResource.from_env()
 
 train_adapter_job = define_asset_job(
     "train_adapter",
@@ -20,14 +16,21 @@ train_adapter_job = define_asset_job(
     description="Snapshot the base model, curate the data, train the LoRA adapter and evaluate it.",
 )
 
-defs = Definitions(
-    assets=ALL_ASSETS,
-    jobs=[train_adapter_job],
-    resources={
-        "artifact_store": artifact_store,
-        "io_manager": ArtifactPointerIOManager(artifact_store=artifact_store),
-        "training_runtime": TrainingRuntimeResource(),
-        "model_hub": ModelHubResource(),
-    },
-    executor=executor_from_env(),
-)
+
+def build_definitions() -> Definitions:
+    """Definitions wired from the environment (artifact roots, executor); tests call it after setting env vars."""
+    artifact_store = ArtifactStoreResource.from_env()
+    return Definitions(
+        assets=ALL_ASSETS,
+        jobs=[train_adapter_job],
+        resources={
+            "artifact_store": artifact_store,
+            "io_manager": ArtifactPointerIOManager(artifact_store=artifact_store),
+            "training_runtime": TrainingRuntimeResource(),
+            "model_hub": ModelHubResource(),
+        },
+        executor=executor_from_env(),
+    )
+
+
+defs = build_definitions()

@@ -168,13 +168,13 @@ def curate(
             result = scrub_text(message["content"])
             record_phi.update(result.counts)
             scrubbed.append({"role": message["role"], "content": result.text})
-        report.phi_replacements.update(record_phi)
-        report.records_with_phi += bool(record_phi)
         key = _normalised_key(scrubbed)
         if key in seen:
             report.duplicates_dropped += 1
             continue
         seen.add(key)
+        report.phi_replacements.update(record_phi)  # counted on kept records: what the dataset had scrubbed
+        report.records_with_phi += bool(record_phi)
         kept.append((key, scrubbed))
 
     if report.input_records == 0:
@@ -190,16 +190,17 @@ def curate(
             "Fix the records at those locations or raise max_invalid_fraction if dropping them is intended."
         )
 
-    # Deterministic split by hash: a record stays on its side when other records are added or removed.
+    # Split by a hash threshold, not by position or quantile: a record stays on its side of the split when
+    # other records are added or removed, so validation data never leaks into a later training set.
     def bucket(key: str) -> float:
         return int(hashlib.sha256(f"{split_seed}:{key}".encode()).hexdigest()[:12], 16) / 16**12
 
     kept.sort(key=lambda item: bucket(item[0]))
-    validation_count = round(len(kept) * validation_fraction)
+    cut = sum(bucket(key) < validation_fraction for key, _ in kept)
     if validation_fraction > 0 and len(kept) >= 2:
-        validation_count = min(max(validation_count, 1), len(kept) - 1)
-    validation = [messages for _, messages in kept[:validation_count]]
-    train = [messages for _, messages in kept[validation_count:]]
+        cut = min(max(cut, 1), len(kept) - 1)  # tiny datasets: still one row on each side
+    validation = [messages for _, messages in kept[:cut]]
+    train = [messages for _, messages in kept[cut:]]
     report.kept_records = len(kept)
     report.train_records = len(train)
     report.validation_records = len(validation)

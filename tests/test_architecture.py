@@ -1,0 +1,54 @@
+"""Rules of the code base: a fast code location, a Dagster-free ML core, one source of setting defaults."""
+
+import ast
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from conftest import REPO_ROOT
+
+HEAVY = ("torch", "transformers", "peft", "lightning", "wandb")
+
+
+def imported_modules_after(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_loading_the_code_location_imports_no_heavy_ml_library():
+    loaded = imported_modules_after("import pixtrain_dagster.definitions")
+    assert "dagster" in loaded  # the import really happened
+    assert [m for m in HEAVY if m in loaded] == []
+
+
+def test_the_ml_core_never_imports_dagster():
+    core = REPO_ROOT / "pixtrain_dagster" / "core"
+    offenders = []
+    for path in core.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0].startswith("dagster")]
+    assert offenders == []
+    modules = " ".join(f"import pixtrain_dagster.core.{p.stem}" for p in core.glob("*.py") if p.stem != "__init__")
+    assert not {m for m in imported_modules_after(modules.replace(" import", "; import")) if m.startswith("dagster")}
+
+
+def test_launchpad_config_mirrors_the_core_training_settings():
+    from pixtrain_dagster.assets.training import LoraTrainingConfig
+    from pixtrain_dagster.core.settings import LoraTrainingSettings
+
+    core = {f.name: f.default for f in fields(LoraTrainingSettings)}
+    config = LoraTrainingConfig()
+    assert set(core) <= set(LoraTrainingConfig.model_fields)
+    assert config.to_settings() == LoraTrainingSettings()
+    assert {name: getattr(config.to_settings(), name) for name in core} == core
+
+
+def test_definitions_validate_with_the_dagster_cli():
+    dagster = Path(sys.executable).parent / "dagster"
+    out = subprocess.run([str(dagster), "definitions", "validate", "-m", "pixtrain_dagster.definitions"],
+                         cwd=REPO_ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
