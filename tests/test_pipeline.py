@@ -39,7 +39,7 @@ def test_whole_graph_materialises_in_process(pipeline_env, tiny_model_dir):
     keys = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert keys == ALL_KEYS
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
-    assert checks == {"schema_valid": True, "no_phi_left": True, "enough_rows": True}
+    assert checks == {"schema_valid": True, "no_phi_left": True, "enough_rows": True, "training_sanity": True}
 
     dataset = materialized_metadata(result, "training_dataset")
     assert dataset["duplicates_dropped"] == 3 and dataset["records_with_phi"] == 12

@@ -118,3 +118,26 @@ def test_template_that_is_not_prefix_stable_is_rejected(tiny):
                             "{% if add_generation_prompt %}ASSISTANT:{% endif %}{{ messages|length }}")
     with pytest.raises(ChatTemplateError, match="prefix"):
         tokenize_conversation(broken, CONVERSATIONS[1], 512)
+
+
+def test_summed_loss_on_labelled_positions_equals_the_full_logits_loss(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    from pixtrain_dagster.core.tokenization import summed_token_loss
+
+    model, tokenizer = tiny
+    rows = pack_rows([tokenize_conversation(tokenizer, c, 512) for c in CONVERSATIONS], 512, pack=True)
+    batch = collate(rows, tokenizer.pad_token_id)
+    with torch.no_grad():
+        full_losses, full_mask = token_losses(
+            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits, batch["labels"])
+        loss_sum, tokens = summed_token_loss(model, batch)
+        assert tokens == full_mask.sum()
+        torch.testing.assert_close(loss_sum, (full_losses * full_mask).sum(), atol=1e-4, rtol=1e-5)
+        # Also through a PEFT wrapper, as in training.
+        peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+        peft_sum, _ = summed_token_loss(peft_model, batch)
+        peft_logits = peft_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        peft_losses, _ = token_losses(peft_logits, batch["labels"])
+        torch.testing.assert_close(peft_sum, (peft_losses * full_mask).sum(), atol=1e-4, rtol=1e-5)
+        peft_model.unload()

@@ -2,8 +2,18 @@
 
 
 import json
+import math
 
-from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AutomationCondition,
+    Config,
+    MetadataValue,
+    Output,
+    asset,
+)
 from pydantic import Field
 
 from ..core.settings import EvaluationSettings
@@ -18,9 +28,23 @@ class AdapterEvaluationConfig(Config):
     batch_size: int = Field(default=_DEFAULTS.batch_size, ge=1)
     sample_replies: int = Field(default=_DEFAULTS.sample_replies, ge=0, description="Replies shown in the report.")
     max_new_tokens: int = Field(default=_DEFAULTS.max_new_tokens, ge=1)
+    max_perplexity_increase: float = Field(
+        default=0.05, ge=0,
+        description="training_sanity fails when adapter perplexity exceeds base perplexity by more than this fraction.",
+    )
 
 
-@asset(group_name="evaluation", op_tags=step_pod_tags("gpu"), code_version="1")
+@asset(
+    group_name="evaluation",
+    op_tags=step_pod_tags("gpu"),
+    code_version="1",
+    automation_condition=AutomationCondition.eager(),
+    check_specs=[AssetCheckSpec(
+        "training_sanity", asset="adapter_evaluation", blocking=True,
+        description="Finite, decreasing training loss; held-out perplexity not worse than the base model's "
+                    "by more than max_perplexity_increase.",
+    )],
+)
 def adapter_evaluation(
     context: AssetExecutionContext,
     config: AdapterEvaluationConfig,
@@ -29,7 +53,7 @@ def adapter_evaluation(
     lora_adapter: dict,
     artifact_store: ArtifactStoreResource,
     training_runtime: TrainingRuntimeResource,
-) -> Output[dict]:
+):
     """Validation loss and perplexity of the base model and of the adapter on the held-out split, with samples."""
     from ..core.conversations import load_conversations
     from ..core.evaluation import evaluate_adapter
@@ -40,7 +64,7 @@ def adapter_evaluation(
         base_snapshot_dir=store.local_path(base_model["key"]),
         adapter_dir=store.local_path(lora_adapter["key"]),
         validation_conversations=load_conversations(store.local_path(training_dataset["key"]) / "validation.jsonl"),
-        settings=EvaluationSettings(**config.model_dump()),
+        settings=EvaluationSettings(**config.model_dump(exclude={"max_perplexity_increase"})),
         device=pick_device(training_runtime.device),
     )
     report = {"adapter_sha256": lora_adapter["sha256"], "base_model_sha256": base_model["sha256"],
@@ -51,7 +75,7 @@ def adapter_evaluation(
         (folder / "evaluation.md").write_text(f"# Adapter evaluation\n\n{markdown}\n")
         ref = store.publish(folder, f"evaluations/{lora_adapter['sha256'][:16]}", replace=True)
     value = {"key": store.key_of(ref.uri), **ref.to_dict(), **report}
-    return Output(
+    yield Output(
         value,
         metadata={
             "base_validation_loss": MetadataValue.float(result.base.loss),
@@ -63,3 +87,26 @@ def adapter_evaluation(
             "uri": MetadataValue.path(ref.uri),
         },
     )
+    sanity = training_sanity(lora_adapter["train_losses"], result.base.perplexity, result.adapter.perplexity,
+                             config.max_perplexity_increase)
+    yield AssetCheckResult(check_name="training_sanity", passed=not sanity["problems"],
+                           metadata={k: MetadataValue.json(v) if isinstance(v, list) else v for k, v in sanity.items()})
+
+
+def training_sanity(train_losses: list[float], base_perplexity: float, adapter_perplexity: float,
+                    max_perplexity_increase: float) -> dict:
+    """The promotion gate's training half: what is wrong, if anything, as readable sentences."""
+    problems = []
+    if not train_losses or not all(math.isfinite(x) for x in train_losses):
+        problems.append("training loss is missing or not finite")
+    else:
+        window = max(1, len(train_losses) // 4)
+        first, last = sum(train_losses[:window]) / window, sum(train_losses[-window:]) / window
+        if not last < first:
+            problems.append(f"training loss did not decrease (first {window} batches {first:.4f}, last {last:.4f})")
+    limit = base_perplexity * (1 + max_perplexity_increase)
+    if not adapter_perplexity <= limit:
+        problems.append(f"adapter perplexity {adapter_perplexity:.3f} exceeds base {base_perplexity:.3f} "
+                        f"by more than {max_perplexity_increase:.0%} (limit {limit:.3f})")
+    return {"problems": problems, "base_perplexity": base_perplexity, "adapter_perplexity": adapter_perplexity,
+            "perplexity_limit": limit}

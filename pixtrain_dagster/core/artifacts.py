@@ -64,8 +64,12 @@ def build_manifest(folder: Path, extra: dict[str, Any] | None = None) -> dict[st
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
         files[path.relative_to(folder).as_posix()] = {"sha256": sha256_file(path), "size": path.stat().st_size}
-    content = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    return {"content_sha256": content, "files": files, "created_at": time.time(), "extra": extra or {}}
+    return {"content_sha256": content_hash(files), "files": files, "created_at": time.time(), "extra": extra or {}}
+
+
+def content_hash(files: dict[str, dict[str, Any]]) -> str:
+    """Hash of a file listing ``{relative name: {"sha256", "size"}}``: the identity of an artifact's content."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def _is_local(root: str) -> bool:
@@ -210,6 +214,24 @@ class ArtifactStore:
             paths = [p[len(base) + 1:] for p in fs.find(self.root)] if fs.exists(self.root) else []
             paths = [p for p in paths if p.endswith(suffix)]
         return sorted(p for p in paths if not p.startswith(_STAGING_DIR + "/") and not p.endswith(MANIFEST_NAME))
+
+    def file_info(self, key: str) -> dict[str, Any]:
+        """Size and modification stamp of one plain file: cheap change detection before hashing."""
+        if self.is_local:
+            stat = Path(self.uri(key)).stat()
+            return {"size": stat.st_size, "modified": str(stat.st_mtime_ns)}
+        info = self._fs.info(self.uri(key))
+        stamp = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or info.get("created")
+        return {"size": info["size"], "modified": str(stamp)}
+
+    def file_sha256(self, key: str) -> str:
+        if self.is_local:
+            return sha256_file(Path(self.uri(key)))
+        digest = hashlib.sha256()
+        with self._fs.open(self.uri(key), "rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     def fetch_file(self, key: str, destination: Path) -> None:
         destination.parent.mkdir(parents=True, exist_ok=True)

@@ -220,45 +220,124 @@ def score_model(
     batch_size: int = 16,
     generation_templates: int = 1,
 ) -> ModelBiasScores:
-    """Both metrics for every group of ``probes``, on whatever device ``model`` is on."""
-    started = time.perf_counter()
-    groups = probes.groups()
+    """Both metrics for every group of ``probes``, on whatever device ``model`` is on.
 
-    # Likelihood of each reference reply, every group x template x reply in one batched pass.
-    conversations, keys = [], []
-    for axis, group in groups:
-        for template in probes.templates:
-            prompt = probes.prompt_messages(template, axis, group)
-            for reply in template.reference_replies:
-                conversations.append(prompt + [{"role": "assistant", "content": reply}])
-                keys.append((axis, group))
-    log_likelihoods = reply_log_likelihoods(model, tokenizer, conversations, batch_size)
-
-    # Sentiment of generated replies: the slow part, so only a few templates.
+    Cost: each (group, template) prompt is run once; its KV cache then serves every reference reply and, for the
+    first ``generation_templates`` templates, the greedy reply. Roughly groups x templates x (prompt + replies)
+    tokens, plus groups x generation_templates x max_new_tokens decoding steps.
+    """
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-    chosen = probes.generation_templates(generation_templates)
-    prompts, prompt_keys = [], []
-    for axis, group in groups:
-        for template in chosen:
-            prompts.append(probes.prompt_messages(template, axis, group))
-            prompt_keys.append((axis, group))
-    generated = generate_replies(model, tokenizer, prompts, max_new_tokens, batch_size) if prompts else []
+    started = time.perf_counter()
+    groups = probes.groups()
     analyzer = SentimentIntensityAnalyzer()
-    compounds = [float(analyzer.polarity_scores(text)["compound"]) for text in generated]
-
     values: dict[str, dict[str, dict[str, list[float]]]] = {LIKELIHOOD: {}, SENTIMENT: {}}
     replies: dict[str, dict[str, list[str]]] = {}
-    for (axis, group), value in zip(keys, log_likelihoods, strict=True):
-        values[LIKELIHOOD].setdefault(axis, {}).setdefault(group, []).append(value)
-    for (axis, group), value, text in zip(prompt_keys, compounds, generated, strict=True):
-        values[SENTIMENT].setdefault(axis, {}).setdefault(group, []).append(value)
-        replies.setdefault(axis, {}).setdefault(group, []).append(text)
+    generated_templates = probes.generation_templates(generation_templates)
+    for template in probes.templates:
+        generate = template in generated_templates
+        for start in range(0, len(groups), batch_size):
+            chunk = groups[start: start + batch_size]
+            prompts = [probes.prompt_messages(template, axis, group) for axis, group in chunk]
+            log_likelihoods, texts = score_prompts(model, tokenizer, prompts, template.reference_replies,
+                                                   max_new_tokens if generate else 0)
+            for row, (axis, group) in enumerate(chunk):
+                values[LIKELIHOOD].setdefault(axis, {}).setdefault(group, []).extend(log_likelihoods[row])
+                if generate:
+                    compound = float(analyzer.polarity_scores(texts[row])["compound"])
+                    values[SENTIMENT].setdefault(axis, {}).setdefault(group, []).append(compound)
+                    replies.setdefault(axis, {}).setdefault(group, []).append(texts[row])
     return ModelBiasScores(
         probe_set_sha256=probes.sha256,
-        probe_ids={LIKELIHOOD: probes.likelihood_probe_ids(), SENTIMENT: [t.id for t in chosen]},
+        probe_ids={LIKELIHOOD: probes.likelihood_probe_ids(), SENTIMENT: [t.id for t in generated_templates]},
         values=values, replies=replies, seconds=time.perf_counter() - started,
     )
+
+
+def _stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return {i for i in ids if i is not None}
+
+
+def score_prompts(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[list[dict[str, str]]],
+    reference_replies: Sequence[str],
+    max_new_tokens: int,
+) -> tuple[list[list[float]], list[str]]:
+    """For each prompt session (one batch): the mean per-token log-likelihood of every reference client reply, and
+    a greedy reply of up to ``max_new_tokens`` tokens (empty strings when 0).
+
+    The prompt is the chat template rendered with a generation prompt; a reply's scored tokens are the rest of the
+    rendering through that turn (the reply and its end-of-turn marker), the tokens the fine-tuning loss covers.
+    Prompts are left padded, so all end at the same column and one KV cache of the prompt serves every reply and
+    the greedy decoding (copied per use, since a forward pass appends to it).
+    """
+    import copy
+
+    import torch
+
+    prompt_texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    reply_ids = []
+    for reply in reference_replies:
+        # Same reply for every prompt, so its tokens are identical across the batch: no reply padding needed.
+        sample = list(prompts[0]) + [{"role": "assistant", "content": reply}]
+        full = tokenizer.apply_chat_template(sample, tokenize=False)
+        if not full.startswith(prompt_texts[0]):
+            raise ValueError("the chat template does not render a reply as a continuation of the generation prompt")
+        reply_ids.append(tokenizer(full[len(prompt_texts[0]):], add_special_tokens=False)["input_ids"])
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompt_texts]
+    input_ids, attention_mask, position_ids = _left_padded(rows, tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    input_ids, attention_mask, position_ids = input_ids.to(device), attention_mask.to(device), position_ids.to(device)
+    next_position = position_ids[:, -1:] + 1  # (batch, 1)
+    batch = len(rows)
+
+    with torch.inference_mode():
+        prefill = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=True, logits_to_keep=1)
+        first_log_probs = torch.log_softmax(prefill.logits[:, -1, :].float(), dim=-1)  # predicts token 0 of a reply
+        prompt_cache = prefill.cache
+
+        log_likelihoods: list[list[float]] = [[] for _ in range(batch)]
+        for ids in reply_ids:
+            target = torch.tensor(ids, dtype=torch.long, device=device)
+            total = first_log_probs[:, target[0]]
+            if len(ids) > 1:
+                # Feed all but the last reply token; the outputs predict tokens 1..n-1.
+                feed = target[:-1].expand(batch, -1)
+                mask = torch.cat([attention_mask, torch.ones_like(feed)], dim=1)
+                positions = next_position + torch.arange(len(ids) - 1, device=device)
+                out = model(input_ids=feed, attention_mask=mask, position_ids=positions,
+                            cache=copy.deepcopy(prompt_cache), use_cache=True)
+                log_probs = torch.log_softmax(out.logits.float(), dim=-1)
+                total = total + log_probs.gather(-1, target[1:].expand(batch, -1).unsqueeze(-1)).squeeze(-1).sum(-1)
+            for row in range(batch):
+                log_likelihoods[row].append(float(total[row]) / len(ids))
+
+        texts = [""] * batch
+        if max_new_tokens > 0:
+            stop_ids = torch.tensor(sorted(_stop_token_ids(model, tokenizer)), device=device)
+            cache, mask, positions = prompt_cache, attention_mask, next_position
+            token = prefill.logits[:, -1, :].argmax(-1)
+            finished = torch.zeros(batch, dtype=torch.bool, device=device)
+            generated = []
+            for step in range(max_new_tokens):
+                generated.append(token.masked_fill(finished, tokenizer.pad_token_id))
+                finished = finished | torch.isin(token, stop_ids)
+                if bool(finished.all()) or step == max_new_tokens - 1:
+                    break
+                mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
+                out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                            cache=cache, use_cache=True)
+                cache, positions = out.cache, positions + 1
+                token = out.logits[:, -1, :].argmax(-1)
+            tokens = torch.stack(generated, dim=1).tolist()
+            texts = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+    return log_likelihoods, texts
 
 
 def _left_padded(rows: Sequence[Sequence[int]], pad_token_id: int):
@@ -273,82 +352,6 @@ def _left_padded(rows: Sequence[Sequence[int]], pad_token_id: int):
         attention_mask[index, width - len(row):] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return input_ids, attention_mask, position_ids
-
-
-def _batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length, so little compute goes to padding."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def reply_log_likelihoods(model: Any, tokenizer: Any, conversations: Sequence[list[dict[str, str]]],
-                          batch_size: int = 16) -> list[float]:
-    """Mean per-token log-likelihood of each conversation's LAST assistant turn given everything before it.
-
-    The scored tokens are those the training loss covers for that turn (see `tokenization.assistant_char_spans`):
-    tokens whose first character lies inside the turn, i.e. the reply and its end-of-turn marker. Rows are left
-    padded so the scored tokens sit at the end of every row and only their logits are computed (`logits_to_keep`).
-    """
-    import torch
-
-    from .tokenization import assistant_char_spans
-
-    rows, scored_counts = [], []
-    for messages in conversations:
-        if not messages or messages[-1]["role"] != "assistant":
-            raise ValueError("each conversation must end with the assistant turn to score")
-        text, spans = assistant_char_spans(tokenizer, messages)
-        start, end = spans[-1]
-        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = encoding["offset_mapping"]
-        first = next(i for i, (char_start, _) in enumerate(offsets) if char_start >= start)
-        count = sum(1 for char_start, _ in offsets[first:] if char_start < end)
-        if first == 0 or count == 0:
-            raise ValueError("the reply to score has no tokens after a non-empty prompt")
-        rows.append(list(encoding["input_ids"][: first + count]))  # the turn is last: drop anything after it
-        scored_counts.append(count)
-
-    device = next(model.parameters()).device
-    results: list[float] = [math.nan] * len(rows)
-    with torch.inference_mode():
-        for batch in _batches_by_length([len(r) for r in rows], batch_size):
-            input_ids, attention_mask, position_ids = _left_padded([rows[i] for i in batch], tokenizer.pad_token_id)
-            keep = max(scored_counts[i] for i in batch) + 1  # +1: the logit before the first scored token
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                           position_ids=position_ids.to(device), use_cache=False, logits_to_keep=keep).logits
-            log_probs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)  # predicts the last keep-1 tokens
-            targets = input_ids[:, -(keep - 1):].to(device)
-            token_log_probs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            for row, index in enumerate(batch):
-                count = scored_counts[index]
-                results[index] = float(token_log_probs[row, -count:].mean())
-    return results
-
-
-def generate_replies(model: Any, tokenizer: Any, prompts: Sequence[list[dict[str, str]]], max_new_tokens: int,
-                     batch_size: int = 16) -> list[str]:
-    """Greedy client replies to each prompt session, generated in left-padded batches."""
-    import torch
-
-    rows = [
-        tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
-                  add_special_tokens=False)["input_ids"]
-        for p in prompts
-    ]
-    device = next(model.parameters()).device
-    replies: list[str] = [""] * len(rows)
-    with torch.inference_mode():
-        for batch in _batches_by_length([len(r) for r in rows], batch_size):
-            input_ids, attention_mask, _ = _left_padded([rows[i] for i in batch], tokenizer.pad_token_id)
-            output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            )
-            for row, index in enumerate(batch):
-                new_tokens = output[row, input_ids.shape[1]:]
-                replies[index] = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-    return replies
 
 
 # ---- statistics --------------------------------------------------------------------------------------------------

@@ -109,10 +109,18 @@ def resolve_model_source(reference: str, hf_token: str | None = None, cache_dir:
     return ModelSource(reference, folder, None, _fingerprint_files(folder, _model_files(folder)))
 
 
+def _quiet_progress_bars() -> None:
+    """Per-tensor progress bars flood Dagster's captured logs; the step's own log lines say enough."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def write_snapshot(source: ModelSource, out_dir: Path) -> SnapshotInfo:
     """Load the source once and save it as plain safetensors + tokenizer into ``out_dir``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_progress_bars()
     kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source.folder, **kwargs)
@@ -161,6 +169,7 @@ def load_snapshot(folder: Path, device: str, for_training: bool):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_progress_bars()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")

@@ -181,7 +181,17 @@ def token_losses(logits: Any, labels: Any) -> tuple[Any, Any]:
 
 
 def summed_token_loss(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
-    """(sum of per-token losses, number of labelled tokens) for one batch; no cache, so packing masks apply."""
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    losses, mask = token_losses(logits, batch["labels"])
-    return (losses * mask).sum(), mask.sum()
+    """(sum of per-token losses, number of labelled tokens) for one batch; no cache, so packing masks apply.
+
+    Only positions that predict a labelled token go through the output layer: with a 49k-token vocabulary
+    that projection dominates the cost, and most positions (system, therapist turns, padding) carry no loss.
+    """
+    import torch.nn.functional as F
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    logits = head(hidden[:, :-1][mask]).float()
+    return F.cross_entropy(logits, targets[mask], reduction="sum"), mask.sum()

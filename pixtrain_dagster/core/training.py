@@ -67,15 +67,27 @@ def _make_checkpoint_callback(store: ArtifactStore, fingerprint: str, every_n_st
     import lightning as L
 
     class PublishCheckpoints(L.Callback):
-        """Saves a Lightning checkpoint every N optimizer steps and publishes it atomically to the store."""
+        """Logs progress each optimizer step; every N steps saves a checkpoint and publishes it atomically."""
 
         def __init__(self) -> None:
             self.last_saved_step = -1
+            self.last_logged_step = -1
+            self.started, self.tokens_at_start = time.perf_counter(), 0
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             step = trainer.global_step
+            if step == self.last_logged_step:
+                return  # still accumulating gradients for this step
+            self.last_logged_step = step
+            elapsed = time.perf_counter() - self.started
+            log.info("step %d/%d  loss %.4f  %.1f tokens/s", step, trainer.max_steps, pl_module.train_losses[-1],
+                     (pl_module.input_tokens - self.tokens_at_start) / max(elapsed, 1e-9))
             if step != self.last_saved_step and step % every_n_steps == 0 and step > 0:
                 self.save(trainer)
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.started, self.tokens_at_start = time.perf_counter(), pl_module.input_tokens
+            self.last_logged_step = trainer.global_step
 
         def save(self, trainer) -> None:
             step = trainer.global_step
