@@ -4,17 +4,13 @@ Loading must stay fast: nothing here imports torch, transformers, peft, lightnin
 them inside their bodies.
 """
 
-from dagster import AssetSelection, Definitions, define_asset_job
+from dagster import Definitions
 
 from .assets import ALL_ASSETS
 from .execution import executor_from_env
+from .jobs import train_adapter_job
 from .resources import ArtifactPointerIOManager, ArtifactStoreResource, ModelHubResource, TrainingRuntimeResource
-
-train_adapter_job = define_asset_job(
-    "train_adapter",
-    selection=AssetSelection.all(),
-    description="Snapshot the base model, curate the data, train the LoRA adapter and evaluate it.",
-)
+from .sensors import alert_on_failure, downstream_automation, new_training_data, retraining_schedule
 
 
 def build_definitions() -> Definitions:
@@ -23,6 +19,8 @@ def build_definitions() -> Definitions:
     return Definitions(
         assets=ALL_ASSETS,
         jobs=[train_adapter_job],
+        sensors=[new_training_data, downstream_automation, alert_on_failure],
+        schedules=[retraining_schedule],
         resources={
             "artifact_store": artifact_store,
             "io_manager": ArtifactPointerIOManager(artifact_store=artifact_store),
