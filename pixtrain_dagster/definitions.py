@@ -4,12 +4,21 @@ Loading must stay fast: nothing here imports torch, transformers, peft, lightnin
 them inside their bodies.
 """
 
+import os
+
 from dagster import Definitions
 
 from .assets import ALL_ASSETS
 from .execution import executor_from_env
 from .jobs import train_adapter_job
-from .resources import ArtifactPointerIOManager, ArtifactStoreResource, ModelHubResource, TrainingRuntimeResource
+from .resources import (
+    ArtifactPointerIOManager,
+    ArtifactStoreResource,
+    BiasDetectionClient,
+    ModelHubResource,
+    TrainingMetadataResource,
+    TrainingRuntimeResource,
+)
 from .sensors import alert_on_failure, downstream_automation, new_training_data, retraining_schedule
 
 
@@ -26,6 +35,8 @@ def build_definitions() -> Definitions:
             "io_manager": ArtifactPointerIOManager(artifact_store=artifact_store),
             "training_runtime": TrainingRuntimeResource(),
             "model_hub": ModelHubResource(),
+            "training_metadata": TrainingMetadataResource(),
+            "bias_detection": BiasDetectionClient(endpoint=os.environ.get("PIXTRAIN_BIAS_SERVICE_URL") or None),
         },
         executor=executor_from_env(),
     )

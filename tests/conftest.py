@@ -8,21 +8,15 @@ from pathlib import Path
 
 import pytest
 
-TESTS_DIR = Path(__file__).parent
-REPO_ROOT = TESTS_DIR.parent
-SAMPLE_DATASET = REPO_ROOT / "pixtrain_dagster" / "sample_data" / "conversations.jsonl"
-sys.path.insert(0, str(TESTS_DIR))
+sys.path.insert(0, str(Path(__file__).parent))  # test modules import `support` and `tiny_model` from here
 
-# Tests never talk to W&B servers and never write into the checkout or HOME caches.
+from support import SAMPLE_DATASET  # noqa: E402
+
+# Tests never talk to W&B servers or a model hub.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-# Small, fast training settings for the tiny model, as Dagster run config.
-TINY_TRAINING_CONFIG = {"max_steps": 4, "micro_batch_size": 2, "gradient_accumulation_steps": 1,
-                        "max_seq_len": 192, "checkpoint_every_n_steps": 2, "learning_rate": 5e-3,
-                        "warmup_steps": 1}
 
 
 @pytest.fixture(scope="session")
@@ -53,12 +47,3 @@ def pipeline_env(tmp_path, monkeypatch) -> dict[str, Path]:
     for name in ("PIXTRAIN_CHECKPOINT_DIR", "PIXTRAIN_TRAINING_DATA_DIR", "PIXTRAIN_EXECUTOR"):
         monkeypatch.delenv(name, raising=False)
     return paths
-
-
-def tiny_run_config(tiny_model_dir: Path, **training_overrides) -> dict:
-    """Run config that points base_model at the tiny model and keeps training to a few steps."""
-    return {"ops": {
-        "base_model": {"config": {"model_ref": str(tiny_model_dir)}},
-        "lora_training": {"config": {**TINY_TRAINING_CONFIG, **training_overrides}},
-        "adapter_evaluation": {"config": {"sample_replies": 1, "max_new_tokens": 8}},
-    }}

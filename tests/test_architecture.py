@@ -6,7 +6,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from conftest import REPO_ROOT
+from support import REPO_ROOT
 
 HEAVY = ("torch", "transformers", "peft", "lightning", "wandb")
 

@@ -12,11 +12,11 @@ from dagster import DagsterInstance
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO_ROOT, tiny_run_config
+from support import REPO_ROOT, tiny_run_config
 from pixtrain_dagster.core.artifacts import ArtifactStore
 
 ALL_KEYS = {"base_model", "raw_conversations", "training_dataset", "lora_adapter", "training_checkpoints",
-            "adapter_evaluation"}
+            "adapter_evaluation", "bias_report", "promoted_adapter"}
 
 
 def run_job(run_config, selection=None, raise_on_error=True):
@@ -39,7 +39,8 @@ def test_whole_graph_materialises_in_process(pipeline_env, tiny_model_dir):
     keys = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert keys == ALL_KEYS
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
-    assert checks == {"schema_valid": True, "no_phi_left": True, "enough_rows": True, "training_sanity": True}
+    assert checks == {"schema_valid": True, "no_phi_left": True, "enough_rows": True, "training_sanity": True,
+                      "bias_gate": True}
 
     dataset = materialized_metadata(result, "training_dataset")
     assert dataset["duplicates_dropped"] == 3 and dataset["records_with_phi"] == 12

@@ -16,7 +16,7 @@ from dagster import (
     build_sensor_context,
 )
 
-from conftest import SAMPLE_DATASET, tiny_run_config
+from support import SAMPLE_DATASET, tiny_run_config
 from pixtrain_dagster.resources import ArtifactStoreResource
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from dagster import AssetKey, DagsterInstance
 
-from conftest import REPO_ROOT, tiny_run_config
+from support import REPO_ROOT, tiny_run_config
 
 LAUNCH = """
 mutation Launch($params: ExecutionParams!) {

@@ -28,7 +28,8 @@ from ..core.conversations import (
 )
 from ..core.settings import CurationSettings
 from ..execution import step_pod_tags
-from ..resources import ArtifactStoreResource
+from ..resources import ArtifactStoreResource, TrainingMetadataResource
+from ..resources.metadata import step_identity
 
 _CURATION = CurationSettings()
 
@@ -98,6 +99,7 @@ def training_dataset(
     config: TrainingDatasetConfig,
     raw_conversations: dict,
     artifact_store: ArtifactStoreResource,
+    training_metadata: TrainingMetadataResource,
 ):
     """Validated, PHI-scrubbed, de-duplicated conversations with a deterministic train/validation split.
 
@@ -123,6 +125,12 @@ def training_dataset(
         key = f"datasets/curated/{version[:16]}"
         ref = store.publish(folder, key)
 
+    who = step_identity(context)
+    training_metadata.get_store().record_dataset_version(
+        dataset_hash=ref.sha256, source_uri=store.uri(raw_conversations["key"]),
+        num_rows_raw=report["input_records"], num_rows_clean=report["kept_records"],
+        scrub_counts=report["phi_replacements"], run_id=who.run_id, actor=who.actor,
+    )
     published = store.local_path(key)
     train = load_conversations(published / "train.jsonl")
     validation = load_conversations(published / "validation.jsonl")

@@ -18,7 +18,8 @@ from pydantic import Field
 
 from ..core.settings import EvaluationSettings
 from ..execution import step_pod_tags
-from ..resources import ArtifactStoreResource, TrainingRuntimeResource
+from ..resources import ArtifactStoreResource, TrainingMetadataResource, TrainingRuntimeResource
+from ..resources.metadata import step_identity
 
 _DEFAULTS = EvaluationSettings()
 
@@ -53,6 +54,7 @@ def adapter_evaluation(
     lora_adapter: dict,
     artifact_store: ArtifactStoreResource,
     training_runtime: TrainingRuntimeResource,
+    training_metadata: TrainingMetadataResource,
 ):
     """Validation loss and perplexity of the base model and of the adapter on the held-out split, with samples."""
     from ..core.conversations import load_conversations
@@ -67,8 +69,17 @@ def adapter_evaluation(
         settings=EvaluationSettings(**config.model_dump(exclude={"max_perplexity_increase"})),
         device=pick_device(training_runtime.device),
     )
+    sanity = training_sanity(lora_adapter["train_losses"], result.base.perplexity, result.adapter.perplexity,
+                             config.max_perplexity_increase)
     report = {"adapter_sha256": lora_adapter["sha256"], "base_model_sha256": base_model["sha256"],
-              "dataset_sha256": training_dataset["sha256"], **result.to_dict()}
+              "dataset_sha256": training_dataset["sha256"], **result.to_dict(), "training_sanity": sanity}
+    who = step_identity(context)
+    training_metadata.get_store().record_evaluation(
+        who.run_id, who.step_key, adapter_sha256=lora_adapter["sha256"], eval_name="heldout_perplexity",
+        metrics={"base_loss": result.base.loss, "adapter_loss": result.adapter.loss,
+                 "base_perplexity": result.base.perplexity, "adapter_perplexity": result.adapter.perplexity},
+        passed=not sanity["problems"], eval_dataset_hash=training_dataset["sha256"],
+    )
     markdown = result.to_markdown()
     with store.stage() as folder:
         (folder / "evaluation.json").write_text(json.dumps(report, indent=2))
@@ -87,8 +98,6 @@ def adapter_evaluation(
             "uri": MetadataValue.path(ref.uri),
         },
     )
-    sanity = training_sanity(lora_adapter["train_losses"], result.base.perplexity, result.adapter.perplexity,
-                             config.max_perplexity_increase)
     yield AssetCheckResult(check_name="training_sanity", passed=not sanity["problems"],
                            metadata={k: MetadataValue.json(v) if isinstance(v, list) else v for k, v in sanity.items()})
 

@@ -1,14 +1,16 @@
 """LoRA training: one step that produces the adapter and its checkpoints."""
 
 
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 from dagster import AssetExecutionContext, AssetOut, Config, DataVersion, MetadataValue, Output, multi_asset
 from pydantic import Field
 
 from ..core.settings import LoraTrainingSettings
 from ..execution import step_pod_tags
-from ..resources import ArtifactStoreResource, TrainingRuntimeResource
+from ..provenance import code_version, git_commit
+from ..resources import ArtifactStoreResource, TrainingMetadataResource, TrainingRuntimeResource
+from ..resources.metadata import step_identity
 
 _DEFAULTS = LoraTrainingSettings()
 
@@ -57,6 +59,7 @@ def lora_training(
     training_dataset: dict,
     artifact_store: ArtifactStoreResource,
     training_runtime: TrainingRuntimeResource,
+    training_metadata: TrainingMetadataResource,
 ):
     from ..core.conversations import load_conversations
     from ..core.training import train_lora_adapter
@@ -65,21 +68,46 @@ def lora_training(
     dataset_dir = store.local_path(training_dataset["key"])
     settings = config.to_settings()
 
+    records = training_metadata.get_store()
+    who = step_identity(context)
+    records.start_training_run(
+        who.run_id, who.step_key, dataset_hash=training_dataset["sha256"], base_model_ref=base_model["info"][
+            "source_reference"], base_model_sha256=base_model["sha256"], code_version=code_version(),
+        git_commit=git_commit(), hyperparameters=asdict(settings), attempt=who.attempt, actor=who.actor,
+    )
+
     def on_checkpoint(step: int, ref) -> None:
         context.log.info(f"checkpoint step {step}: {ref.uri} sha256={ref.sha256[:12]}")
+        records.record_checkpoint(who.run_id, who.step_key, global_step=step, uri=ref.uri, sha256=ref.sha256,
+                                  size_bytes=ref.size_bytes)
 
-    result = train_lora_adapter(
-        store=store,
-        checkpoint_store=artifact_store.checkpoint_store(),
-        base_snapshot_dir=store.local_path(base_model["key"]),
-        base_model_sha256=base_model["sha256"],
-        dataset_sha256=training_dataset["sha256"],
-        train_conversations=load_conversations(dataset_dir / "train.jsonl"),
-        validation_conversations=load_conversations(dataset_dir / "validation.jsonl"),
-        settings=settings,
-        runtime=training_runtime.settings(),
-        resume=config.resume,
-        on_checkpoint=on_checkpoint,
+    try:
+        result = train_lora_adapter(
+            store=store,
+            checkpoint_store=artifact_store.checkpoint_store(),
+            base_snapshot_dir=store.local_path(base_model["key"]),
+            base_model_sha256=base_model["sha256"],
+            dataset_sha256=training_dataset["sha256"],
+            train_conversations=load_conversations(dataset_dir / "train.jsonl"),
+            validation_conversations=load_conversations(dataset_dir / "validation.jsonl"),
+            settings=settings,
+            runtime=training_runtime.settings(),
+            resume=config.resume,
+            on_checkpoint=on_checkpoint,
+        )
+    except BaseException:
+        # KeyboardInterrupt/SIGTERM too: a pre-empted pod's run is recorded as failed, not left "running".
+        records.finish_training_run(who.run_id, who.step_key, status="failed", attempt=who.attempt, actor=who.actor)
+        raise
+    for ref in result.checkpoints:  # checkpoints a crashed earlier run left, which this run resumed from
+        records.record_checkpoint(who.run_id, who.step_key, global_step=int(ref.uri.rsplit("-", 1)[-1]),
+                                  uri=ref.uri, sha256=ref.sha256, size_bytes=ref.size_bytes)
+    records.finish_training_run(
+        who.run_id, who.step_key, status="succeeded", adapter_uri=result.adapter.uri,
+        adapter_sha256=result.adapter.sha256, attempt=who.attempt, actor=who.actor,
+        metrics={"final_train_loss": result.final_train_loss, "validation_loss": result.validation_loss,
+                 "tokens_per_second": result.tokens_per_second, "final_step": result.final_step,
+                 "resumed_from_step": result.resumed_from_step},
     )
     summary = result.summary()
     adapter = {

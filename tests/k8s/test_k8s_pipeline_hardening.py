@@ -123,7 +123,7 @@ def test_sandbox_allows_writes_only_to_the_volumes(sandbox):
 
 @pytest.mark.slow
 def test_whole_pipeline_runs_as_uid_1001_with_only_the_volumes_writable(sandbox, tiny_model_dir):
-    from conftest import tiny_run_config  # tests/conftest.py: the tiny model's run config for the whole graph
+    from support import tiny_run_config  # tests/conftest.py: the tiny model's run config for the whole graph
 
     model = sandbox.read_only / "tiny-model"
     shutil.copytree(tiny_model_dir, model)

@@ -1,0 +1,110 @@
+"""The promoted adapter: the one in use, published with its model card only after every gate passed."""
+
+import json
+
+from dagster import AssetExecutionContext, AutomationCondition, Failure, MetadataValue, Output, asset
+
+from ..execution import step_pod_tags
+from ..resources import ArtifactStoreResource, TrainingMetadataResource
+from ..resources.metadata import step_identity
+
+CURRENT_POINTER = "promoted/CURRENT.json"
+
+
+def promotion_blockers(lora_adapter: dict, adapter_evaluation: dict, bias_report: dict) -> list[str]:
+    """Why this adapter must not be promoted; empty when every gate passed for exactly this adapter.
+
+    Dagster's blocking checks already stop a run before this step; this second look covers runs that select
+    the promotion alone, where an older failed check would otherwise go unnoticed.
+    """
+    sha = lora_adapter["sha256"]
+    blockers = []
+    if adapter_evaluation.get("adapter_sha256") != sha:
+        blockers.append("adapter_evaluation was computed for a different adapter; materialise it again")
+    elif adapter_evaluation.get("training_sanity", {}).get("problems"):
+        blockers.append("training_sanity failed: " + "; ".join(adapter_evaluation["training_sanity"]["problems"]))
+    if bias_report.get("adapter_sha256") != sha:
+        blockers.append("bias_report was computed for a different adapter; materialise it again")
+    elif not bias_report["verdict"]["passed"]:
+        blockers.append("bias_gate failed: " + bias_report["verdict"]["summary"])
+    return blockers
+
+
+def model_card(lora_adapter: dict, adapter_evaluation: dict, bias: dict, limitations: str) -> str:
+    training = lora_adapter["training"]
+    return "\n".join([
+        "---",
+        "library_name: peft",
+        "tags: [lora, therapy-client-simulation, pixtrain]",
+        "---",
+        "# pixtrain LoRA adapter",
+        "",
+        "Simulated therapy client for clinician training (the model speaks as the client).",
+        "",
+        "## Provenance",
+        f"- adapter sha256: `{lora_adapter['sha256']}`",
+        f"- base model snapshot sha256: `{lora_adapter['base_model_sha256']}`",
+        f"- dataset version (curated) sha256: `{lora_adapter['dataset_sha256']}`",
+        f"- training fingerprint: `{lora_adapter['fingerprint']}`, {training['final_step']} steps on "
+        f"{training['device']} ({training['precision']})",
+        "",
+        "## Evaluation (held-out split)",
+        f"- validation loss base {adapter_evaluation['base']['loss']:.4f} -> adapter "
+        f"{adapter_evaluation['adapter']['loss']:.4f}",
+        f"- perplexity base {adapter_evaluation['base']['perplexity']:.2f} -> adapter "
+        f"{adapter_evaluation['adapter']['perplexity']:.2f}",
+        "",
+        "## Bias, Risks and Limitations",
+        limitations,
+        "",
+        f"Bias gate: **{bias['verdict']['status']}** ({bias['verdict']['summary']}); full report: `{bias['uri']}`.",
+    ])
+
+
+@asset(
+    group_name="release",
+    op_tags=step_pod_tags("cpu"),
+    code_version="1",
+    automation_condition=AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed(),
+)
+def promoted_adapter(
+    context: AssetExecutionContext,
+    lora_adapter: dict,
+    adapter_evaluation: dict,
+    bias_report: dict,
+    artifact_store: ArtifactStoreResource,
+    training_metadata: TrainingMetadataResource,
+) -> Output[dict]:
+    """The adapter in use: its files plus a model card, and `promoted/CURRENT.json` pointing at it."""
+    from ..core.bias import limitations_markdown
+
+    blockers = promotion_blockers(lora_adapter, adapter_evaluation, bias_report)
+    if blockers:
+        raise Failure(description="adapter not promoted: " + " | ".join(blockers),
+                      metadata={"adapter_sha256": lora_adapter["sha256"]})
+    store = artifact_store.store()
+    report = json.loads((store.local_path(bias_report["key"]) / "bias_report.json").read_text())
+    card = model_card(lora_adapter, adapter_evaluation, bias_report, limitations_markdown(report))
+    adapter_dir = store.local_path(lora_adapter["key"])
+    with store.stage() as folder:
+        for path in adapter_dir.iterdir():
+            if path.is_file() and path.name != "MANIFEST.json":
+                (folder / path.name).write_bytes(path.read_bytes())
+        (folder / "README.md").write_text(card)
+        ref = store.publish(folder, f"promoted/{lora_adapter['sha256'][:16]}", replace=True)
+    promotion = {"key": store.key_of(ref.uri), **ref.to_dict(), "adapter_sha256": lora_adapter["sha256"],
+                 "run_id": context.run_id, "trigger": context.run.tags.get("pixtrain/trigger", "manual")}
+    who = step_identity(context)
+    training_metadata.get_store().append_audit_event(
+        "adapter_promoted", actor=who.actor, artifact_uri=ref.uri, artifact_sha256=lora_adapter["sha256"],
+        run_id=who.run_id, step_key=who.step_key, idempotency_key=f"adapter_promoted:{lora_adapter['sha256']}:{who.run_id}",
+        details={"trigger": promotion["trigger"], "bias_verdict": bias_report["verdict"]["status"],
+                 "evaluation_uri": adapter_evaluation["uri"], "bias_report_uri": bias_report["uri"]},
+    )
+    store.put_json(CURRENT_POINTER, promotion)  # atomic switch: readers see the old or the new adapter
+    return Output(promotion, metadata={
+        "adapter_sha256": lora_adapter["sha256"],
+        "uri": MetadataValue.path(ref.uri),
+        "model_card": MetadataValue.md(card),
+        "trigger": promotion["trigger"],
+    })

@@ -1,0 +1,1 @@
+"""Alembic migration environment of the training metadata store (run through ``TrainingMetadataStore.migrate``)."""
