@@ -53,7 +53,7 @@ def base_model(
             "architecture": info["architecture"],
             "parameter_count": MetadataValue.int(info["parameter_count"]),
             "dtype": info["dtype"],
-            "content_sha256": ref.sha256,
+            "sha256": ref.sha256,
             "uri": MetadataValue.path(ref.uri),
             "size_bytes": MetadataValue.int(ref.size_bytes),
             "reused_existing_snapshot": reused,

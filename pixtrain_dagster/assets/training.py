@@ -99,9 +99,6 @@ def lora_training(
         # KeyboardInterrupt/SIGTERM too: a pre-empted pod's run is recorded as failed, not left "running".
         records.finish_training_run(who.run_id, who.step_key, status="failed", attempt=who.attempt, actor=who.actor)
         raise
-    for ref in result.checkpoints:  # checkpoints a crashed earlier run left, which this run resumed from
-        records.record_checkpoint(who.run_id, who.step_key, global_step=int(ref.uri.rsplit("-", 1)[-1]),
-                                  uri=ref.uri, sha256=ref.sha256, size_bytes=ref.size_bytes)
     records.finish_training_run(
         who.run_id, who.step_key, status="succeeded", adapter_uri=result.adapter.uri,
         adapter_sha256=result.adapter.sha256, attempt=who.attempt, actor=who.actor,

@@ -61,3 +61,58 @@ def test_skewed_adapter_fails_on_its_target_group_and_its_balanced_twin_passes(p
     worst_drop = min(g["impact_ratio_delta"] for groups in reports["balanced"]["delta_vs_base"][LIKELIHOOD].values()
                      for g in groups.values())
     assert worst_drop > -0.02  # the balanced twin leaves every group where the base had it
+
+
+def _gate_run_config(base_dir):
+    from support import tiny_run_config
+
+    config = tiny_run_config(base_dir, **RECIPE)
+    config["ops"]["bias_report"] = {"config": {"max_templates": None, "generation_templates": 2,
+                                               "max_new_tokens": 12, "bootstrap_resamples": 1000}}
+    return config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("skewed", [True, False], ids=["skewed-adapter-blocked", "balanced-adapter-promoted"])
+def test_promotion_through_dagster_follows_the_bias_gate(skewed, probe_fitted_model_dir, pipeline_env):
+    """The whole graph: a skewed adapter fails `bias_gate` and is never promoted; a balanced one is promoted."""
+    from dagster import AssetKey, DagsterEventType, DagsterInstance
+    from skewed_data import write_dataset
+
+    from pixtrain_dagster.core.artifacts import ArtifactStore
+    from pixtrain_dagster.definitions import build_definitions
+    from pixtrain_dagster.metadata import TrainingMetadataStore
+
+    for path in pipeline_env["landing"].iterdir():
+        path.unlink()
+    write_dataset(pipeline_env["landing"] / "sessions.jsonl", TARGET if skewed else None, cold_per_template=8)
+    job = build_definitions().resolve_implicit_global_asset_job_def()
+    instance = DagsterInstance.get()
+    result = job.execute_in_process(run_config=_gate_run_config(probe_fitted_model_dir), instance=instance,
+                                    raise_on_error=False)
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    store = ArtifactStore(pipeline_env["artifact_root"])
+    records = TrainingMetadataStore.from_url(None, sqlite_path=pipeline_env["dagster_home"] / "pixtrain_metadata.sqlite")
+    if skewed:
+        assert not result.success and checks["bias_gate"] is False
+        assert checks["training_sanity"] is True  # blocked by bias, not by a broken training run
+        assert "bias_report" in materialized and "promoted_adapter" not in materialized
+        assert instance.get_latest_materialization_event(AssetKey("promoted_adapter")) is None
+        with pytest.raises(Exception):
+            store.get_json("promoted/CURRENT.json")
+        [failure] = [e for e in instance.all_logs(result.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION)
+                     if e.dagster_event.event_specific_data.check_name == "bias_gate"]
+        assert "muslim" in str(failure.dagster_event.event_specific_data.metadata["failures"].value)
+    else:
+        assert result.success, checks
+        assert all(checks.values()) and "promoted_adapter" in materialized
+        current = store.get_json("promoted/CURRENT.json")
+        adapter = store.get_json("dagster/assets/lora_adapter.json")
+        assert current["adapter_sha256"] == adapter["sha256"]
+        card = (store.local_path(current["key"]) / "README.md").read_text()
+        assert "## Bias, Risks and Limitations" in card and adapter["sha256"] in card
+        [lineage] = records.lineage(current["uri"])  # the promoted copy's URI leads back to its training run
+        assert lineage["dataset_hash"] == adapter["dataset_sha256"]
+        assert any(e["event"] == "adapter_promoted" for e in lineage["audit_events"])
+    records.dispose()
