@@ -21,9 +21,10 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# SQLite instance (Dagster's default storage); our loggers (training progress) go into the run's event log.
 $(DAGSTER_HOME)/dagster.yaml:
 	mkdir -p $(DAGSTER_HOME)
-	printf 'telemetry:\n  enabled: false\n' > $@
+	printf 'telemetry:\n  enabled: false\npython_logs:\n  python_log_level: INFO\n  managed_python_loggers: [pixtrain_dagster]\n' > $@
 
 tools:
 	bash scripts/install-test-tools.sh

@@ -1,7 +1,7 @@
 """Small operator commands: ``python -m pixtrain_dagster.cli seed|summary``.
 
 ``seed`` copies the packaged sample dataset into the landing location (skipped when chat JSONL is already
-there); ``summary`` prints where the latest adapter, checkpoints and evaluation report are.
+there); ``summary`` prints where the latest adapter, checkpoints, reports and promoted adapter are.
 """
 
 from __future__ import annotations
@@ -58,6 +58,16 @@ def summary() -> int:
           f"{training['tokens_per_second']:.1f} tokens/s on {training['device']}")
     print(f"  validation         perplexity base {evaluation['base']['perplexity']:.2f} -> adapter "
           f"{evaluation['adapter']['perplexity']:.2f}")
+    for label, key, describe in (
+        ("bias report", "dagster/assets/bias_report.json",
+         lambda v: f"{v['uri']}/bias_report.md  (gate: {v['verdict']['status']})"),
+        ("promoted adapter", "promoted/CURRENT.json",
+         lambda v: f"{v['uri']}  (model card README.md; adapter sha256 {v['adapter_sha256'][:16]})"),
+    ):
+        try:
+            print(f"  {label:<18} {describe(store.get_json(key))}")
+        except ArtifactError:
+            print(f"  {label:<18} not materialised (a blocking check failed, or the run stopped before it)")
     return 0
 
 
