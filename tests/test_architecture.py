@@ -1,6 +1,7 @@
 """Rules of the code base: a fast code location, a Dagster-free ML core, one source of setting defaults."""
 
 import ast
+import os
 import subprocess
 import sys
 from dataclasses import fields
@@ -47,8 +48,9 @@ def test_launchpad_config_mirrors_the_core_training_settings():
     assert {name: getattr(config.to_settings(), name) for name in core} == core
 
 
-def test_definitions_validate_with_the_dagster_cli():
+def test_definitions_validate_with_the_dagster_cli(tmp_path):
     dagster = Path(sys.executable).parent / "dagster"
     out = subprocess.run([str(dagster), "definitions", "validate", "-m", "pixtrain_dagster.definitions"],
-                         cwd=REPO_ROOT, capture_output=True, text=True)
+                         cwd=REPO_ROOT, capture_output=True, text=True,
+                         env={**os.environ, "DAGSTER_HOME": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-2000:]

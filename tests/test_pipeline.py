@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from dagster import DagsterInstance
+from dagster._serdes import serialize_value
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -33,7 +34,11 @@ def materialized_metadata(result, key):
     return {k: v.value for k, v in event.materialization.metadata.items()}
 
 
-def test_whole_graph_materialises_in_process(pipeline_env, tiny_model_dir):
+SECRET = "hf_do-not-leak-1f9a2b7c"
+
+
+def test_whole_graph_materialises_in_process(pipeline_env, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", SECRET)  # present, as in production; must never be written anywhere
     result = run_job(tiny_run_config(tiny_model_dir))
     assert result.success
     keys = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
@@ -57,8 +62,14 @@ def test_whole_graph_materialises_in_process(pipeline_env, tiny_model_dir):
     adapter_dir = store.local_path(store.key_of(adapter["uri"]))  # verifies the manifest too
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir)
     assert model.peft_config["default"].r == 8
-    # Nothing secret or half-written anywhere under the artifact root.
+    # Nothing secret or half-written anywhere: artifacts, W&B files, Dagster's event log.
     assert not list((pipeline_env["artifact_root"] / ".staging").iterdir())
+    for folder in ("artifact_root", "wandb_dir", "dagster_home"):
+        for path in pipeline_env[folder].rglob("*"):
+            if path.is_file():
+                assert SECRET.encode() not in path.read_bytes(), path
+    events = DagsterInstance.get().all_logs(result.run_id)
+    assert events and not any(SECRET in serialize_value(e) for e in events)
 
 
 def test_resume_through_dagster_after_a_crash(pipeline_env, tiny_model_dir):
