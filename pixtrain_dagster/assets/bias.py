@@ -111,7 +111,8 @@ def bias_report(
         (folder / "bias_report.md").write_text(f"# Bias report\n\n{markdown}\n")
         ref = store.publish(folder, f"bias-reports/{lora_adapter['sha256'][:16]}", replace=True)
     verdict = report["verdict"]
-    external_passed = (report.get("external_assessment") or {}).get("passed", True)
+    # Fail closed: a configured service must answer {"passed": true}; anything else blocks promotion.
+    external_passed = not bias_detection.configured or report["external_assessment"].get("passed") is True
     who = step_identity(context)
     training_metadata.get_store().record_evaluation(
         who.run_id, who.step_key, adapter_sha256=lora_adapter["sha256"], eval_name="bias_report",
