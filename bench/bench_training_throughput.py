@@ -25,6 +25,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--snapshot", type=Path)
+    parser.add_argument("--max-seq-len", type=int, default=LoraTrainingSettings.max_seq_len)
+    parser.add_argument("--micro-batch-size", type=int, default=LoraTrainingSettings.micro_batch_size)
+    parser.add_argument("--only", choices=("packed", "padded"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         snapshot = args.snapshot
@@ -33,8 +36,11 @@ def main() -> None:
             write_snapshot(resolve_model_source(PACKAGED_SMOLLM2), snapshot)
         conversations = load_conversations(SAMPLE_DATASET)
         for packed in (True, False):
+            if args.only and args.only != ("packed" if packed else "padded"):
+                continue
             settings = LoraTrainingSettings(max_steps=args.steps, pack_sequences=packed,
-                                            checkpoint_every_n_steps=args.steps)
+                                            checkpoint_every_n_steps=args.steps, max_seq_len=args.max_seq_len,
+                                            micro_batch_size=args.micro_batch_size)
             result = train_lora_adapter(
                 store=ArtifactStore(Path(tmp) / f"store-{packed}"), base_snapshot_dir=snapshot,
                 base_model_sha256="bench", dataset_sha256="bench", train_conversations=conversations[:-10],

@@ -7,9 +7,7 @@ there); ``summary`` prints where the latest adapter, checkpoints, reports and pr
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from .core.artifacts import ArtifactError
@@ -25,14 +23,7 @@ def seed(force: bool = False) -> int:
     if existing and not force:
         print(f"landing location {landing.root} already holds {len(existing)} JSONL file(s); not seeding")
         return 0
-    if landing.is_local:
-        target = Path(landing.uri(SAMPLE_DATASET.name))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".tmp") as tmp:
-            shutil.copyfileobj(SAMPLE_DATASET.open("rb"), tmp)
-        Path(tmp.name).replace(target)  # atomic: a sensor never sees a half-copied file
-    else:
-        landing._fs.put_file(str(SAMPLE_DATASET), landing.uri(SAMPLE_DATASET.name))
+    landing.put_file(SAMPLE_DATASET, SAMPLE_DATASET.name)
     print(f"seeded {landing.uri(SAMPLE_DATASET.name)} with the sample dataset")
     return 0
 

@@ -233,6 +233,18 @@ class ArtifactStore:
                 digest.update(chunk)
         return digest.hexdigest()
 
+    def put_file(self, source: Path, key: str) -> str:
+        """Copy one plain file in atomically (a landing-folder watcher never sees half of it); returns its URI."""
+        target = self.uri(key)
+        if self.is_local:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(target).with_name(f".{Path(target).name}.tmp-{uuid.uuid4().hex}")
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+        else:
+            self._fs.put_file(str(source), target)  # single-object PUT is atomic on object stores
+        return target
+
     def fetch_file(self, key: str, destination: Path) -> None:
         destination.parent.mkdir(parents=True, exist_ok=True)
         if self.is_local:

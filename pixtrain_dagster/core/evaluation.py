@@ -71,12 +71,12 @@ def _one_line(text: str) -> str:
 def score(model: Any, batches: Sequence[dict[str, Any]]) -> ModelScore:
     import torch
 
+    from .tokenization import summed_token_loss
+
     device = next(model.parameters()).device
     loss_sum, tokens = 0.0, 0
     with torch.inference_mode():
         for batch in batches:
-            from .tokenization import summed_token_loss
-
             moved = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
             batch_loss, batch_tokens = summed_token_loss(model, moved)
             loss_sum += float(batch_loss)
