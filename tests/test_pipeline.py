@@ -99,6 +99,15 @@ def test_resume_through_dagster_after_a_crash(pipeline_env, tiny_model_dir):
     result = run_job(config, selection=_keys("lora_adapter", "training_checkpoints"))
     metadata = materialized_metadata(result, "lora_adapter")
     assert (metadata["resumed_from_step"], metadata["steps_this_run"], metadata["steps"]) == (2, 4, 6)
+    # The training record links the resumed run to the checkpoint it continued from.
+    from pixtrain_dagster.metadata import TrainingMetadataStore
+
+    records = TrainingMetadataStore.from_url(None, sqlite_path=pipeline_env["dagster_home"] / "pixtrain_metadata.sqlite")
+    [lineage] = records.lineage(metadata["sha256"])
+    [resumed] = [e for e in lineage["audit_events"] if e["event"] == "training_resumed"]
+    assert resumed["artifact_uri"].endswith("step-000002") and resumed["details"]["from_step"] == 2
+    assert [c["global_step"] for c in lineage["checkpoints"]] == [4, 6]  # what this run wrote itself
+    records.dispose()
 
 
 def test_malformed_landing_file_fails_with_location_and_publishes_nothing(pipeline_env, tiny_model_dir):

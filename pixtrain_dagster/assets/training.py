@@ -99,6 +99,15 @@ def lora_training(
         # KeyboardInterrupt/SIGTERM too: a pre-empted pod's run is recorded as failed, not left "running".
         records.finish_training_run(who.run_id, who.step_key, status="failed", attempt=who.attempt, actor=who.actor)
         raise
+    if result.resumed_from_checkpoint is not None:
+        # Links this run to the checkpoint (and so the earlier run) it continued from; lineage lists this event.
+        source = result.resumed_from_checkpoint
+        records.append_audit_event(
+            "training_resumed", actor=who.actor, artifact_uri=source.uri, artifact_sha256=source.sha256,
+            run_id=who.run_id, step_key=who.step_key,
+            details={"from_step": result.resumed_from_step, "fingerprint": result.fingerprint},
+            idempotency_key=f"training_resumed:{who.run_id}:{who.step_key}:{who.attempt}",
+        )
     records.finish_training_run(
         who.run_id, who.step_key, status="succeeded", adapter_uri=result.adapter.uri,
         adapter_sha256=result.adapter.sha256, attempt=who.attempt, actor=who.actor,
@@ -111,7 +120,8 @@ def lora_training(
         "key": store.key_of(result.adapter.uri), **result.adapter.to_dict(), "fingerprint": result.fingerprint,
         "base_model_key": base_model["key"], "base_model_sha256": base_model["sha256"],
         "dataset_key": training_dataset["key"], "dataset_sha256": training_dataset["sha256"],
-        "training": {k: v for k, v in summary.items() if k not in ("adapter", "checkpoints", "train_losses")},
+        "training": {k: v for k, v in summary.items()
+                     if k not in ("adapter", "checkpoints", "train_losses", "resumed_from_checkpoint")},
         "train_losses": result.train_losses,
     }
     common = {

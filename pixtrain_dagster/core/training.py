@@ -31,6 +31,7 @@ class TrainingResult:
     adapter: ArtifactRef
     checkpoints: list[ArtifactRef]
     resumed_from_step: int
+    resumed_from_checkpoint: ArtifactRef | None
     final_step: int
     steps_this_run: int
     final_train_loss: float
@@ -50,6 +51,7 @@ class TrainingResult:
         data = asdict(self)
         data["adapter"] = self.adapter.to_dict()
         data["checkpoints"] = [c.to_dict() for c in self.checkpoints]
+        data["resumed_from_checkpoint"] = self.resumed_from_checkpoint.to_dict() if self.resumed_from_checkpoint else None
         return data
 
 
@@ -249,6 +251,7 @@ def train_lora_adapter(
         adapter=adapter,
         checkpoints=published,
         resumed_from_step=start_step,
+        resumed_from_checkpoint=checkpoint_store.ref(resume_key) if resume_key else None,
         final_step=trainer.global_step,
         steps_this_run=steps_this_run,
         final_train_loss=_mean_last(module.train_losses, settings.gradient_accumulation_steps),
