@@ -43,6 +43,7 @@ def train(store, tiny_model_dir, conversations, **kwargs):
     return train_lora_adapter(
         store=store, base_snapshot_dir=tiny_model_dir, base_model_sha256="base", dataset_sha256="data",
         train_conversations=train_rows, validation_conversations=validation_rows, runtime=RUNTIME,
+        base_model_name="models/tiny-llama",
         **{"settings": SETTINGS, **kwargs},
     )
 
@@ -98,6 +99,9 @@ def test_crashed_run_resumes_from_its_last_checkpoint_and_ends_like_an_uninterru
     assert set(actual) == set(expected)
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=1e-6)
+
+    # Same inputs, same adapter bytes, wherever the stores live.
+    assert resumed.adapter.sha256 == uninterrupted.adapter.sha256
 
     # Materialising again with the same inputs finds the final checkpoint and trains nothing.
     again = train(store, tiny_model_dir, conversations)

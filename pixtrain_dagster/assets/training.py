@@ -86,6 +86,7 @@ def lora_training(
             store=store,
             checkpoint_store=artifact_store.checkpoint_store(),
             base_snapshot_dir=store.local_path(base_model["key"]),
+            base_model_name=base_model["key"],
             base_model_sha256=base_model["sha256"],
             dataset_sha256=training_dataset["sha256"],
             train_conversations=load_conversations(dataset_dir / "train.jsonl"),

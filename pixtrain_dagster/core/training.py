@@ -135,6 +135,7 @@ def train_lora_adapter(
     settings: LoraTrainingSettings,
     runtime: RuntimeSettings,
     resume: bool = True,
+    base_model_name: str | None = None,
     on_checkpoint: CheckpointHook | None = None,
     extra_callbacks: Sequence[Any] = (),
 ) -> TrainingResult:
@@ -233,6 +234,8 @@ def train_lora_adapter(
     steps_this_run = trainer.global_step - start_step
     result_tokens = module.input_tokens - tokens_before
     with store.stage() as folder:
+        # Name the base by its store key, not this machine's path: the same inputs then give the same adapter bytes.
+        peft_model.peft_config["default"].base_model_name_or_path = base_model_name or str(base_snapshot_dir)
         peft_model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         summary = {
