@@ -20,7 +20,7 @@ from dagster import (
     sensor,
 )
 
-from .core.landing import dataset_version, new_or_changed, scan_landing
+from .core.landing import changed_files, dataset_version, scan_landing
 from .jobs import train_adapter_job
 from .resources import ArtifactStoreResource
 
@@ -31,7 +31,7 @@ DATASET_VERSION_TAG = "pixtrain/dataset_version"
 
 @sensor(job=train_adapter_job, minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING)
 def new_training_data(context: SensorEvaluationContext, artifact_store: ArtifactStoreResource):
-    """Requests a retraining run when a chat JSONL file in the landing location is new or has changed.
+    """Requests a retraining run when a chat JSONL file in the landing location is new, changed or removed.
 
     The run key is the dataset version (content hash of all landing files), so the same data never trains
     twice, even if the cursor were lost; the cursor (kept in the Dagster instance, so it survives restarts)
@@ -42,10 +42,10 @@ def new_training_data(context: SensorEvaluationContext, artifact_store: Artifact
     if not state:
         return SkipReason(f"no .jsonl files in {artifact_store.landing_store().root}")
     version = dataset_version(state)
-    changed = new_or_changed(state, previous["files"])
+    changed = changed_files(state, previous["files"])
     context.update_cursor(json.dumps({"files": state, "version": version}))
     if version == previous["version"] or not changed:
-        return SkipReason("no new or changed files in the landing location")
+        return SkipReason("no new, changed or removed files in the landing location")
     return RunRequest(
         run_key=f"dataset-{version[:16]}",
         tags={DATASET_VERSION_TAG: version, "pixtrain/trigger": "new_training_data",

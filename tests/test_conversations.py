@@ -52,7 +52,8 @@ def test_wrong_roles_fail_with_reason_and_locations(tmp_path):
         curate_default(read_jsonl(path))
     message = str(error.value)
     assert "3 of 4 records are invalid" in message and "unknown_role: 3" in message
-    assert "roles.jsonl:1" in message and "'doctor'" in message
+    assert "roles.jsonl:1" in message and "not one of system, user, assistant" in message
+    assert "doctor" not in message  # field values are never echoed: they may hold client text
 
 
 @pytest.mark.parametrize("messages, reason", [

@@ -31,3 +31,12 @@ def test_promotion_needs_every_gate_passed_for_this_exact_adapter():
     assert "training_sanity failed" in promotion_blockers(*_inputs(sanity=["loss did not decrease"]))[0]
     stale = promotion_blockers(*_inputs(eval_sha="b" * 64, bias_sha="c" * 64))
     assert len(stale) == 2 and all("different adapter" in b for b in stale)
+
+
+def test_the_audit_trail_names_what_started_a_run():
+    from pixtrain_dagster.assets.release import run_trigger
+
+    assert run_trigger({"pixtrain/trigger": "new_training_data"}) == "new_training_data"
+    assert run_trigger({"dagster/schedule_name": "retraining_schedule"}) == "schedule:retraining_schedule"
+    assert run_trigger({"dagster/from_automation_condition": "true"}) == "automation"
+    assert run_trigger({}) == "manual"

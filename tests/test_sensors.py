@@ -56,8 +56,13 @@ def test_new_changed_and_unchanged_files(pipeline_env):
     assert isinstance(changed, RunRequest) and changed.run_key not in (first.run_key, added.run_key)
 
     os.utime(extra)  # touched but identical: hashed again, no request
-    touched, _ = evaluate(cursor, instance)
+    touched, cursor = evaluate(cursor, instance)
     assert isinstance(touched, SkipReason)
+
+    extra.unlink()  # data removed (e.g. a deletion request): a new dataset version to train without it
+    removed, _ = evaluate(cursor, instance)
+    assert isinstance(removed, RunRequest) and removed.tags["pixtrain/changed_files"] == "week-48.jsonl"
+    assert removed.run_key == first.run_key  # same files as at first: already trained, Dagster skips the key
 
 
 def test_run_key_is_the_dataset_version_raw_conversations_records(pipeline_env, tiny_model_dir):

@@ -35,7 +35,8 @@ _CURATION = CurationSettings()
 
 
 class TrainingDatasetConfig(Config):
-    validation_fraction: float = Field(default=_CURATION.validation_fraction, ge=0.0, lt=1.0)
+    validation_fraction: float = Field(default=_CURATION.validation_fraction, gt=0.0, lt=1.0,
+                                       description="Held out for evaluation and the training_sanity gate.")
     max_message_chars: int = Field(default=_CURATION.max_message_chars, gt=0)
     max_invalid_fraction: float = Field(
         default=_CURATION.max_invalid_fraction, ge=0.0, le=1.0,

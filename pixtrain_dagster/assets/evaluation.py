@@ -114,7 +114,7 @@ def training_sanity(train_losses: list[float], base_perplexity: float, adapter_p
         if not last < first:
             problems.append(f"training loss did not decrease (first {window} batches {first:.4f}, last {last:.4f})")
     limit = base_perplexity * (1 + max_perplexity_increase)
-    if not adapter_perplexity <= limit:
+    if not adapter_perplexity <= limit:  # also true for NaN
         problems.append(f"adapter perplexity {adapter_perplexity:.3f} exceeds base {base_perplexity:.3f} "
                         f"by more than {max_perplexity_increase:.0%} (limit {limit:.3f})")
     return {"problems": problems, "base_perplexity": base_perplexity, "adapter_perplexity": adapter_perplexity,

@@ -11,6 +11,18 @@ from ..resources.metadata import step_identity
 CURRENT_POINTER = "promoted/CURRENT.json"
 
 
+def run_trigger(tags: dict) -> str:
+    """What started the run, for the audit trail: our trigger tag, a sensor, a schedule, automation, or a person."""
+    if trigger := tags.get("pixtrain/trigger"):
+        return trigger
+    for tag, kind in (("dagster/sensor_name", "sensor"), ("dagster/schedule_name", "schedule")):
+        if tags.get(tag):
+            return f"{kind}:{tags[tag]}"
+    if any(tag.startswith("dagster/from_automation_condition") or tag == "dagster/auto_materialize" for tag in tags):
+        return "automation"
+    return "manual"
+
+
 def promotion_blockers(lora_adapter: dict, adapter_evaluation: dict, bias_report: dict) -> list[str]:
     """Why this adapter must not be promoted; empty when every gate passed for exactly this adapter.
 
@@ -83,6 +95,9 @@ def promoted_adapter(
         raise Failure(description="adapter not promoted: " + " | ".join(blockers),
                       metadata={"adapter_sha256": lora_adapter["sha256"]})
     store = artifact_store.store()
+    if store.ref(lora_adapter["key"]).sha256 != lora_adapter["sha256"]:
+        raise Failure(description=f"adapter at {lora_adapter['uri']} changed since it was gated (retrained by a "
+                                  "later run); materialise adapter_evaluation and bias_report again")
     report = json.loads((store.local_path(bias_report["key"]) / "bias_report.json").read_text())
     card = model_card(lora_adapter, adapter_evaluation, bias_report, limitations_markdown(report))
     adapter_dir = store.local_path(lora_adapter["key"])
@@ -93,7 +108,7 @@ def promoted_adapter(
         (folder / "README.md").write_text(card)
         ref = store.publish(folder, f"promoted/{lora_adapter['sha256'][:16]}", replace=True)
     promotion = {"key": store.key_of(ref.uri), **ref.to_dict(), "adapter_sha256": lora_adapter["sha256"],
-                 "run_id": context.run_id, "trigger": context.run.tags.get("pixtrain/trigger", "manual")}
+                 "run_id": context.run_id, "trigger": run_trigger(context.run.tags)}
     who = step_identity(context)
     training_metadata.get_store().append_audit_event(
         "adapter_promoted", actor=who.actor, artifact_uri=ref.uri, artifact_sha256=lora_adapter["sha256"],

@@ -96,26 +96,26 @@ def lora_training(
             resume=config.resume,
             on_checkpoint=on_checkpoint,
         )
+        if result.resumed_from_checkpoint is not None:
+            # Links this run to the checkpoint (and so the earlier run) it continued from; lineage lists this event.
+            source = result.resumed_from_checkpoint
+            records.append_audit_event(
+                "training_resumed", actor=who.actor, artifact_uri=source.uri, artifact_sha256=source.sha256,
+                run_id=who.run_id, step_key=who.step_key,
+                details={"from_step": result.resumed_from_step, "fingerprint": result.fingerprint},
+                idempotency_key=f"training_resumed:{who.run_id}:{who.step_key}:{who.attempt}",
+            )
+        records.finish_training_run(
+            who.run_id, who.step_key, status="succeeded", adapter_uri=result.adapter.uri,
+            adapter_sha256=result.adapter.sha256, attempt=who.attempt, actor=who.actor,
+            metrics={"final_train_loss": result.final_train_loss, "validation_loss": result.validation_loss,
+                     "tokens_per_second": result.tokens_per_second, "final_step": result.final_step,
+                     "resumed_from_step": result.resumed_from_step},
+        )
     except BaseException:
         # KeyboardInterrupt/SIGTERM too: a pre-empted pod's run is recorded as failed, not left "running".
         records.finish_training_run(who.run_id, who.step_key, status="failed", attempt=who.attempt, actor=who.actor)
         raise
-    if result.resumed_from_checkpoint is not None:
-        # Links this run to the checkpoint (and so the earlier run) it continued from; lineage lists this event.
-        source = result.resumed_from_checkpoint
-        records.append_audit_event(
-            "training_resumed", actor=who.actor, artifact_uri=source.uri, artifact_sha256=source.sha256,
-            run_id=who.run_id, step_key=who.step_key,
-            details={"from_step": result.resumed_from_step, "fingerprint": result.fingerprint},
-            idempotency_key=f"training_resumed:{who.run_id}:{who.step_key}:{who.attempt}",
-        )
-    records.finish_training_run(
-        who.run_id, who.step_key, status="succeeded", adapter_uri=result.adapter.uri,
-        adapter_sha256=result.adapter.sha256, attempt=who.attempt, actor=who.actor,
-        metrics={"final_train_loss": result.final_train_loss, "validation_loss": result.validation_loss,
-                 "tokens_per_second": result.tokens_per_second, "final_step": result.final_step,
-                 "resumed_from_step": result.resumed_from_step},
-    )
     summary = result.summary()
     adapter = {
         "key": store.key_of(result.adapter.uri), **result.adapter.to_dict(), "fingerprint": result.fingerprint,

@@ -292,17 +292,28 @@ class ArtifactStore:
             folder = Path(self.uri(key))
         else:
             folder = self.cache_dir / manifest["content_sha256"]
-            if not (folder / MANIFEST_NAME).is_file():
-                partial = folder.with_name(folder.name + f".partial-{uuid.uuid4().hex}")
-                fs = self._fs
-                for rel in manifest["files"]:
-                    (partial / rel).parent.mkdir(parents=True, exist_ok=True)
-                    fs.get_file(f"{self.uri(key)}/{rel}", str(partial / rel))
-                _write_json_atomic(partial / MANIFEST_NAME, manifest)
+            if (folder / MANIFEST_NAME).is_file():
                 try:
-                    os.rename(partial, folder)
-                except OSError:  # another process finished the same download first
-                    shutil.rmtree(partial, ignore_errors=True)
+                    if verify:
+                        verify_folder(folder, manifest)
+                    return folder
+                except ArtifactError:  # a damaged cache copy: drop it and download again
+                    shutil.rmtree(folder, ignore_errors=True)
+            partial = folder.with_name(folder.name + f".partial-{uuid.uuid4().hex}")
+            fs = self._fs
+            for rel in manifest["files"]:
+                (partial / rel).parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{self.uri(key)}/{rel}", str(partial / rel))
+            try:
+                # Checked before it enters the cache: a download that overlapped a republish never gets cached.
+                verify_folder(partial, manifest)
+                _write_json_atomic(partial / MANIFEST_NAME, manifest)
+                os.rename(partial, folder)
+            except OSError:  # another process finished the same download first
+                pass
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+            return folder
         if verify:
             verify_folder(folder, manifest)
         return folder

@@ -64,7 +64,7 @@ def read_jsonl(path: Path, display_name: str | None = None) -> list[SourcedRecor
             if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
                 raise DatasetError(
                     f"{name} line {line_no}: expected an object with a \"messages\" list, got "
-                    f"{type(obj).__name__}{' with keys ' + str(sorted(obj)) if isinstance(obj, dict) else ''}"
+                    f"{'an object without one' if isinstance(obj, dict) else type(obj).__name__}"
                 )
             records.append(SourcedRecord(messages=obj["messages"], source=name, line=line_no))
     return records
@@ -83,7 +83,8 @@ def validation_problem(messages: list[Any], max_message_chars: int) -> str | Non
             return f"bad_message_shape: message {index} must be {{role, content}}"
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            return f"unknown_role: message {index} has role {role!r}; allowed: {', '.join(ROLES)}"
+            # The value itself is not echoed: a malformed record may carry client text in any field.
+            return f"unknown_role: message {index} has a role that is not one of {', '.join(ROLES)}"
         if not isinstance(content, str) or not content.strip():
             return f"empty_content: message {index} ({role}) has no text"
         if len(content) > max_message_chars:

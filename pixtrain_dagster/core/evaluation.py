@@ -82,9 +82,12 @@ def score(model: Any, batches: Sequence[dict[str, Any]]) -> ModelScore:
             loss_sum += float(batch_loss)
             tokens += int(batch_tokens)
     if tokens == 0:
-        raise ValueError("no assistant tokens in the validation split; the evaluation has nothing to score")
+        raise ValueError("no assistant tokens in the validation split: every assistant turn was cut off by "
+                         "max_seq_len; raise adapter_evaluation's max_seq_len")
     loss = loss_sum / tokens
-    return ModelScore(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=tokens)
+    # Capped so a bad model gives a huge but finite perplexity; NaN stays NaN (training_sanity reports it).
+    return ModelScore(loss=loss, perplexity=math.exp(min(loss, 50.0)) if math.isfinite(loss) else math.nan,
+                      tokens=tokens)
 
 
 def generate_reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int) -> str:

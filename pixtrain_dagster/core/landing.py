@@ -27,5 +27,7 @@ def dataset_version(state: LandingState) -> str:
     return content_hash({name: {"sha256": f["sha256"], "size": f["size"]} for name, f in state.items()})
 
 
-def new_or_changed(state: LandingState, previous: LandingState) -> list[str]:
-    return sorted(name for name, f in state.items() if previous.get(name, {}).get("sha256") != f["sha256"])
+def changed_files(state: LandingState, previous: LandingState) -> list[str]:
+    """Files that are new, changed or removed: a removal (e.g. honouring a data-deletion request) is a new dataset."""
+    changed = {name for name, f in state.items() if previous.get(name, {}).get("sha256") != f["sha256"]}
+    return sorted(changed | (set(previous) - set(state)))

@@ -138,7 +138,8 @@ class StepIndexedBatches:
 
     def __init__(self, rows: Sequence[Row], micro_batch_size: int, seed: int, pad_token_id: int):
         if not rows:
-            raise ValueError("no training rows: every conversation was empty after tokenisation")
+            raise ValueError("no training rows: every assistant turn was cut off by max_seq_len; raise "
+                             "lora_training's max_seq_len")
         self.rows = list(rows)
         self.micro_batch_size = micro_batch_size
         self.seed = seed

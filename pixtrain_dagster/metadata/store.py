@@ -13,6 +13,7 @@ Reliability rules every public write follows:
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -259,7 +260,7 @@ class TrainingMetadataStore:
             "base_model_sha256": base_model_sha256,
             "code_version": code_version,
             "git_commit": git_commit,
-            "hyperparameters": dict(hyperparameters),
+            "hyperparameters": json_safe(hyperparameters),
             "status": "running",
             "started_at": now,
             "finished_at": None,
@@ -354,7 +355,7 @@ class TrainingMetadataStore:
                 .values(
                     status=status,
                     finished_at=now,
-                    metrics=dict(metrics) if metrics is not None else None,
+                    metrics=json_safe(metrics) if metrics is not None else None,
                     adapter_uri=adapter_uri,
                     adapter_sha256=adapter_sha256,
                 )
@@ -403,7 +404,7 @@ class TrainingMetadataStore:
                     "adapter_sha256": adapter_sha256,
                     "eval_name": eval_name,
                     "eval_dataset_hash": eval_dataset_hash,
-                    "metrics": dict(metrics),
+                    "metrics": json_safe(metrics),
                     "passed": passed,
                     "created_at": now,
                 },
@@ -745,3 +746,18 @@ def _create_sqlite_engine(path: Path) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def json_safe(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Non-finite floats (a diverged loss) become null: JSON has no NaN and Postgres JSONB rejects the token."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, Mapping):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return clean(dict(values))
