@@ -85,6 +85,8 @@ def test_validation_reasons(messages, reason):
     ("see https://www.example.org/my-blog for it", "URL"),
     ("my MRN is MRN-0048213", "RECORD_NUMBER"),
     ("patient ID: PX-77120", "RECORD_NUMBER"),
+    ("my SSN is 078051120, sorry", "SSN"),
+    ("text me on 5558670142 after work", "PHONE"),
 ])
 def test_each_phi_kind_is_replaced_by_its_placeholder(text, kind):
     result = scrub_text(text)
@@ -95,6 +97,8 @@ def test_each_phi_kind_is_replaced_by_its_placeholder(text, kind):
 def test_ordinary_therapy_text_is_left_alone():
     text = "I slept 6 hours, rated my anxiety 7 out of 10, and walked 3 miles on Tuesday."
     assert scrub_text(text).text == text
+    numbers = "We saved 123456789 steps of data; my call with 12 people lasted 30 minutes."
+    assert scrub_text(numbers).text == numbers  # unlabelled digit runs are not identifiers
 
 
 def test_curation_scrubs_dedups_and_splits_deterministically(tmp_path):

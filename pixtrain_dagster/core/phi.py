@@ -31,7 +31,12 @@ _STREET_SUFFIX = (
 PHI_PATTERNS: dict[str, re.Pattern[str]] = {
     "URL": re.compile(r"\b(?:https?://|www\.)[^\s<>\"')\]]+", re.IGNORECASE),
     "EMAIL": re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"),
-    "SSN": re.compile(r"\b(?!000|666|9\d\d)\d{3}[- ](?!00)\d{2}[- ](?!0000)\d{4}\b"),
+    "SSN": re.compile(
+        r"\b(?!000|666|9\d\d)\d{3}[- ](?!00)\d{2}[- ](?!0000)\d{4}\b"
+        # Nine digits without separators are only an SSN when named as one (else too many false positives).
+        r"|\b(?:SSN|SS#|social\s+security(?:\s+(?:number|no\.?|#))?)\s*(?:is|was|:|#)?\s*\d{9}\b",
+        re.IGNORECASE,
+    ),
     "RECORD_NUMBER": re.compile(
         r"\b(?:MRN|medical record(?:\s+(?:number|no\.?|#))?|record\s+(?:number|no\.?|#)|patient\s+id|"
         r"member\s+id|chart\s+(?:number|no\.?|#)|case\s+(?:number|no\.?|#))\s*(?:is\s*)?[:#]?\s*"
@@ -39,7 +44,12 @@ PHI_PATTERNS: dict[str, re.Pattern[str]] = {
         r"|\bMRN-?\d{4,}\b",
         re.IGNORECASE,
     ),
-    "PHONE": re.compile(r"(?<![\w-])(?:\+?1[\s.-]?)?(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}\b"),
+    "PHONE": re.compile(
+        r"(?<![\w-])(?:\+?1[\s.-]?)?(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}\b"
+        # Ten digits run together, when introduced as a number to call or text.
+        r"|\b(?:phone|cell|mobile|call|text|reach)\b[^\d\n]{0,20}\+?1?\d{10}\b",
+        re.IGNORECASE,
+    ),
     "DOB": re.compile(
         rf"\b(?:born(?:\s+on)?|DOB|date\s+of\s+birth|birthday\s+is|birth\s+date)\s*(?:is|was|:|,)?\s*{_DATE}",
         re.IGNORECASE,
