@@ -54,3 +54,11 @@ def test_definitions_validate_with_the_dagster_cli(tmp_path):
                          cwd=REPO_ROOT, capture_output=True, text=True,
                          env={**os.environ, "DAGSTER_HOME": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_sensor_started_runs_train_the_base_model_named_by_the_environment():
+    code = ("from pixtrain_dagster.assets.models import BaseModelConfig; "
+            "print(BaseModelConfig().model_ref)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PIXTRAIN_BASE_MODEL": "/models/client-sim-base"})
+    assert out.stdout.strip() == "/models/client-sim-base"

@@ -2,6 +2,7 @@
 
 
 import json
+import os
 import re
 
 from dagster import AssetExecutionContext, Config, DataVersion, MetadataValue, Output, asset
@@ -13,9 +14,11 @@ from ..resources import ArtifactStoreResource, ModelHubResource
 
 
 class BaseModelConfig(Config):
+    # Runs started by sensors and schedules carry no run config: PIXTRAIN_BASE_MODEL sets their base model.
     model_ref: str = Field(
-        default=PACKAGED_SMOLLM2,
-        description=f"'{PACKAGED_SMOLLM2}' (offline SmolLM2-135M-Instruct), a local model folder, or a hub id.",
+        default=os.environ.get("PIXTRAIN_BASE_MODEL") or PACKAGED_SMOLLM2,
+        description=f"'{PACKAGED_SMOLLM2}' (offline SmolLM2-135M-Instruct), a local model folder, or a hub id "
+                    "(default: $PIXTRAIN_BASE_MODEL).",
     )
 
 
