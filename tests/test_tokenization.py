@@ -12,9 +12,18 @@ from pixtrain_dagster.core.tokenization import (
     StepIndexedBatches,
     collate,
     pack_rows,
-    token_losses,
     tokenize_conversation,
 )
+
+def token_losses(logits, labels):
+    """Reference: per-token next-token loss from the full logits, written independently of the core."""
+    import torch.nn.functional as F
+
+    shifted_logits, shifted_labels = logits[:, :-1, :].float(), labels[:, 1:]
+    losses = F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="none").view(shifted_labels.shape)
+    return losses, shifted_labels != IGNORE_INDEX
+
 
 CONVERSATIONS = [
     [{"role": "system", "content": "You are Dana, a client."},

@@ -166,21 +166,6 @@ def fixed_batches(rows: Sequence[Row], batch_size: int, pad_token_id: int) -> li
     return [collate(rows[i : i + batch_size], pad_token_id) for i in range(0, len(rows), batch_size)]
 
 
-def token_losses(logits: Any, labels: Any) -> tuple[Any, Any]:
-    """Per-token cross-entropy of next-token prediction and the mask of tokens that carry a label."""
-    import torch.nn.functional as F
-
-    shifted_logits = logits[:, :-1, :].float()
-    shifted_labels = labels[:, 1:]
-    losses = F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.size(-1)),
-        shifted_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(shifted_labels.shape)
-    return losses, shifted_labels != IGNORE_INDEX
-
-
 def summed_token_loss(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     """(sum of per-token losses, number of labelled tokens) for one batch; no cache, so packing masks apply.
 

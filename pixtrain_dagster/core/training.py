@@ -48,11 +48,7 @@ class TrainingResult:
     wandb_dir: str | None = None
 
     def summary(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["adapter"] = self.adapter.to_dict()
-        data["checkpoints"] = [c.to_dict() for c in self.checkpoints]
-        data["resumed_from_checkpoint"] = self.resumed_from_checkpoint.to_dict() if self.resumed_from_checkpoint else None
-        return data
+        return asdict(self)  # nested ArtifactRefs become dicts too
 
 
 def checkpoint_prefix(fingerprint: str) -> str:
