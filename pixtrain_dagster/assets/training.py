@@ -2,6 +2,7 @@
 
 
 from dataclasses import asdict, fields
+from typing import Literal
 
 from dagster import AssetExecutionContext, AssetOut, Config, DataVersion, MetadataValue, Output, multi_asset
 from pydantic import Field
@@ -29,11 +30,27 @@ class LoraTrainingConfig(Config):
     lora_r: int = Field(default=_DEFAULTS.lora_r, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(default=_DEFAULTS.lora_alpha, ge=1)
     lora_dropout: float = Field(default=_DEFAULTS.lora_dropout, ge=0, lt=1)
-    lora_target_modules: list[str] = Field(default=list(_DEFAULTS.lora_target_modules), min_length=1)
+    lora_target_modules: list[str] = Field(default=list(_DEFAULTS.lora_target_modules), min_length=1,
+                                           description="Module names to adapt, or [all-linear].")
     pack_sequences: bool = _DEFAULTS.pack_sequences
     checkpoint_every_n_steps: int = Field(default=_DEFAULTS.checkpoint_every_n_steps, ge=1)
     validate_every_n_steps: int = Field(default=_DEFAULTS.validate_every_n_steps, ge=0)
     seed: int = _DEFAULTS.seed
+    precision: Literal["auto", "bf16-mixed", "bf16-true", "32-true"] = Field(
+        default=_DEFAULTS.precision, description="auto: bf16-mixed on a GPU (bf16 base, fp32 LoRA), 32-true on CPU.")
+    attn_implementation: str = Field(
+        default=_DEFAULTS.attn_implementation,
+        description="sdpa, eager, flash_attention_2 (padding-free packed batches on GPU), or a hub kernel name.")
+    gradient_checkpointing: bool = Field(default=_DEFAULTS.gradient_checkpointing,
+                                         description="Recompute activations in backward: less memory, ~30% slower.")
+    compile_model: bool = Field(default=_DEFAULTS.compile_model, description="torch.compile each decoder layer.")
+    compile_backend: str = Field(default=_DEFAULTS.compile_backend, description="torch.compile backend.")
+    use_liger_kernel: bool = Field(default=_DEFAULTS.use_liger_kernel,
+                                   description="Liger's Triton kernels (RMSNorm, RoPE, SwiGLU); CUDA + liger-kernel.")
+    loss_chunk_tokens: int = Field(default=_DEFAULTS.loss_chunk_tokens, ge=1,
+                                   description="Labelled positions per output-layer chunk (bounds fp32 logits).")
+    log_every_n_steps: int = Field(default=_DEFAULTS.log_every_n_steps, ge=1,
+                                   description="Read losses from the device and log every N optimizer steps.")
     resume: bool = Field(default=True, description="Continue from the newest checkpoint of the same fingerprint.")
 
     def to_settings(self) -> LoraTrainingSettings:
@@ -110,7 +127,9 @@ def lora_training(
             adapter_sha256=result.adapter.sha256, attempt=who.attempt, actor=who.actor,
             metrics={"final_train_loss": result.final_train_loss, "validation_loss": result.validation_loss,
                      "tokens_per_second": result.tokens_per_second, "final_step": result.final_step,
-                     "resumed_from_step": result.resumed_from_step},
+                     "resumed_from_step": result.resumed_from_step, "precision": result.precision,
+                     "padding_efficiency": result.padding_efficiency, "mfu": result.mfu,
+                     "peak_memory_bytes": result.peak_memory_bytes, "conversations": result.conversations},
         )
     except BaseException:
         # KeyboardInterrupt/SIGTERM too: a pre-empted pod's run is recorded as failed, not left "running".
@@ -145,6 +164,12 @@ def lora_training(
             "total_parameters": MetadataValue.int(result.total_parameters),
             "device": result.device,
             "precision": result.precision,
+            "attn_implementation": result.attn_implementation,
+            "padding_efficiency": MetadataValue.float(round(result.padding_efficiency, 4)),
+            "peak_memory_gib": MetadataValue.float(round(result.peak_memory_bytes / 2**30, 3)),
+            "data_wait_seconds": MetadataValue.float(round(result.data_wait_seconds, 3)),
+            "mfu": MetadataValue.float(round(result.mfu, 4)) if result.mfu is not None else "unknown peak",
+            "conversations": MetadataValue.json(result.conversations or {}),
             "uri": MetadataValue.path(result.adapter.uri),
             "sha256": result.adapter.sha256,
             "wandb_run_id": result.wandb_run_id or "disabled",
