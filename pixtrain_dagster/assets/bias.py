@@ -17,7 +17,7 @@ from pydantic import Field
 
 from ..core.bias import BiasSettings, BiasThresholds
 from ..core.gate_policy import GatePolicy
-from ..execution import step_pod_tags
+from ..execution import METADATA_DB_PASSWORD_ENV, step_pod_tags
 from ..gates import deployed_policy, record_gate_decision, resolve_or_fail
 from ..resources import ArtifactStoreResource, BiasDetectionClient, TrainingMetadataResource, TrainingRuntimeResource
 from ..resources.metadata import step_identity
@@ -79,7 +79,7 @@ def _previous_report(context: AssetExecutionContext, store) -> dict | None:
 
 @asset(
     group_name="evaluation",
-    op_tags=step_pod_tags("gpu"),
+    op_tags=step_pod_tags("gpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
     code_version="1",
     automation_condition=AutomationCondition.eager(),
     check_specs=[AssetCheckSpec(

@@ -26,7 +26,7 @@ from ..core.conversations import (
     write_jsonl,
 )
 from ..core.settings import CurationSettings
-from ..execution import step_pod_tags
+from ..execution import METADATA_DB_PASSWORD_ENV, step_pod_tags
 from ..gates import deployed_policy, record_gate_decision, resolve_or_fail
 from ..resources import ArtifactStoreResource, TrainingMetadataResource
 from ..resources.metadata import step_identity
@@ -88,7 +88,7 @@ def raw_conversations(context: AssetExecutionContext, artifact_store: ArtifactSt
 
 @asset(
     group_name="data",
-    op_tags=step_pod_tags("cpu"),
+    op_tags=step_pod_tags("cpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
     code_version="1",
     check_specs=[
         AssetCheckSpec("schema_valid", asset="training_dataset", blocking=True,

@@ -17,7 +17,7 @@ from dagster import (
 from pydantic import Field
 
 from ..core.settings import EvaluationSettings
-from ..execution import step_pod_tags
+from ..execution import METADATA_DB_PASSWORD_ENV, step_pod_tags
 from ..gates import deployed_policy, record_gate_decision, resolve_or_fail
 from ..resources import ArtifactStoreResource, TrainingMetadataResource, TrainingRuntimeResource
 from ..resources.metadata import step_identity
@@ -40,7 +40,7 @@ class AdapterEvaluationConfig(Config):
 
 @asset(
     group_name="evaluation",
-    op_tags=step_pod_tags("gpu"),
+    op_tags=step_pod_tags("gpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
     code_version="1",
     automation_condition=AutomationCondition.eager(),
     check_specs=[AssetCheckSpec(

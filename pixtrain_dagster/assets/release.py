@@ -5,7 +5,7 @@ import json
 from dagster import AssetExecutionContext, AutomationCondition, Failure, MetadataValue, Output, asset
 
 from ..core.gate_policy import GatePolicy, GatePolicyError
-from ..execution import step_pod_tags
+from ..execution import METADATA_DB_PASSWORD_ENV, step_pod_tags
 from ..gates import deployed_policy
 from ..resources import ArtifactStoreResource, TrainingMetadataResource
 from ..resources.metadata import step_identity
@@ -111,7 +111,7 @@ def model_card(lora_adapter: dict, adapter_evaluation: dict, bias: dict, limitat
 
 @asset(
     group_name="release",
-    op_tags=step_pod_tags("cpu"),
+    op_tags=step_pod_tags("cpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
     code_version="1",
     automation_condition=AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed(),
 )
