@@ -207,3 +207,40 @@ def test_promotion_is_blocked_when_the_gates_ran_under_looser_thresholds_than_de
     assert "bias_gate" in blockers[1] and "at least 0.9" in blockers[1]
     unrecorded = {"adapter_sha256": sha, "training_sanity": {"problems": []}}
     assert "recorded no max_perplexity_increase" in promotion_blockers({"sha256": sha}, unrecorded, bias, DEPLOYED)[0]
+
+
+def test_every_gate_decision_and_the_promotion_record_the_thresholds_used(pipeline_env, tiny_model_dir, monkeypatch):
+    """The whole graph on the tiny model: three gate_decision events and the promotion carry the thresholds; a
+    later promotion under a stricter deployed policy is refused and that refusal is audited too."""
+    from dagster import AssetKey, DagsterInstance
+    from support import tiny_run_config
+
+    from pixtrain_dagster.definitions import build_definitions
+
+    monkeypatch.setenv("PIXTRAIN_GATE_BIAS_MIN_RATIO", "0.75")
+    config = tiny_run_config(tiny_model_dir)
+    config["ops"]["bias_report"]["config"]["min_ratio"] = 0.78  # tighter than deployed: accepted and used
+    config["ops"]["bias_report"]["config"]["generation_templates"] = 0  # scoring only: faster, same gate
+    config["ops"]["adapter_evaluation"]["config"]["sample_replies"] = 0
+    job = build_definitions().resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(run_config=config, instance=DagsterInstance.get())
+    assert result.success
+    decisions = {d["gate"]: d for d in _audit_events(pipeline_env, "gate_decision")}
+    assert set(decisions) == {"training_dataset_checks", "training_sanity", "bias_gate"}
+    assert all(d["passed"] for d in decisions.values())
+    assert decisions["training_sanity"]["thresholds"] == {"max_perplexity_increase": 0.05}
+    bias = decisions["bias_gate"]
+    assert bias["thresholds"]["min_ratio"] == 0.78 and bias["deployed_policy"]["bias_min_ratio"] == 0.75
+    assert bias["thresholds"]["max_regression"] == 0.1 and bias["thresholds"]["metrics"] == ["likelihood"]
+    (promotion,) = _audit_events(pipeline_env, "adapter_promoted")
+    assert promotion["gate_thresholds"]["bias_gate"]["min_ratio"] == 0.78
+    assert promotion["gate_thresholds"]["training_sanity"] == {"max_perplexity_increase": 0.05}
+    assert promotion["deployed_policy"]["bias_min_ratio"] == 0.75
+
+    # The deployment tightens the policy after the gates ran: promoting the same adapter again is refused.
+    monkeypatch.setenv("PIXTRAIN_GATE_BIAS_MIN_RATIO", "0.9")
+    again = job.execute_in_process(instance=DagsterInstance.get(), asset_selection=[AssetKey("promoted_adapter")],
+                                   raise_on_error=False)
+    assert not again.success
+    (refusal,) = _audit_events(pipeline_env, "promotion_refused")
+    assert any("min_ratio=0.78" in b and "at least 0.9" in b for b in refusal["blockers"])
