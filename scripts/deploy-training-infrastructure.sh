@@ -81,6 +81,7 @@ if [[ -n "${image_tag}" ]]; then
   code_location_tag="${image_tag}${image_digest:+@${image_digest}}"
   dagster_overrides+=(--set-string "dagster-user-deployments.deployments[0].image.tag=${code_location_tag}")
 fi
+infra_overrides=()
 
 # ---- prerequisites -----------------------------------------------------------------------------------------
 # Tools installed by scripts/install-test-tools.sh come first, so CI and laptops use the pinned versions.
@@ -99,13 +100,21 @@ done
 work_dir="$(mktemp -d)"
 trap 'rm -rf "${work_dir}"' EXIT
 
+if [[ -n "${code_location_tag}" ]]; then
+  # The db-migrate hook Job runs the same image as the code location (its migrations match its code).
+  code_location_repo="$("${python_bin}" -c 'import sys, yaml
+print(yaml.safe_load(open(sys.argv[1]))["dagster-user-deployments"]["deployments"][0]["image"]["repository"])' \
+    "${REPO_ROOT}/k8s/dagster-values.yaml")"
+  infra_overrides+=(--set-string "dbMigration.image=${code_location_repo}:${code_location_tag}")
+fi
+
 # ---- render and validate (both modes) ----------------------------------------------------------------------
 log "helm lint --strict ${INFRA_CHART} (values-${env_name}.yaml)"
-helm lint --strict "${INFRA_CHART}" "${infra_values[@]}" >"${work_dir}/lint.log" \
+helm lint --strict "${INFRA_CHART}" "${infra_values[@]}" "${infra_overrides[@]}" >"${work_dir}/lint.log" \
   || { cat "${work_dir}/lint.log" >&2; die "helm lint failed"; }
 
 rendered="${work_dir}/pixtrain-infra.yaml"
-helm template pixtrain-infra "${INFRA_CHART}" --namespace "${INFRA_RELEASE_NAMESPACE}" "${infra_values[@]}" >"${rendered}"
+helm template pixtrain-infra "${INFRA_CHART}" --namespace "${INFRA_RELEASE_NAMESPACE}" "${infra_values[@]}" "${infra_overrides[@]}" >"${rendered}"
 namespace="$(awk -F'"' '/PIXTRAIN_K8S_NAMESPACE:/ {print $2; exit}' "${rendered}")"
 [[ -n "${namespace}" ]] || die "could not read the training namespace from the rendered chart"
 
@@ -160,7 +169,7 @@ if ! kubectl get namespace "${namespace}" >/dev/null 2>&1; then
   # owner's Secret, which can only be created once the namespace exists). The second install below runs them.
   log "first install: creating ${namespace} (hooks run after the Secrets check)"
   helm upgrade --install pixtrain-infra "${INFRA_CHART}" --namespace "${INFRA_RELEASE_NAMESPACE}" \
-    --create-namespace "${infra_values[@]}" --no-hooks --wait --timeout 10m
+    --create-namespace "${infra_values[@]}" "${infra_overrides[@]}" --no-hooks --wait --timeout 10m
 fi
 
 # Secret names as configured: the execution ConfigMap names the step secrets, the Dagster values the DB one.
@@ -192,7 +201,7 @@ fi
 # With the Secrets in place: install or upgrade with hooks, i.e. the db-migrate Job runs as the owner role.
 log "installing pixtrain-infra into ${namespace} (release record in ${INFRA_RELEASE_NAMESPACE}); db-migrate hook"
 helm upgrade --install pixtrain-infra "${INFRA_CHART}" --namespace "${INFRA_RELEASE_NAMESPACE}" \
-  --create-namespace "${infra_values[@]}" --wait --timeout 10m
+  --create-namespace "${infra_values[@]}" "${infra_overrides[@]}" --wait --timeout 10m
 
 if [[ "${DAGSTER_CHART}" == dagster/* ]] && ! helm repo list 2>/dev/null | awk '{print $1}' | grep -qx dagster; then
   die "add the Dagster chart repository first: helm repo add dagster https://dagster-io.github.io/helm"
