@@ -85,6 +85,12 @@ K8S_CONFIG_TAG = "dagster-k8s/config"
 GPU_TAG_KEY = "pixtrain/gpu"
 GPU_RUN_TAGS: Mapping[str, str] = {GPU_TAG_KEY: "true"}
 
+# Secrets a step may ask for (op tags, ``step_pod_tags(kind, secrets=...)``): each step pod gets only the ones its
+# asset declares, never all of them. The names are the variables in the pod; the Secrets come from the settings.
+HF_TOKEN_ENV = "HF_TOKEN"  # only where a hub model is resolved (base_model)
+WANDB_API_KEY_ENV = "WANDB_API_KEY"  # only training logs to W&B
+METADATA_DB_PASSWORD_ENV = "PIXTRAIN_DB_PASSWORD"  # only steps that write the training metadata store
+
 EXECUTOR_ENV_VAR = "PIXTRAIN_EXECUTOR"
 EXECUTOR_CHOICES = ("in_process", "multiprocess", "k8s")
 
@@ -274,18 +280,24 @@ def step_volumes(settings: ExecutionSettings) -> tuple[list[dict[str, Any]], lis
 
 def _step_env(settings: ExecutionSettings) -> list[dict[str, Any]]:
     # DAGSTER_HOME is set by dagster-k8s itself from the run launcher's dagster_home; don't set it twice.
+    # No secrets here: this layer is shared by every step; each step's op tags add the secrets it needs.
     plain = {**WRITABLE_PATH_ENV, **READ_ONLY_PATH_ENV}
     plain.pop("DAGSTER_HOME")
-    env: list[dict[str, Any]] = [{"name": name, "value": value} for name, value in plain.items()]
-    env += [
-        {"name": env_name, "value_from": {"secret_key_ref": {"name": secret, "key": key}}}
-        for env_name, secret, key in settings.secret_env
-    ]
-    return env
+    return [{"name": name, "value": value} for name, value in plain.items()]
+
+
+def _secret_env(settings: ExecutionSettings, names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Secret references (never values) for the variables ``names``, from the settings' Secret names."""
+    known = {env_name: (secret, key) for env_name, secret, key in settings.secret_env}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"unknown step secret(s) {unknown}; choose from {sorted(known)}")
+    return [{"name": name, "value_from": {"secret_key_ref": {"name": known[name][0], "key": known[name][1]}}}
+            for name in dict.fromkeys(names)]
 
 
 @functools.cache
-def _step_pod_tags_for(kind: StepKind, settings: ExecutionSettings) -> dict[str, Any]:
+def _step_pod_tags_for(kind: StepKind, settings: ExecutionSettings, secrets: tuple[str, ...] = ()) -> dict[str, Any]:
     # The executor config sets the same contexts; repeating them in full here keeps every tagged step
     # hardened under any executor config, since a tag's security_context replaces the executor's.
     container: dict[str, Any] = {"security_context": dict(CONTAINER_SECURITY_CONTEXT)}
@@ -313,6 +325,8 @@ def _step_pod_tags_for(kind: StepKind, settings: ExecutionSettings) -> dict[str,
         container["resources"] = _resources(settings.cpu_cpu, settings.cpu_memory)
     else:
         raise ValueError(f"step kind must be 'gpu' or 'cpu', not {kind!r}")
+    if secrets:
+        container["env"] = container.get("env", []) + _secret_env(settings, secrets)
     tags: dict[str, Any] = {
         K8S_CONFIG_TAG: {
             "container_config": container,
@@ -325,13 +339,15 @@ def _step_pod_tags_for(kind: StepKind, settings: ExecutionSettings) -> dict[str,
     return tags
 
 
-def step_pod_tags(kind: StepKind, settings: ExecutionSettings | None = None) -> dict[str, Any]:
-    """Op tags giving a step its pod shape under the k8s executor.
+def step_pod_tags(kind: StepKind, settings: ExecutionSettings | None = None, *,
+                  secrets: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Op tags giving a step its pod shape under the k8s executor, with only the ``secrets`` it needs.
 
-    Use as ``@asset(op_tags=step_pod_tags("gpu"))``. Locally only the ``pixtrain/gpu`` tag matters (the
-    multiprocess executor runs one GPU step at a time). Returns a fresh copy, so callers may add tags.
+    Use as ``@asset(op_tags=step_pod_tags("gpu", secrets=(WANDB_API_KEY_ENV,)))``. Locally only the
+    ``pixtrain/gpu`` tag matters (the multiprocess executor runs one GPU step at a time). Returns a fresh copy,
+    so callers may add tags.
     """
-    return copy.deepcopy(_step_pod_tags_for(kind, settings or load_settings()))
+    return copy.deepcopy(_step_pod_tags_for(kind, settings or load_settings(), tuple(secrets)))
 
 
 # ---- executors ---------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from dagster import (
 from pydantic import Field
 
 from ..core.settings import EvaluationSettings
-from ..execution import step_pod_tags
+from ..execution import METADATA_DB_PASSWORD_ENV, step_pod_tags
+from ..gates import deployed_policy, record_gate_decision, resolve_or_fail
 from ..resources import ArtifactStoreResource, TrainingMetadataResource, TrainingRuntimeResource
 from ..resources.metadata import step_identity
 
@@ -29,15 +30,17 @@ class AdapterEvaluationConfig(Config):
     batch_size: int = Field(default=_DEFAULTS.batch_size, ge=1)
     sample_replies: int = Field(default=_DEFAULTS.sample_replies, ge=0, description="Replies shown in the report.")
     max_new_tokens: int = Field(default=_DEFAULTS.max_new_tokens, ge=1)
-    max_perplexity_increase: float = Field(
-        default=0.05, ge=0,
-        description="training_sanity fails when adapter perplexity exceeds base perplexity by more than this fraction.",
+    max_perplexity_increase: float | None = Field(
+        default=None, ge=0,
+        description="training_sanity fails when adapter perplexity exceeds base perplexity by more than this "
+                    "fraction. Unset: the deployed limit (PIXTRAIN_GATE_MAX_PERPLEXITY_INCREASE); a run may only "
+                    "set a smaller value.",
     )
 
 
 @asset(
     group_name="evaluation",
-    op_tags=step_pod_tags("gpu"),
+    op_tags=step_pod_tags("gpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
     code_version="1",
     automation_condition=AutomationCondition.eager(),
     check_specs=[AssetCheckSpec(
@@ -61,6 +64,9 @@ def adapter_evaluation(
     from ..core.evaluation import evaluate_adapter
     from ..core.models import pick_device
 
+    # Before any work: a run that asks for a looser gate than deployed fails here, naming the field.
+    policy = deployed_policy(context)
+    max_increase = resolve_or_fail(lambda: policy.numeric("max_perplexity_increase", config.max_perplexity_increase))
     store = artifact_store.store()
     result = evaluate_adapter(
         base_snapshot_dir=store.local_path(base_model["key"]),
@@ -70,7 +76,8 @@ def adapter_evaluation(
         device=pick_device(training_runtime.device),
     )
     sanity = training_sanity(lora_adapter["train_losses"], result.base.perplexity, result.adapter.perplexity,
-                             config.max_perplexity_increase)
+                             max_increase)
+    sanity["thresholds"] = {"max_perplexity_increase": max_increase}
     report = {"adapter_sha256": lora_adapter["sha256"], "base_model_sha256": base_model["sha256"],
               "dataset_sha256": training_dataset["sha256"], **result.to_dict(), "training_sanity": sanity}
     who = step_identity(context)
@@ -79,6 +86,11 @@ def adapter_evaluation(
         metrics={"base_loss": result.base.loss, "adapter_loss": result.adapter.loss,
                  "base_perplexity": result.base.perplexity, "adapter_perplexity": result.adapter.perplexity},
         passed=not sanity["problems"], eval_dataset_hash=training_dataset["sha256"],
+    )
+    record_gate_decision(
+        training_metadata.get_store(), who, gate="training_sanity", passed=not sanity["problems"],
+        thresholds=sanity["thresholds"], policy=policy, artifact_uri=lora_adapter.get("uri"),
+        artifact_sha256=lora_adapter["sha256"],
     )
     markdown = result.to_markdown()
     with store.stage() as folder:
@@ -99,7 +111,8 @@ def adapter_evaluation(
         },
     )
     yield AssetCheckResult(check_name="training_sanity", passed=not sanity["problems"],
-                           metadata={k: MetadataValue.json(v) if isinstance(v, list) else v for k, v in sanity.items()})
+                           metadata={k: MetadataValue.json(v) if isinstance(v, (list, dict)) else v
+                                     for k, v in sanity.items()})
 
 
 def training_sanity(train_losses: list[float], base_perplexity: float, adapter_perplexity: float,

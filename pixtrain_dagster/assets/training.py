@@ -8,7 +8,7 @@ from dagster import AssetExecutionContext, AssetOut, Config, DataVersion, Metada
 from pydantic import Field
 
 from ..core.settings import LoraTrainingSettings
-from ..execution import step_pod_tags
+from ..execution import METADATA_DB_PASSWORD_ENV, WANDB_API_KEY_ENV, step_pod_tags
 from ..provenance import code_version, git_commit
 from ..resources import ArtifactStoreResource, TrainingMetadataResource, TrainingRuntimeResource
 from ..resources.metadata import step_identity
@@ -67,7 +67,7 @@ class LoraTrainingConfig(Config):
                                          description="Checkpoints of the run; re-materialising resumes from the newest."),
     },
     name="lora_training",
-    op_tags=step_pod_tags("gpu"),
+    op_tags=step_pod_tags("gpu", secrets=(WANDB_API_KEY_ENV, METADATA_DB_PASSWORD_ENV)),
 )
 def lora_training(
     context: AssetExecutionContext,
