@@ -61,14 +61,18 @@ def adapter_evaluation(
     from ..core.evaluation import evaluate_adapter
     from ..core.models import pick_device
 
+    from ..core.telemetry import StepTelemetry, serve_step_metrics
+
     store = artifact_store.store()
-    result = evaluate_adapter(
-        base_snapshot_dir=store.local_path(base_model["key"]),
-        adapter_dir=store.local_path(lora_adapter["key"]),
-        validation_conversations=load_conversations(store.local_path(training_dataset["key"]) / "validation.jsonl"),
-        settings=EvaluationSettings(**config.model_dump(exclude={"max_perplexity_increase"})),
-        device=pick_device(training_runtime.device),
-    )
+    # /metrics (process and GPU gauges) while the step runs; docs/monitoring.md.
+    with serve_step_metrics(StepTelemetry("adapter_evaluation", base_model["info"]["source_reference"])):
+        result = evaluate_adapter(
+            base_snapshot_dir=store.local_path(base_model["key"]),
+            adapter_dir=store.local_path(lora_adapter["key"]),
+            validation_conversations=load_conversations(store.local_path(training_dataset["key"]) / "validation.jsonl"),
+            settings=EvaluationSettings(**config.model_dump(exclude={"max_perplexity_increase"})),
+            device=pick_device(training_runtime.device),
+        )
     sanity = training_sanity(lora_adapter["train_losses"], result.base.perplexity, result.adapter.perplexity,
                              config.max_perplexity_increase)
     report = {"adapter_sha256": lora_adapter["sha256"], "base_model_sha256": base_model["sha256"],
