@@ -137,3 +137,13 @@ def test_rendered_monitoring_objects_pass_strict_kubernetes_validation_and_add_n
             validate_strict(obj, versions=("1.29.0", "1.37.0"))
     assert len([o for o in objects if pod_spec_of(o) is not None]) == len(
         [o for o in render_chart() if pod_spec_of(o) is not None])
+
+
+def test_helm_lint_strict_with_monitoring_enabled():
+    import subprocess
+
+    from .prom_support import tool
+
+    result = subprocess.run([tool("helm"), "lint", "--strict", str(INFRA_CHART), "-f", str(MONITORING_VALUES)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "0 chart(s) failed" in result.stdout, result.stdout + result.stderr

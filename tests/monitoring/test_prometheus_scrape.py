@@ -10,6 +10,7 @@ import math
 import re
 import subprocess
 import time
+import urllib.request
 
 import pytest
 import yaml
@@ -24,7 +25,7 @@ from pixtrain_dagster.monitoring.pipeline import push_pipeline_metrics, push_run
 
 from support import SAMPLE_DATASET
 
-from .prom_support import Prometheus, Pushgateway, http_get, monitoring_objects, tool, wait_for
+from .prom_support import Prometheus, Pushgateway, free_port, http_get, monitoring_objects, tool, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -244,3 +245,25 @@ def test_pipeline_counters_survive_a_restart_because_they_are_recomputed_from_th
     again = generate_latest(pipeline_registry(instance)).decode()  # a fresh collector, as after a pod restart
     counters = [line for line in first.splitlines() if re.match(r"pixtrain_pipeline_runs_\w+_total\{", line)]
     assert counters and all(line in again for line in counters)
+
+
+def test_pipeline_metrics_sensor_pushes_when_a_gateway_is_configured(stack, dagster_instance, monkeypatch):
+    from dagster import build_sensor_context
+
+    from pixtrain_dagster.monitoring.pipeline import PUSHGATEWAY_ENV, pipeline_metrics
+
+    prometheus, gateway = stack[0], stack[1]
+    instance = dagster_instance[0]
+    monkeypatch.delenv(PUSHGATEWAY_ENV, raising=False)
+    skipped = pipeline_metrics(build_sensor_context(instance=instance))
+    assert "not set" in skipped.skip_message
+    # start from an empty group, so the push below is what Prometheus then sees
+    urllib.request.urlopen(urllib.request.Request(f"{gateway.url}/metrics/job/pixtrain_pipeline", method="DELETE"),
+                           timeout=5)
+    wait_for(lambda: not prometheus.query('pixtrain_pipeline_gate_passed{job="pixtrain_pipeline"}'), 15,
+             "the deleted group to vanish from Prometheus")
+    monkeypatch.setenv(PUSHGATEWAY_ENV, gateway.address)
+    assert pipeline_metrics(build_sensor_context(instance=instance)).skip_message == "pipeline metrics pushed"
+    _pushed(prometheus, 'pixtrain_pipeline_gate_passed{job="pixtrain_pipeline"}')
+    monkeypatch.setenv(PUSHGATEWAY_ENV, f"127.0.0.1:{free_port()}")  # nothing listens: skipped, not raised
+    assert "unreachable" in pipeline_metrics(build_sensor_context(instance=instance)).skip_message
