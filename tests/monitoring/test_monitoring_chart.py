@@ -147,3 +147,18 @@ def test_helm_lint_strict_with_monitoring_enabled():
     result = subprocess.run([tool("helm"), "lint", "--strict", str(INFRA_CHART), "-f", str(MONITORING_VALUES)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "0 chart(s) failed" in result.stdout, result.stdout + result.stderr
+
+
+def test_pushgateway_url_reaches_the_code_server_and_only_it_may_push():
+    objects = render_chart(MONITORING_VALUES)
+    (env,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "pixtrain-execution-env"]
+    assert env["data"]["PIXTRAIN_PUSHGATEWAY_URL"] == "http://prometheus-pushgateway.monitoring.svc:9091"
+    (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "allow-pushgateway-egress"]
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"component": "user-deployments"}}
+    (rule,) = policy["spec"]["egress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 9091}]
+    assert rule["to"][0]["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    default = render_chart()
+    assert not [o for o in default if o["metadata"]["name"] == "allow-pushgateway-egress"]
+    (env,) = [o for o in default if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "pixtrain-execution-env"]
+    assert "PIXTRAIN_PUSHGATEWAY_URL" not in env["data"]

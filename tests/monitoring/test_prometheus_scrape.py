@@ -267,3 +267,23 @@ def test_pipeline_metrics_sensor_pushes_when_a_gateway_is_configured(stack, dags
     _pushed(prometheus, 'pixtrain_pipeline_gate_passed{job="pixtrain_pipeline"}')
     monkeypatch.setenv(PUSHGATEWAY_ENV, f"127.0.0.1:{free_port()}")  # nothing listens: skipped, not raised
     assert "unreachable" in pipeline_metrics(build_sensor_context(instance=instance)).skip_message
+
+
+def test_run_status_sensors_push_the_outcome_of_a_finished_run(stack, dagster_instance, monkeypatch):
+    from dagster import DagsterEventType, build_run_status_sensor_context
+
+    from pixtrain_dagster.monitoring.pipeline import PUSHGATEWAY_ENV, push_run_outcome_failure, push_run_outcome_success
+
+    prometheus, gateway = stack[0], stack[1]
+    instance, good, bad = dagster_instance
+    monkeypatch.setenv(PUSHGATEWAY_ENV, gateway.address)
+    for sensor_def, run, event_type, success in (
+        (push_run_outcome_success, good, DagsterEventType.RUN_SUCCESS, 1),
+        (push_run_outcome_failure, bad, DagsterEventType.RUN_FAILURE, 0),
+    ):
+        (entry,) = instance.all_logs(run.run_id, of_type=event_type)
+        context = build_run_status_sensor_context(sensor_name=sensor_def.name, dagster_event=entry.dagster_event,
+                                                  dagster_instance=instance, dagster_run=run)
+        sensor_def(context)
+        wait_for(lambda: prometheus.query(f'pixtrain_run_success{{job="pixtrain_run_outcome"}} == {success}'), 15,
+                 f"the outcome pushed by {sensor_def.name}")
