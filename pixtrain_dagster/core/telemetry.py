@@ -285,6 +285,7 @@ def _make_callback_class():
         # -- helpers --
         def _reset_step_window(self, now: float) -> None:
             self._window_start = now
+            self._window_excluded = 0.0  # checkpoint saves and validation inside the window: not step time
             self._window_data_wait = 0.0
             self._window_real = 0
             self._window_positions = 0
@@ -318,6 +319,7 @@ def _make_callback_class():
         def record_checkpoint(self, seconds: float, size_bytes: int | None) -> None:
             """Also callable by the training core, e.g. to time the whole save + publish."""
             self.checkpoint_seconds.observe(max(0.0, seconds))
+            self._window_excluded += max(0.0, seconds)
             if size_bytes is not None:
                 self.checkpoint_bytes.set(size_bytes)
                 self.checkpoint_written.inc(size_bytes)
@@ -367,7 +369,7 @@ def _make_callback_class():
             if step == self._last_step:
                 return  # still accumulating gradients for this optimizer step
             self._last_step = step
-            elapsed = now - self._window_start
+            elapsed = max(0.0, now - self._window_start - self._window_excluded)
             self.step_seconds.observe(elapsed)
             self.data_wait_seconds.observe(self._window_data_wait)
             self.step.set(step)
@@ -410,9 +412,16 @@ def _make_callback_class():
                 self.validation_perplexity.set(math.exp(min(loss, 700.0)))
             self.telemetry.mark_progress()
 
+        def on_validation_start(self, trainer, pl_module) -> None:
+            self._validation_started = time.perf_counter()
+
         def on_validation_end(self, trainer, pl_module) -> None:
-            # Validation time is not data waiting: the next training batch starts a fresh clock.
-            self._last_batch_end = time.perf_counter()
+            # Validation is neither step time nor data waiting.
+            now = time.perf_counter()
+            if getattr(self, "_validation_started", None) is not None:
+                self._window_excluded += now - self._validation_started
+                self._validation_started = None
+            self._last_batch_end = now
 
         def _record_lr(self, trainer) -> None:
             if self._pending_lr is not None:
