@@ -130,3 +130,71 @@ def test_step_pods_name_the_metrics_port_and_carry_the_scrape_label():
         assert env[tm.METRICS_PORT_ENV] == str(METRICS_PORT)
         labels = config["pod_template_spec_metadata"]["labels"]
         assert METRICS_POD_LABELS.items() <= labels.items() and labels["pixtrain/step-kind"] == kind
+
+
+def test_callback_prefers_what_the_training_module_reports(monkeypatch):
+    """Fields the training core may add (grad_norm, padding_efficiency, mfu, epochs_completed) are used as given;
+    checkpoint saves are timed and left out of the step time."""
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    telemetry = tm.StepTelemetry("lora_training", "m")
+    callback = tm.training_metrics_callback(telemetry, "fp")
+    optimizer = types.SimpleNamespace(param_groups=[{"lr": 1e-4}])
+    trainer = types.SimpleNamespace(global_step=0, max_steps=10, accumulate_grad_batches=2, optimizers=[optimizer])
+
+    def save_checkpoint(path):
+        time.sleep(0.05)
+
+    trainer.save_checkpoint = save_checkpoint
+    module = types.SimpleNamespace(train_losses=[], input_tokens=0, trained_tokens=0, grad_norm=1.5,
+                                   padding_efficiency=0.9, mfu=0.4, epochs_completed=2.5, last_validation_loss=None)
+    callback.setup(trainer, module, "fit")
+    callback.on_train_start(trainer, module)
+    for micro, loss in enumerate([2.0, 4.0]):
+        callback.on_train_batch_start(trainer, module, {"real_tokens": 6, "input_ids": types.SimpleNamespace(numel=lambda: 8)}, micro)
+        module.train_losses.append(loss)
+        module.input_tokens += 6
+        module.trained_tokens += 2
+        if micro == 1:
+            callback.on_before_optimizer_step(trainer, module, optimizer)
+            trainer.global_step = 1
+            trainer.save_checkpoint("/nonexistent/step-1.ckpt")  # as the checkpoint callback does
+        callback.on_train_batch_end(trainer, module, None, None, micro)
+    module.last_validation_loss = 2.5
+    callback.on_validation_epoch_end(trainer, module)
+    labels = (("asset", "lora_training"), ("fingerprint", "fp"), ("model", "m"))
+    samples = _samples(telemetry.registry)
+    assert samples[("pixtrain_training_step", labels)] == 1
+    assert samples[("pixtrain_training_loss", labels)] == 3.0  # mean of the step's two micro-batches
+    assert samples[("pixtrain_training_grad_norm", labels)] == 1.5
+    assert samples[("pixtrain_training_padding_efficiency", labels)] == 0.9
+    assert samples[("pixtrain_training_mfu_ratio", labels)] == 0.4
+    assert samples[("pixtrain_training_epochs", labels)] == 2.5
+    assert samples[("pixtrain_training_learning_rate", labels)] == 1e-4
+    assert samples[("pixtrain_training_tokens_total", labels)] == 12
+    assert samples[("pixtrain_training_assistant_tokens_total", labels)] == 4
+    assert samples[("pixtrain_training_validation_perplexity", labels)] == pytest.approx(2.718281828 ** 2.5)
+    assert samples[("pixtrain_training_checkpoint_save_seconds_count", labels)] == 1
+    assert samples[("pixtrain_training_checkpoint_save_seconds_sum", labels)] >= 0.05
+    assert samples[("pixtrain_training_optimizer_step_seconds_sum", labels)] < 0.05  # the save is not step time
+
+
+def test_callback_computes_padding_efficiency_and_grad_norm_when_the_module_does_not(monkeypatch):
+    import torch
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    telemetry = tm.StepTelemetry("lora_training", "m")
+    callback = tm.training_metrics_callback(telemetry)
+    layer = torch.nn.Linear(2, 1, bias=False)
+    layer.weight.grad = torch.tensor([[3.0, 4.0]])
+    trainer = types.SimpleNamespace(global_step=0, max_steps=5, accumulate_grad_batches=1, optimizers=[])
+    callback.on_train_start(trainer, layer)
+    callback.on_train_batch_start(trainer, layer, {"real_tokens": 3, "input_ids": torch.zeros(2, 2)}, 0)
+    callback.on_before_optimizer_step(trainer, layer, torch.optim.SGD(layer.parameters(), lr=0.5))
+    trainer.global_step = 1
+    callback.on_train_batch_end(trainer, layer, None, None, 0)
+    labels = (("asset", "lora_training"), ("fingerprint", "unknown"), ("model", "m"))
+    samples = _samples(telemetry.registry)
+    assert samples[("pixtrain_training_grad_norm", labels)] == pytest.approx(5.0)
+    assert samples[("pixtrain_training_padding_efficiency", labels)] == 0.75
+    assert samples[("pixtrain_training_learning_rate", labels)] == 0.5
+    assert not any(name == "pixtrain_training_mfu_ratio" for name, _ in samples)  # not reported: absent
