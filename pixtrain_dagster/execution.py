@@ -77,6 +77,12 @@ WRITABLE_PATH_ENV: Mapping[str, str] = {
 # Read-only inputs: set in pods, but the hardening test must not make them writable.
 READ_ONLY_PATH_ENV: Mapping[str, str] = {"PIXTRAIN_TRAINING_DATA_DIR": TRAINING_DATA_ROOT}
 
+# Prometheus scrapes every step pod on this named port (k8s/pixtrain-infra: PodMonitor "pixtrain-steps",
+# NetworkPolicy "allow-metrics-scrape"; monitoring.metricsPort / monitoring.podLabels must match these).
+METRICS_PORT = 9400
+METRICS_PORT_NAME = "metrics"
+METRICS_POD_LABELS: Mapping[str, str] = {"pixtrain/metrics": "true"}
+
 # ---- tags --------------------------------------------------------------------------------------------------
 
 K8S_CONFIG_TAG = "dagster-k8s/config"
@@ -300,7 +306,12 @@ def _secret_env(settings: ExecutionSettings, names: tuple[str, ...]) -> list[dic
 def _step_pod_tags_for(kind: StepKind, settings: ExecutionSettings, secrets: tuple[str, ...] = ()) -> dict[str, Any]:
     # The executor config sets the same contexts; repeating them in full here keeps every tagged step
     # hardened under any executor config, since a tag's security_context replaces the executor's.
-    container: dict[str, Any] = {"security_context": dict(CONTAINER_SECURITY_CONTEXT)}
+    container: dict[str, Any] = {
+        "security_context": dict(CONTAINER_SECURITY_CONTEXT),
+        # /metrics and /healthz of the step (pixtrain_dagster.core.telemetry), scraped by the PodMonitor.
+        "ports": [{"name": METRICS_PORT_NAME, "container_port": METRICS_PORT, "protocol": "TCP"}],
+        "env": [{"name": "PIXTRAIN_METRICS_PORT", "value": str(METRICS_PORT)}],
+    }
     pod_spec: dict[str, Any] = {
         "security_context": dict(POD_SECURITY_CONTEXT),
         # Step pods never call the Kubernetes API: no token in the pod, nothing to steal.
@@ -308,7 +319,7 @@ def _step_pod_tags_for(kind: StepKind, settings: ExecutionSettings, secrets: tup
     }
     if kind == "gpu":
         container["resources"] = _resources(settings.gpu_cpu, settings.gpu_memory, settings.gpu_count)
-        container["env"] = [{"name": "PYTORCH_CUDA_ALLOC_CONF", "value": settings.pytorch_cuda_alloc_conf}]
+        container["env"].append({"name": "PYTORCH_CUDA_ALLOC_CONF", "value": settings.pytorch_cuda_alloc_conf})
         container["volume_mounts"] = [{"name": "dshm", "mount_path": SHM_PATH}]
         # Memory-backed; counts against the pod's memory limit, so keep it well below gpu_memory.
         pod_spec["volumes"] = [
@@ -331,7 +342,7 @@ def _step_pod_tags_for(kind: StepKind, settings: ExecutionSettings, secrets: tup
         K8S_CONFIG_TAG: {
             "container_config": container,
             "pod_spec_config": pod_spec,
-            "pod_template_spec_metadata": {"labels": {"pixtrain/step-kind": kind}},
+            "pod_template_spec_metadata": {"labels": {"pixtrain/step-kind": kind, **METRICS_POD_LABELS}},
         }
     }
     if kind == "gpu":

@@ -104,18 +104,21 @@ def bias_report(
     """
     from ..core.bias import render_markdown, run_bias_report
     from ..core.models import pick_device
+    from ..core.telemetry import StepTelemetry, serve_step_metrics
 
     # Before any work: a run that asks for a looser gate than deployed fails here, naming the field.
     policy = deployed_policy(context)
     settings = resolve_or_fail(lambda: config.to_settings(policy))
     store = artifact_store.store()
-    report = run_bias_report(
-        base_snapshot_dir=store.local_path(base_model["key"]),
-        adapter_dir=store.local_path(lora_adapter["key"]),
-        settings=settings,
-        device=pick_device(training_runtime.device),
-        previous_report=_previous_report(context, store),
-    )
+    # /metrics (process and GPU gauges) while the step runs; docs/monitoring.md.
+    with serve_step_metrics(StepTelemetry("bias_report", base_model["info"]["source_reference"])):
+        report = run_bias_report(
+            base_snapshot_dir=store.local_path(base_model["key"]),
+            adapter_dir=store.local_path(lora_adapter["key"]),
+            settings=settings,
+            device=pick_device(training_runtime.device),
+            previous_report=_previous_report(context, store),
+        )
     report["adapter_sha256"] = lora_adapter["sha256"]
     report["base_model_sha256"] = base_model["sha256"]
     if bias_detection.configured:

@@ -63,18 +63,21 @@ def adapter_evaluation(
     from ..core.conversations import load_conversations
     from ..core.evaluation import evaluate_adapter
     from ..core.models import pick_device
+    from ..core.telemetry import StepTelemetry, serve_step_metrics
 
     # Before any work: a run that asks for a looser gate than deployed fails here, naming the field.
     policy = deployed_policy(context)
     max_increase = resolve_or_fail(lambda: policy.numeric("max_perplexity_increase", config.max_perplexity_increase))
     store = artifact_store.store()
-    result = evaluate_adapter(
-        base_snapshot_dir=store.local_path(base_model["key"]),
-        adapter_dir=store.local_path(lora_adapter["key"]),
-        validation_conversations=load_conversations(store.local_path(training_dataset["key"]) / "validation.jsonl"),
-        settings=EvaluationSettings(**config.model_dump(exclude={"max_perplexity_increase"})),
-        device=pick_device(training_runtime.device),
-    )
+    # /metrics (process and GPU gauges) while the step runs; docs/monitoring.md.
+    with serve_step_metrics(StepTelemetry("adapter_evaluation", base_model["info"]["source_reference"])):
+        result = evaluate_adapter(
+            base_snapshot_dir=store.local_path(base_model["key"]),
+            adapter_dir=store.local_path(lora_adapter["key"]),
+            validation_conversations=load_conversations(store.local_path(training_dataset["key"]) / "validation.jsonl"),
+            settings=EvaluationSettings(**config.model_dump(exclude={"max_perplexity_increase"})),
+            device=pick_device(training_runtime.device),
+        )
     sanity = training_sanity(lora_adapter["train_losses"], result.base.perplexity, result.adapter.perplexity,
                              max_increase)
     sanity["thresholds"] = {"max_perplexity_increase": max_increase}

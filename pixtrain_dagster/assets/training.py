@@ -79,6 +79,7 @@ def lora_training(
     training_metadata: TrainingMetadataResource,
 ):
     from ..core.conversations import load_conversations
+    from ..core.telemetry import StepTelemetry, serve_step_metrics, training_metrics_callback
     from ..core.training import train_lora_adapter
 
     store = artifact_store.store()
@@ -98,6 +99,11 @@ def lora_training(
         records.record_checkpoint(who.run_id, who.step_key, global_step=step, uri=ref.uri, sha256=ref.sha256,
                                   size_bytes=ref.size_bytes)
 
+    # /metrics + /healthz while the step runs (pod port "metrics"; docs/monitoring.md).
+    telemetry = StepTelemetry("lora_training", base_model["info"]["source_reference"])
+    metrics_server = serve_step_metrics(telemetry, training=True)
+    metrics_callback = training_metrics_callback(
+        telemetry, settings.fingerprint(base_model["sha256"], training_dataset["sha256"]))
     try:
         result = train_lora_adapter(
             store=store,
@@ -112,6 +118,7 @@ def lora_training(
             runtime=training_runtime.settings(),
             resume=config.resume,
             on_checkpoint=on_checkpoint,
+            extra_callbacks=[metrics_callback],
         )
         if result.resumed_from_checkpoint is not None:
             # Links this run to the checkpoint (and so the earlier run) it continued from; lineage lists this event.
@@ -135,6 +142,8 @@ def lora_training(
         # KeyboardInterrupt/SIGTERM too: a pre-empted pod's run is recorded as failed, not left "running".
         records.finish_training_run(who.run_id, who.step_key, status="failed", attempt=who.attempt, actor=who.actor)
         raise
+    finally:
+        metrics_server.__exit__(None, None, None)
     summary = result.summary()
     adapter = {
         "key": store.key_of(result.adapter.uri), **result.adapter.to_dict(), "fingerprint": result.fingerprint,
