@@ -155,10 +155,13 @@ class LoraFineTuning(L.LightningModule):
         if micro_step % accumulation == accumulation - 1:
             self._unread_losses.append(self._step_loss)
         self.next_micro_step = micro_step + 1
+        # Global counts (every rank's rows; see StepIndexedBatches), so every rank's counters and checkpoints agree.
         self.trained_tokens += batch["label_tokens"]
         self.input_tokens += batch["real_tokens"]
-        self.padded_tokens += batch["input_ids"].numel()
-        return step_loss * self.trainer.accumulate_grad_batches  # Lightning divides it by this again
+        self.padded_tokens += batch["positions"]
+        # Lightning divides by the accumulation, and DDP/FSDP average gradients over ranks: undo both, so the
+        # step's gradient is the sum over every labelled token of the global batch / that token count.
+        return step_loss * self.trainer.accumulate_grad_batches * self.trainer.world_size
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if not self._trainable:
@@ -169,7 +172,9 @@ class LoraFineTuning(L.LightningModule):
     def flush_step_metrics(self) -> None:
         """Read the optimizer steps' losses and gradient norms from the device: one synchronisation."""
         if self._unread_losses:
-            self.train_losses += torch.stack(self._unread_losses).float().cpu().tolist()
+            # Each rank holds its rows' share of every step loss: the sum over ranks is the step loss.
+            losses = self.trainer.strategy.reduce(torch.stack(self._unread_losses).float(), reduce_op="sum")
+            self.train_losses += losses.cpu().tolist()
             self._unread_losses = []
         if self._unread_grad_norms:
             self.grad_norms += torch.stack(self._unread_grad_norms).float().cpu().tolist()

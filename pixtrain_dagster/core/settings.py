@@ -16,6 +16,7 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attent
 # Varlen kernels read position-id restarts directly, so packed micro-batches can be one flat row (no padding).
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 ALL_LINEAR = "all-linear"
+STRATEGIES = ("auto", "ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,10 @@ class CurationSettings:
     split_seed: int = 17
 
 
-# Settings that change how often we log or how memory is traded for compute, never the numbers trained: a run may
-# resume with them changed. (Non-reentrant activation checkpointing replays dropout with the saved RNG state.)
-_SAME_MATH_FIELDS = frozenset({"log_every_n_steps", "gradient_checkpointing"})
+# Settings that change how often we log, how memory is traded for compute, or how many devices share the work,
+# never the rows trained per step: a run may resume with them changed. (Non-reentrant activation checkpointing
+# replays dropout with the saved RNG state; the global batch does not depend on the world size.)
+_SAME_MATH_FIELDS = frozenset({"log_every_n_steps", "gradient_checkpointing", "devices", "num_nodes", "strategy"})
 
 
 @dataclass(frozen=True)
@@ -59,11 +61,17 @@ class LoraTrainingSettings:
     # Labelled positions per output-layer chunk: caps the fp32 logits alive at once at chunk x vocabulary.
     loss_chunk_tokens: int = 2048
     log_every_n_steps: int = 1
+    # Scale-out. micro_batch_size counts rows across ALL devices (each gets micro_batch_size / world size), so a
+    # run trains the same rows in the same steps on any number of GPUs and may resume on another number.
+    devices: int = 1  # processes (GPUs) per node
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto: ddp when more than one process; fsdp shards the frozen base too
 
     def __post_init__(self) -> None:
         problems = []
         for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "max_seq_len", "lora_r",
-                     "lora_alpha", "checkpoint_every_n_steps", "loss_chunk_tokens", "log_every_n_steps"):
+                     "lora_alpha", "checkpoint_every_n_steps", "loss_chunk_tokens", "log_every_n_steps", "devices",
+                     "num_nodes"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
         if not 0 <= self.lora_dropout < 1:
@@ -79,6 +87,17 @@ class LoraTrainingSettings:
         if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS and "/" not in self.attn_implementation:
             problems.append(f"attn_implementation must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)} or a hub "
                             f"kernel such as kernels-community/flash-attn (got {self.attn_implementation!r})")
+        if self.strategy not in STRATEGIES:
+            problems.append(f"strategy must be one of {', '.join(STRATEGIES)} (got {self.strategy!r})")
+        world = self.devices * self.num_nodes
+        if world >= 1 and self.micro_batch_size % world:
+            problems.append(f"micro_batch_size ({self.micro_batch_size}) counts rows across all {world} devices "
+                            f"(devices x num_nodes) and must be a multiple of {world}")
+        if self.strategy == "fsdp" and world < 2:
+            problems.append("strategy fsdp shards over several devices; set devices/num_nodes so that devices x "
+                            "num_nodes >= 2, or use strategy auto")
+        if self.strategy == "fsdp" and self.compile_model:
+            problems.append("compile_model with strategy fsdp is not supported by this recipe; turn one off")
         if problems:
             raise ValueError("invalid training settings: " + "; ".join(problems))
 
@@ -86,6 +105,16 @@ class LoraTrainingSettings:
         if self.precision == "auto":
             return "bf16-mixed" if device == "cuda" else "32-true"
         return self.precision
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+    @property
+    def resolved_strategy(self) -> str:
+        if self.strategy == "auto":
+            return "ddp" if self.world_size > 1 else "single"
+        return self.strategy
 
     @property
     def lora_targets(self) -> str | list[str]:

@@ -241,6 +241,10 @@ class StepIndexedBatches:
     computed once per pass, so picking a batch costs O(batch). Every batch also carries the labelled-token
     count of its whole optimizer step (``accumulation`` micro-batches): the loss is normalised by that, so a
     step's gradient does not depend on how its rows are split into micro-batches.
+
+    With several processes, ``micro_batch_size`` rows make the GLOBAL micro-batch and process ``rank`` takes its
+    contiguous share: the rows of a step do not depend on the world size. Token counts in a batch (``*_tokens``)
+    are global, known to every rank without communication, so every rank's counters agree.
     """
 
     rows: Sequence[Row]
@@ -249,14 +253,24 @@ class StepIndexedBatches:
     pad_token_id: int
     accumulation: int = 1
     flatten: bool = False
+    world_size: int = 1
+    rank: int = 0
     _orders: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self.rows:
             raise ValueError("no training rows: every conversation was longer than max_seq_len even with only "
                              "its system prompt and last exchange; raise lora_training's max_seq_len")
+        if self.micro_batch_size % self.world_size:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} is not a multiple of the world size "
+                             f"{self.world_size}")
         self.rows = list(self.rows)
-        self.batches_per_pass = -(-len(self.rows) // self.micro_batch_size)
+        if len(self.rows) < self.world_size:
+            raise ValueError(f"{len(self.rows)} training rows cannot feed {self.world_size} processes; use fewer "
+                             "devices or more data")
+        # Whole micro-batches only (the rows left over are in the next pass's shuffle): every micro-batch has
+        # micro_batch_size rows, so each rank's share is the same size whatever the world size.
+        self.batches_per_pass = max(1, len(self.rows) // self.micro_batch_size)
 
     def _order(self, data_pass: int) -> list[int]:
         if data_pass not in self._orders:
@@ -268,24 +282,43 @@ class StepIndexedBatches:
         return self._orders[data_pass]
 
     def rows_of(self, micro_step: int) -> list[Row]:
+        """The global micro-batch: every rank's rows."""
         data_pass, index = divmod(micro_step, self.batches_per_pass)
         chosen = self._order(data_pass)[index * self.micro_batch_size : (index + 1) * self.micro_batch_size]
         return [self.rows[i] for i in chosen]
 
+    def _shards(self, rows: list[Row]) -> list[list[Row]]:
+        size = -(-len(rows) // self.world_size)
+        return [rows[r * size : (r + 1) * size] for r in range(self.world_size)]
+
     def step_label_tokens(self, optimizer_step: int) -> int:
         first = optimizer_step * self.accumulation
-        return sum(row.loss_tokens for m in range(first, first + self.accumulation) for row in self.rows_of(m))
+        return sum(row.loss_tokens for m in range(first, first + self.accumulation)
+                   for shard in self._shards(self.rows_of(m)) for row in shard)
 
     def batch(self, micro_step: int) -> dict[str, Any]:
-        batch = collate(self.rows_of(micro_step), self.pad_token_id, flatten=self.flatten)
+        shards = self._shards(self.rows_of(micro_step))
+        batch = collate(shards[self.rank], self.pad_token_id, flatten=self.flatten)
         batch["micro_step"] = micro_step
         batch["step_label_tokens"] = self.step_label_tokens(micro_step // self.accumulation)
+        if self.world_size > 1:
+            batch["real_tokens"] = sum(row.length for shard in shards for row in shard)
+            batch["label_tokens"] = sum(row.loss_tokens for shard in shards for row in shard)
+            batch["positions"] = sum(_positions(shard, self.flatten) for shard in shards)
+        else:
+            batch["positions"] = int(batch["input_ids"].numel())
         return batch
 
     def iterate_from(self, micro_step: int) -> Iterator[dict[str, Any]]:
         while True:
             yield self.batch(micro_step)
             micro_step += 1
+
+
+def _positions(rows: Sequence[Row], flatten: bool) -> int:
+    """Positions a collated batch of ``rows`` computes, padding included."""
+    lengths = [row.length for row in rows]
+    return sum(lengths) if flatten else max(lengths) * len(lengths)
 
 
 def fixed_batches(rows: Sequence[Row], batch_size: int, pad_token_id: int) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ CheckpointHook = Callable[[int, ArtifactRef], None]
 @dataclass
 class TrainingResult:
     fingerprint: str
-    adapter: ArtifactRef
+    adapter: ArtifactRef | None  # None on every process but rank 0 of a multi-process run: only rank 0 publishes
     checkpoints: list[ArtifactRef]
     resumed_from_step: int
     resumed_from_checkpoint: ArtifactRef | None
@@ -49,6 +49,8 @@ class TrainingResult:
     peak_memory_bytes: int = 0  # peak GPU memory allocated (CUDA), or peak resident memory of the process (CPU)
     data_wait_seconds: float = 0.0  # time the loop waited for a batch (should be ~0: batches are prefetched)
     mfu: float | None = None  # model FLOPs utilisation, when the device's peak is known
+    world_size: int = 1
+    strategy: str = "single"
     conversations: dict[str, int] | None = None  # train split: total, kept, truncated, dropped_too_long
     wandb_run_id: str | None = None
     wandb_dir: str | None = None
@@ -133,10 +135,12 @@ def _make_progress_callback(store: ArtifactStore, fingerprint: str, settings: Lo
         def save(self, trainer) -> None:
             step = trainer.global_step
             with store.stage() as folder:
-                trainer.save_checkpoint(folder / "checkpoint.ckpt")
+                trainer.save_checkpoint(folder / "checkpoint.ckpt")  # every rank calls it; rank 0 writes
+                self.last_saved_step = step
+                if not trainer.is_global_zero:
+                    return  # only rank 0 publishes (and records) checkpoints
                 ref = store.publish(folder, f"{checkpoint_prefix(fingerprint)}/step-{step:06d}",
                                     extra={"step": step}, replace=True)
-            self.last_saved_step = step
             published.append(ref)
             log.info("checkpoint at step %d published to %s", step, ref.uri)
             if on_checkpoint:
@@ -170,7 +174,7 @@ class _PreparedData:
 
 
 def _setup_data(tokenizer: Any, settings: LoraTrainingSettings, train_conversations: Sequence[list[dict[str, str]]],
-                validation_conversations: Sequence[list[dict[str, str]]]) -> _PreparedData:
+                validation_conversations: Sequence[list[dict[str, str]]], rank: int = 0) -> _PreparedData:
     """Tokenise (too-long conversations keep their newest turns), pack, and index the batches by step."""
     from .settings import VARLEN_ATTENTION
     from .tokenization import StepIndexedBatches, fixed_batches, pack_rows, tokenize_conversations
@@ -186,6 +190,7 @@ def _setup_data(tokenizer: Any, settings: LoraTrainingSettings, train_conversati
         accumulation=settings.gradient_accumulation_steps,
         # Varlen kernels take the packed micro-batch as one flat row: no padding computed at all.
         flatten=settings.pack_sequences and settings.attn_implementation in VARLEN_ATTENTION,
+        world_size=settings.world_size, rank=rank,
     )
     validation_rows = pack_rows(validation.conversations, settings.max_seq_len, pack=False)
     return _PreparedData(batches, fixed_batches(validation_rows, settings.micro_batch_size, tokenizer.pad_token_id),
@@ -237,13 +242,34 @@ def _apply_liger_kernels(model: Any, device: str) -> None:
     _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
 
 
+def _strategy(settings: LoraTrainingSettings, model_layer_class: type | None):
+    """Lightning strategy: one process; DDP (each rank a full copy of the frozen base); or FSDP (the frozen base
+    sharded per decoder layer, LoRA weights trainable, full state dicts so a checkpoint resumes on any world
+    size)."""
+    strategy = settings.resolved_strategy
+    if strategy == "single":
+        return "auto"
+    if strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        # Every step uses every LoRA parameter; frozen ones are not in DDP's gradient buckets.
+        return DDPStrategy(find_unused_parameters=False)
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return FSDPStrategy(auto_wrap_policy={model_layer_class} if model_layer_class else None,
+                        use_orig_params=True,  # LoRA: trainable and frozen parameters share wrapped modules
+                        state_dict_type="full", sharding_strategy="FULL_SHARD", limit_all_gathers=True)
+
+
 def _setup_trainer(settings: LoraTrainingSettings, device: str, precision: str, logger: Any, callbacks: list[Any],
-                   workdir: str):
+                   workdir: str, model_layer_class: type | None = None):
     import lightning as L
 
     return L.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu",
-        devices=1,
+        devices=settings.devices,
+        num_nodes=settings.num_nodes,
+        strategy=_strategy(settings, model_layer_class),
         precision=precision,
         max_steps=settings.max_steps,
         accumulate_grad_batches=settings.gradient_accumulation_steps,
@@ -263,12 +289,40 @@ def _setup_trainer(settings: LoraTrainingSettings, device: str, precision: str, 
     )
 
 
+def process_rank(settings: LoraTrainingSettings) -> tuple[int, int]:
+    """(global rank, local rank) of this process; a multi-process run must be started by torchrun (or a TrainJob,
+    which runs torchrun), which sets WORLD_SIZE, RANK and LOCAL_RANK."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != settings.world_size:
+        raise ValueError(
+            f"devices x num_nodes = {settings.world_size} but this process is one of {world} (WORLD_SIZE): start "
+            "multi-process training with `torchrun ... -m pixtrain_dagster.core.distributed` (the lora_training step "
+            "does this itself), or set devices and num_nodes to 1")
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _decoder_layer_class(peft_model: Any) -> type | None:
+    layers = getattr(peft_model.get_base_model().get_decoder(), "layers", None)
+    return type(layers[0]) if layers else None
+
+
+def _trainable_state(trainer: Any, peft_model: Any) -> dict[str, Any] | None:
+    """The LoRA weights as a full (unsharded) state dict for saving; None where the model's own is complete."""
+    if trainer.world_size == 1 or not hasattr(trainer.strategy, "lightning_module_state_dict"):
+        return None
+    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    full = trainer.strategy.lightning_module_state_dict()
+    return {k.removeprefix("model."): v for k, v in full.items() if k.removeprefix("model.") in trainable}
+
+
 def _publish_adapter(store: ArtifactStore, peft_model: Any, tokenizer: Any, summary: dict[str, Any],
-                     base_model_name: str, fingerprint: str) -> ArtifactRef:
+                     base_model_name: str, fingerprint: str, lora_state: dict[str, Any] | None = None) -> ArtifactRef:
     with store.stage() as folder:
         # Name the base by its store key, not this machine's path: the same inputs then give the same adapter bytes.
         peft_model.peft_config["default"].base_model_name_or_path = base_model_name
-        peft_model.save_pretrained(folder)
+        peft_model.save_pretrained(folder, state_dict=lora_state)
         tokenizer.save_pretrained(folder)
         (folder / "training_summary.json").write_text(json.dumps(summary, indent=2))
         return store.publish(folder, f"adapters/{fingerprint}", extra=summary, replace=True)
@@ -323,11 +377,14 @@ def train_lora_adapter(
     L.seed_everything(settings.seed, workers=True, verbose=False)
     device = pick_device(runtime.device)
     precision = settings.resolved_precision(device)
+    rank, local_rank = process_rank(settings)
     if device == "cuda":
+        torch.cuda.set_device(local_rank)
         torch.cuda.reset_peak_memory_stats()
 
-    peft_model, tokenizer = _setup_model(base_snapshot_dir, settings, device, precision)
-    data = _setup_data(tokenizer, settings, train_conversations, validation_conversations)
+    load_on = "cpu" if settings.resolved_strategy == "fsdp" else (f"cuda:{local_rank}" if device == "cuda" else device)
+    peft_model, tokenizer = _setup_model(base_snapshot_dir, settings, load_on, precision)
+    data = _setup_data(tokenizer, settings, train_conversations, validation_conversations, rank)
     module = LoraFineTuning(peft_model, settings, data.train, data.validation, pin_memory=device == "cuda")
 
     resume_key, resume_path, start_step, tokens_before = _resume_point(checkpoint_store, fingerprint, resume)
@@ -338,7 +395,8 @@ def train_lora_adapter(
 
     with tempfile.TemporaryDirectory(prefix="pixtrain-train-") as workdir:
         logger = _wandb_logger(runtime, fingerprint, settings, Path(workdir))
-        trainer = _setup_trainer(settings, device, precision, logger, [progress, *extra_callbacks], workdir)
+        trainer = _setup_trainer(settings, device, precision, logger, [progress, *extra_callbacks], workdir,
+                                 _decoder_layer_class(peft_model))
         if resume_key:
             log.info("resuming %s from step %d (%s)", fingerprint, start_step, resume_key)
         started = time.perf_counter()
@@ -349,15 +407,16 @@ def train_lora_adapter(
             progress.save(trainer)  # the final step, so re-materialising with the same inputs does no work
         trainer.validate(module, verbose=False)
         wandb_run_id = wandb_dir = None
-        if logger is not None:
+        if logger is not None and trainer.is_global_zero:
             wandb_run_id, wandb_dir = logger.experiment.id, str(logger.experiment.dir)
             logger.experiment.finish()
 
     steps_this_run = trainer.global_step - start_step
     summary = {"fingerprint": fingerprint, "base_model_sha256": base_model_sha256, "dataset_sha256": dataset_sha256,
                "settings": asdict(settings), "final_step": trainer.global_step}
+    lora_state = _trainable_state(trainer, peft_model)  # collective under FSDP: every rank takes part
     adapter = _publish_adapter(store, peft_model, tokenizer, summary, base_model_name or str(base_snapshot_dir),
-                               fingerprint)
+                               fingerprint, lora_state) if trainer.is_global_zero else None
     rate = progress.throughput.tokens_per_second()
     if rate is None and steps_this_run and fit_seconds > 0:  # a single step: nothing to exclude start-up from
         rate = (module.input_tokens - tokens_before) / fit_seconds
@@ -386,6 +445,8 @@ def train_lora_adapter(
         peak_memory_bytes=_peak_memory_bytes(device),
         data_wait_seconds=module.prefetcher.wait_seconds if module.prefetcher else 0.0,
         conversations=data.counts,
+        world_size=trainer.world_size,
+        strategy=settings.resolved_strategy,
         wandb_run_id=wandb_run_id,
         wandb_dir=wandb_dir,
     )
