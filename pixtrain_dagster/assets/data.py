@@ -89,7 +89,7 @@ def raw_conversations(context: AssetExecutionContext, artifact_store: ArtifactSt
         AssetCheckSpec("schema_valid", asset="training_dataset", blocking=True,
                        description="Every published record has valid roles, order and content."),
         AssetCheckSpec("no_phi_left", asset="training_dataset", blocking=True,
-                       description="No PHI pattern matches anywhere in the published splits."),
+                       description="An independent detector (not the scrubber) finds no identifier in the published splits."),
         AssetCheckSpec("enough_rows", asset="training_dataset", blocking=True,
                        description="At least min_train_records training rows and one validation row."),
     ],

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .phi import find_phi, scrub_text
+from .phi import scrub_text
 
 ROLES = ("system", "user", "assistant")
 
@@ -209,12 +209,14 @@ def curate(
 
 
 def residual_phi(conversations: Iterable[list[dict[str, str]]]) -> Counter[str]:
-    """Count PHI pattern hits left in already-scrubbed conversations, by kind (no text, no positions)."""
-    hits: Counter[str] = Counter()
-    for messages in conversations:
-        for message in messages:
-            hits.update(kind for kind, _, _ in find_phi(message["content"]))
-    return hits
+    """Identifiers left in already-scrubbed conversations, by kind (no text, no positions).
+
+    Uses the independent detector in ``phi_check``, not the scrubber: re-running the scrubber's own
+    recognisers would pass every identifier they miss.
+    """
+    from .phi_check import residual_phi as independent_residual_phi
+
+    return independent_residual_phi(conversations)
 
 
 def write_jsonl(path: Path, conversations: Iterable[list[dict[str, str]]]) -> int:
