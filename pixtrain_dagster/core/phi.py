@@ -186,8 +186,9 @@ _KIN = (r"(?:sister|brother|mom|mother|dad|father|son|daughter|husband|wife|part
 _CAP = r"[A-ZÀ-Ý][a-zß-ÿ]+(?:[-'][A-ZÀ-Ý]?[a-zß-ÿ]+)?"
 _NAME_CONTEXT = [
     re.compile(rf"\b{_TITLES}\.?\s+({_CAP}(?:\s+{_CAP})?)"),
-    re.compile(rf"(?i:\bmy\s+name\s+is|\bname'?s|\bcall\s+me|\bnamed|\bcalled|\bsigned\s+(?:it\s+)?as|"
-               rf"\bthis\s+is|\bI'?m|\bI\s+am)\s+({_CAP}(?:\s+{_CAP})?)"),
+    re.compile(rf"(?i:\bthis\s+is|\bI'?m|\bI\s+am|\bcalled)\s+({_CAP}(?:\s+{_CAP})?)"),
+    re.compile(rf"(?i:\bmy\s+name\s+is|\bmy\s+name'?s|\bcall\s+me|\bnamed|\bsigned\s+(?:it\s+)?as|"
+               rf"\bgoes\s+by)\s+({_CAP}(?:\s+{_CAP})?)"),
     re.compile(rf"(?i:\b(?:my|our|his|her|their)\s+(?:\w+\s+)?{_KIN}),?\s+({_CAP}(?:\s+{_CAP})?)"),
     re.compile(rf"\b(?:Grandpa|Grandma|Aunt|Auntie|Uncle|Cousin|Granny|Nana|Papa)\s+({_CAP})"),
 ]
@@ -232,7 +233,7 @@ def find_names(text: str) -> list[tuple[int, int]]:
         for match in pattern.finditer(text):
             start, end = match.span(1)
             words = match.group(1).split()
-            # "I'm Tired" is not a name: after "I'm"/"this is" the word must be a known name.
+            # "I'm Tired" is not a name: after "I'm"/"this is"/"called" the word must be a known name.
             if pattern is _NAME_CONTEXT[1] and words[0].lower() not in first | last:
                 continue
             if words[-1].lower() in common:  # "my sister Keisha Said" -> keep only the name part
