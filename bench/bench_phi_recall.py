@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_phi_recall.py            # the scrubber (Presidio + our recognisers)
     .venv/bin/python bench/bench_phi_recall.py --checker  # the independent no_phi_left detector, on raw text
+    .venv/bin/python bench/bench_phi_recall.py --holdout  # sentences written after tuning, never tuned on
 
 Reads pixtrain_dagster/core/phi_eval/eval_set.jsonl. Prints numbers; asserts nothing (tests/test_phi.py gates).
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pixtrain_dagster.core import phi, phi_check  # noqa: E402
-from pixtrain_dagster.core.phi_eval import NAME_KINDS, load_eval_set, score  # noqa: E402
+from pixtrain_dagster.core.phi_eval import EVAL_SET, HOLDOUT_SET, NAME_KINDS, load_eval_set, score  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "pixtrain_dagster" / "sample_data" / "conversations.jsonl"
 
@@ -23,9 +24,11 @@ SAMPLE = Path(__file__).resolve().parents[1] / "pixtrain_dagster" / "sample_data
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checker", action="store_true", help="measure the independent checker instead")
+    parser.add_argument("--holdout", action="store_true",
+                        help="the holdout set (written after tuning, never tuned on) instead of the main set")
     parser.add_argument("--show-misses", action="store_true", help="eval-set line numbers of misses (no text)")
     args = parser.parse_args()
-    rows = load_eval_set()
+    rows = load_eval_set(HOLDOUT_SET if args.holdout else EVAL_SET)
     if args.checker:
         detect = lambda text: [(s, e) for _, s, e in phi_check.find_residual_phi(text)]  # noqa: E731
     else:

@@ -75,7 +75,7 @@ _UNITS_AFTER_NUMBER = (
     r"percent|%|times|sessions?|steps|miles|km|dollars|bucks|people|pills?|beers|drinks|cigarettes|points?|"
     r"mph|bpm|calories|words|pages|am|pm)\b"
 )
-_LABEL_TAIL = r"(?:\s+(?:number|no\.?|num|#|id|ID))?\s*(?:is|was|:|#|=)?\s*(?:is\s+)?"
+_LABEL_TAIL = r"(?:\s+(?:number|no\.?|num|#|id|ID))?\s*(?:is|was|:|#|=|as)?\s*(?:is\s+)?"
 _VALUE = r"(?=[A-Z0-9-]*\d)[A-Z0-9][A-Z0-9-]{3,}[A-Z0-9]"
 
 # (kind, score, regex, value group or 0). A group names the identifier inside a labelled match, so the label
@@ -95,6 +95,8 @@ _PATTERNS: list[tuple[str, float, str, int]] = [
     ("DATE", 0.85, rf"\b(?:{_WEEKDAY},?\s+)?{_MONTH}\.?\s+{_DAY}\b(?:,?\s+(?:19|20)\d\d\b)?", 0),
     ("DATE", 0.85, rf"\b(?:the\s+)?{_DAY}\s+(?:of\s+)?{_MONTH}\b\.?(?:,?\s+(?:19|20)\d\d\b)?", 0),
     ("DATE", 0.8, r"(?<![\d/])(?:0?[1-9]|1[0-2])/(?:19|20)\d\d\b", 0),
+    ("DATE", 0.8, rf"\b(?:{_WEEKDAY},?\s+)?(?:on\s+)?the\s+(?:[12]\d|3[01]|0?[1-9])(?:st|nd|rd|th)\b"
+                  r"(?!\s+(?:floor|time|grade|try|place|day|week|session|step|row|round|century|percentile)\b)", 0),
     ("DATE", 0.75, rf"\b{_MONTH}\.?,?\s+(?:of\s+)?(?:19|20)\d\d\b", 0),
     ("AGE", 0.8, r"\b(9\d|1[0-2]\d)(?=\s*(?:-|\s)?\s*(?:years?|yrs?|y/?o)\b)", 1),
     ("AGE", 0.7, r"\b(?:is|was|'s|turned|turns|turning|aged?|at)\s+(9\d|1[0-2]\d)\b(?!\s*(?:-\s*)?"
@@ -103,6 +105,8 @@ _PATTERNS: list[tuple[str, float, str, int]] = [
                       rf"{_ANY_SUFFIX}\b\.?{_UNIT}?", 0),
     ("ADDRESS", 0.85, rf"\b\d{{1,6}}\s+(?:[NSEW]\.?\s+)?(?:[A-Z][A-Za-z'-]*\.?\s+){{1,3}}{_WORD_SUFFIX}\b{_UNIT}?", 0),
     ("ADDRESS", 0.9, r"\b(?:P\.?\s?O\.?\s*Box|Post\s+Office\s+Box)\s+\d+\b", 0),
+    ("ADDRESS", 0.85, r"\b(?:\d{1,6}\s+)?(?:County\s+(?:Road|Rd)|State\s+(?:Road|Route|Hwy)|Route|Rte|Rt\.?|"
+                      r"Highway|Hwy|Farm\s+Road|FM|Interstate)\s+\d{1,4}[A-Z]?\b", 0),
     ("LOCATION", 0.8, rf"(?-i:\b((?:[A-Z][a-z]+\.?\s){{0,2}}[A-Z][a-z]+)),\s+{_STATE}\b", 1),
     ("ZIP", 0.85, rf"(?<=\s){_STATE},?\s+(\d{{5}}(?:-\d{{4}})?)\b", 1),
     ("ZIP", 0.85, r"\b(?:zip|postal)(?:\s*code)?\b[^\d\n]{0,12}(\d{5}(?:-\d{4})?)\b", 1),
@@ -111,7 +115,8 @@ _PATTERNS: list[tuple[str, float, str, int]] = [
                    r"(?:\s*(?:ext\.?|extension|x)\s*\d{1,6}\b)?", 0),
     ("PHONE", 0.75, r"(?<![\w+-])\+\d{1,3}(?:[\s.-]?\(?\d{1,4}\)?){2,5}\b", 0),
     ("PHONE", 0.7, r"(?<![\w-])\d{3}[-.]\d{4}\b(?![-.]\d)", 0),
-    ("PHONE", 0.75, r"\b(?:phone|cell|mobile|call|text|reach|number|fax|line)\b[^\d\n]{0,20}(\+?1?\d{10})\b", 1),
+    ("PHONE", 0.75, r"\b(?:phone|cell|mobile|call|text|reach|number|fax|line)\b[^\d\n]{0,20}"
+                    r"(\+?1?\d{10}|\d{3}[\s.-]\d{4})\b", 1),
     ("MRN", 0.85, r"\b(?:MRN|medical\s+record|med\s+rec|chart|patient|hospital|record)" + _LABEL_TAIL + "(" + _VALUE + ")", 1),
     ("MRN", 0.85, r"\bMRN-?\d{4,}\b", 0),
     ("HEALTH_PLAN_ID", 0.85,
@@ -124,7 +129,7 @@ _PATTERNS: list[tuple[str, float, str, int]] = [
                       + "(" + _VALUE + ")", 1),
     ("VEHICLE", 0.9, r"\b(?-i:(?=[A-HJ-NPR-Z0-9]*[A-HJ-NPR-Z])(?=[A-HJ-NPR-Z0-9]*\d)[A-HJ-NPR-Z0-9]{17})\b", 0),
     ("VEHICLE", 0.85, r"\b(?:plate|tag|registration)(?:\s+(?:number|no\.?|#))?\s*(?:is|was|:|#)?,?\s*"
-                      r"((?-i:(?=[A-Z0-9 -]*\d)[A-Z0-9]{1,4}[ -]?[A-Z0-9]{1,4}))\b", 1),
+                      r"((?-i:(?:[A-Z]{2}\s+)?(?=[A-Z0-9 -]*\d)[A-Z0-9]{1,4}[ -]?[A-Z0-9]{1,4}))\b", 1),
     ("DEVICE", 0.85, r"\b(?:serial|S/N|IMEI|device\s+(?:id|number)|MAC|UDI|model\s+(?:number|no))"
                      + _LABEL_TAIL + r"((?:SN\s*)?" + _VALUE + ")", 1),
     ("ID", 0.75, r"\b(?:ID|identification|employee|student|inmate|client|customer|badge|case|claim|probation|parole|"

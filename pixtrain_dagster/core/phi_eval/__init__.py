@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 EVAL_SET = Path(__file__).with_name("eval_set.jsonl")
+HOLDOUT_SET = Path(__file__).with_name("holdout_set.jsonl")  # written after tuning; never tuned on
 
 # Kinds whose shape a pattern can describe (the 0.98 target); names need more than a pattern (0.90 target).
 NAME_KINDS = ("NAME",)

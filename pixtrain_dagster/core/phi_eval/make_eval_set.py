@@ -239,6 +239,41 @@ I gave my address, {{ADDRESS:14 Willow Way}}, {{CITY:Eugene}}, OR {{ZIP:97401}},
 My mom, {{NAME:Gloria}}, is {{AGE:91}} and lives at {{ADDRESS:220 Oak Ridge Dr}}.
 Dr. {{NAME:Feldman}} faxed my chart to {{PHONE:(555) 333-0110}} on {{DATE:10/14/2023}}.
 Email {{EMAIL:gloria.r@aol.com}} or call {{PHONE:555-0178}}.
+# round 2: the first holdout set, moved here after it was measured (27 of 37 found) and tuned on
+Honestly, {{NAME:Priya}} is the one person I trust at work.
+Last night {{NAME:Dmitri}} showed up drunk at my door again.
+My fiancé {{NAME:Oluwaseun Adeyemi}} thinks I should quit.
+I keep replaying the argument with {{NAME:Becky}} in my head.
+Coach {{NAME:Ramirez}} benched me and I stopped eating.
+My foster mom, {{NAME:Deborah Sinclair}}, was the first adult who believed me.
+We named the baby {{NAME:Harper}} after my grandmother.
+{{NAME:Theo}} hasn't returned my calls in a month.
+I live off {{ADDRESS:Route 9}} near the old mill, {{ADDRESS:4410 County Road 12}}.
+Our trailer is lot 14 at {{ADDRESS:300 Pinecrest Circle}}.
+She moved to {{CITY:Scranton}}, Pennsylvania, to be near her kids.
+Mail it to {{ADDRESS:88 Ocean Pkwy Apt 6F}}, {{CITY:Brooklyn}}, NY {{ZIP:11218}}.
+My grandma just turned {{AGE:97}} and she still asks about my dad.
+The appointment is on {{DATE:the 3rd}} at noon, I think.
+I got out of detox on {{DATE:12/24}}, Christmas Eve.
+Dad passed away {{DATE:March 2nd, 2019}}, and I still can't say it out loud.
+Mom's birthday is {{DATE:Oct 30}}.
+My court hearing was moved to {{DATE:Thursday the 14th}}.
+You can text my cell, {{PHONE:(919) 555-0187}}, if I miss the appointment.
+My husband's work number is {{PHONE:555.773.2011 extension 309}}.
+Call the house at {{PHONE:555 0192}}.
+Email {{EMAIL:t.nguyen@stanford.edu}} if you need my transcript.
+I gave them my social, {{SSN:601-22-8841}}, over the phone.
+The bill lists account {{ACCOUNT:77104-2290}} and it's in collections.
+My Medi-Cal number is {{HEALTH_PLAN:91234567A}}.
+My insurance ID is {{HEALTH_PLAN:ZQH882201934}}.
+The pharmacy has my record number as {{MRN:RX-5531907}}.
+My old Mastercard, {{CARD:5105 1051 0510 5100}}, was stolen at the shelter.
+His truck's plate is {{VEHICLE:TX 4KL-9921}}.
+My license number is {{LICENSE:WDL4471AB92}}.
+The glucose monitor serial number is {{DEVICE:G6-88341-XZ}}.
+Someone logged into my email from {{IP:203.0.113.77}}.
+I found his profile at {{URL:https://facebook.com/derek.m.walsh}}.
+My parole officer number, the case is {{ID:P-2021-33871}}.
 """.strip()
 
 CLEAN_SENTENCES = r"""
@@ -311,6 +346,18 @@ I've had 4 sessions with the psychiatrist this year.
 At 7 pm every night I start to dread the next day.
 I moved 3 times in 2 years.
 Week 6 of the program starts next Monday.
+I managed 4 out of 7 days of exercise this week.
+My sister is 29 and I'm 31.
+Between 9 and 10 at night is when the cravings hit.
+I've been taking 150 mg of bupropion for 2 months.
+We've had 14 sessions and I still don't trust easily.
+In 2011 we moved across the country.
+I sleep maybe 4 hours, sometimes 5.
+I have 3 kids under 10.
+My score on the anxiety scale dropped from 15 to 9.
+It's been 6 weeks since my last panic attack.
+I used to run 5k every Saturday.
+Around 11:15 pm I start checking the locks.
 """.strip()
 
 _MARK = re.compile(r"\{\{([A-Z_]+):(.+?)\}\}")
