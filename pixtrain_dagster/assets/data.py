@@ -19,12 +19,13 @@ from ..core.artifacts import build_manifest
 from ..core.conversations import (
     DatasetError,
     curate,
+    iter_jsonl,
     load_conversations,
-    read_jsonl,
     residual_phi,
     validation_problem,
     write_jsonl,
 )
+from ..core.landing import landing_files
 from ..core.settings import CurationSettings
 from ..execution import METADATA_DB_PASSWORD_ENV, step_pod_tags
 from ..gates import deployed_policy, record_gate_decision, resolve_or_fail
@@ -58,7 +59,7 @@ def raw_conversations(context: AssetExecutionContext, artifact_store: ArtifactSt
     """
     landing = artifact_store.landing_store()
     store = artifact_store.store()
-    names = landing.list_files(suffix=".jsonl")
+    names = landing_files(landing)  # refuses symlinks that resolve outside the landing location
     if not names:
         raise DatasetError(
             f"no .jsonl files in the landing location {landing.root}; copy chat JSONL there "
@@ -68,7 +69,7 @@ def raw_conversations(context: AssetExecutionContext, artifact_store: ArtifactSt
         records = 0
         for name in names:
             landing.fetch_file(name, folder / name)
-            records += len(read_jsonl(folder / name, display_name=landing.uri(name)))
+            records += sum(1 for _ in iter_jsonl(folder / name, display_name=landing.uri(name)))  # streamed
         version = build_manifest(folder)["content_sha256"]
         key = f"datasets/raw/{version[:16]}"
         ref = store.publish(folder, key, extra={"landing": landing.root, "records": records})
@@ -94,7 +95,7 @@ def raw_conversations(context: AssetExecutionContext, artifact_store: ArtifactSt
         AssetCheckSpec("schema_valid", asset="training_dataset", blocking=True,
                        description="Every published record has valid roles, order and content."),
         AssetCheckSpec("no_phi_left", asset="training_dataset", blocking=True,
-                       description="No PHI pattern matches anywhere in the published splits."),
+                       description="An independent detector (not the scrubber) finds no identifier in the published splits."),
         AssetCheckSpec("enough_rows", asset="training_dataset", blocking=True,
                        description="At least min_train_records training rows and one validation row."),
     ],
@@ -117,7 +118,7 @@ def training_dataset(
     })
     store = artifact_store.store()
     raw_dir = store.local_path(raw_conversations["key"])
-    records = [r for name in raw_conversations["files"] for r in read_jsonl(raw_dir / name, display_name=name)]
+    records = (r for name in raw_conversations["files"] for r in iter_jsonl(raw_dir / name, display_name=name))
     curated = curate(
         records,
         validation_fraction=config.validation_fraction,

@@ -59,7 +59,10 @@ def adapter_evaluation(
     training_runtime: TrainingRuntimeResource,
     training_metadata: TrainingMetadataResource,
 ):
-    """Validation loss and perplexity of the base model and of the adapter on the held-out split, with samples."""
+    """Validation loss and perplexity of the base model and of the adapter on the held-out split.
+
+    Sample replies are written to the evaluation artifact only, never to Dagster metadata.
+    """
     from ..core.conversations import load_conversations
     from ..core.evaluation import evaluate_adapter
     from ..core.models import pick_device
@@ -83,6 +86,10 @@ def adapter_evaluation(
     sanity["thresholds"] = {"max_perplexity_increase": max_increase}
     report = {"adapter_sha256": lora_adapter["sha256"], "base_model_sha256": base_model["sha256"],
               "dataset_sha256": training_dataset["sha256"], **result.to_dict(), "training_sanity": sanity}
+    # Conversation text (sample prompts, references, replies) lives only in the evaluation artifact on the
+    # volume: the step's output value, Dagster metadata, logs and the metadata database get numbers, hashes
+    # and URIs, because their audience (UI users, log shippers) is wider than the dataset's.
+    summary = {key: value for key, value in report.items() if key != "samples"}
     who = step_identity(context)
     training_metadata.get_store().record_evaluation(
         who.run_id, who.step_key, adapter_sha256=lora_adapter["sha256"], eval_name="heldout_perplexity",
@@ -96,11 +103,12 @@ def adapter_evaluation(
         artifact_sha256=lora_adapter["sha256"],
     )
     markdown = result.to_markdown()
+    numbers_only = type(result)(base=result.base, adapter=result.adapter, samples=[]).to_markdown()
     with store.stage() as folder:
         (folder / "evaluation.json").write_text(json.dumps(report, indent=2))
         (folder / "evaluation.md").write_text(f"# Adapter evaluation\n\n{markdown}\n")
         ref = store.publish(folder, f"evaluations/{lora_adapter['sha256'][:16]}", replace=True)
-    value = {"key": store.key_of(ref.uri), **ref.to_dict(), **report}
+    value = {"key": store.key_of(ref.uri), **ref.to_dict(), **summary, "sample_count": len(result.samples)}
     yield Output(
         value,
         metadata={
@@ -109,7 +117,10 @@ def adapter_evaluation(
             "base_perplexity": MetadataValue.float(result.base.perplexity),
             "adapter_perplexity": MetadataValue.float(result.adapter.perplexity),
             "perplexity_ratio": MetadataValue.float(result.perplexity_ratio),
-            "report": MetadataValue.md(markdown),
+            "report": MetadataValue.md(numbers_only),
+            "sample_replies": MetadataValue.md(
+                f"{len(result.samples)} sample replies are in `{ref.uri}/evaluation.md` (not shown here: they "
+                "are client text)."),
             "uri": MetadataValue.path(ref.uri),
         },
     )

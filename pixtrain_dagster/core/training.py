@@ -340,13 +340,14 @@ def _peak_memory_bytes(device: str) -> int:
 
 def _resume_point(checkpoint_store: ArtifactStore, fingerprint: str, resume: bool):
     """(checkpoint key, local path, step, input tokens so far) of the newest checkpoint, or Nones and zeros."""
-    import torch
+    from .safe_load import load_checkpoint_safely
 
     key = latest_checkpoint(checkpoint_store, fingerprint) if resume else None
     if key is None:
         return None, None, 0, 0
     path = checkpoint_store.local_path(key) / "checkpoint.ckpt"
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    # Restricted unpickler: write access to the checkpoint volume must not mean code execution in this pod.
+    state = load_checkpoint_safely(path)
     return key, path, state["global_step"], state["pixtrain"]["input_tokens"]
 
 
@@ -378,6 +379,9 @@ def train_lora_adapter(
     device = pick_device(runtime.device)
     precision = settings.resolved_precision(device)
     rank, local_rank = process_rank(settings)
+    if settings.resolved_strategy == "fsdp" and device != "cuda":
+        raise ValueError("strategy fsdp needs CUDA GPUs (Lightning's FSDP refuses a CPU accelerator); use strategy "
+                         "ddp (or auto) on CPU")
     if device == "cuda":
         torch.cuda.set_device(local_rank)
         torch.cuda.reset_peak_memory_stats()
@@ -400,7 +404,7 @@ def train_lora_adapter(
         if resume_key:
             log.info("resuming %s from step %d (%s)", fingerprint, start_step, resume_key)
         started = time.perf_counter()
-        trainer.fit(module, ckpt_path=str(resume_path) if resume_path else None)
+        trainer.fit(module, ckpt_path=str(resume_path) if resume_path else None, weights_only=True)
         fit_seconds = time.perf_counter() - started
         module.flush_step_metrics()
         if progress.last_saved_step != trainer.global_step and trainer.global_step > start_step:
