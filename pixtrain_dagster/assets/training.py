@@ -51,6 +51,12 @@ class LoraTrainingConfig(Config):
                                    description="Labelled positions per output-layer chunk (bounds fp32 logits).")
     log_every_n_steps: int = Field(default=_DEFAULTS.log_every_n_steps, ge=1,
                                    description="Read losses from the device and log every N optimizer steps.")
+    devices: int = Field(default=_DEFAULTS.devices, ge=1,
+                         description="Training processes (GPUs) per node; > 1 runs torchrun inside the step pod.")
+    num_nodes: int = Field(default=_DEFAULTS.num_nodes, ge=1,
+                           description="Nodes; > 1 runs a Kubeflow TrainJob (docs/scale-out.md).")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        default=_DEFAULTS.strategy, description="auto: DDP with several processes; fsdp shards the frozen base.")
     resume: bool = Field(default=True, description="Continue from the newest checkpoint of the same fingerprint.")
 
     def to_settings(self) -> LoraTrainingSettings:
@@ -105,21 +111,27 @@ def lora_training(
     metrics_callback = training_metrics_callback(
         telemetry, settings.fingerprint(base_model["sha256"], training_dataset["sha256"]))
     try:
-        result = train_lora_adapter(
-            store=store,
-            checkpoint_store=artifact_store.checkpoint_store(),
-            base_snapshot_dir=store.local_path(base_model["key"]),
-            base_model_name=base_model["key"],
-            base_model_sha256=base_model["sha256"],
-            dataset_sha256=training_dataset["sha256"],
-            train_conversations=load_conversations(dataset_dir / "train.jsonl"),
-            validation_conversations=load_conversations(dataset_dir / "validation.jsonl"),
-            settings=settings,
-            runtime=training_runtime.settings(),
-            resume=config.resume,
-            on_checkpoint=on_checkpoint,
-            extra_callbacks=[metrics_callback],
-        )
+        if settings.world_size > 1:
+            result = _train_in_several_processes(context, config, settings, artifact_store, base_model,
+                                                 training_dataset, training_runtime)
+            for ref in result.checkpoints:  # rank 0 published them; recorded here, once (upserts)
+                on_checkpoint(int(ref.uri.rstrip("/").rsplit("-", 1)[1]), ref)
+        else:
+            result = train_lora_adapter(
+                store=store,
+                checkpoint_store=artifact_store.checkpoint_store(),
+                base_snapshot_dir=store.local_path(base_model["key"]),
+                base_model_name=base_model["key"],
+                base_model_sha256=base_model["sha256"],
+                dataset_sha256=training_dataset["sha256"],
+                train_conversations=load_conversations(dataset_dir / "train.jsonl"),
+                validation_conversations=load_conversations(dataset_dir / "validation.jsonl"),
+                settings=settings,
+                runtime=training_runtime.settings(),
+                resume=config.resume,
+                on_checkpoint=on_checkpoint,
+                extra_callbacks=[metrics_callback],
+            )
         if result.resumed_from_checkpoint is not None:
             # Links this run to the checkpoint (and so the earlier run) it continued from; lineage lists this event.
             source = result.resumed_from_checkpoint
@@ -197,3 +209,19 @@ def lora_training(
             "checkpoints": MetadataValue.json(checkpoints),
         },
     )
+
+
+def _train_in_several_processes(context, config, settings, artifact_store, base_model, training_dataset,
+                                training_runtime):
+    """devices x num_nodes > 1: every process runs the same core entry point; rank 0 publishes and reports."""
+    from ..launch import run_torchrun_in_pod, training_request
+
+    request = training_request(
+        artifact_root=artifact_store.store().root, checkpoint_root=artifact_store.checkpoint_store().root,
+        base_model=base_model, training_dataset=training_dataset, settings=settings,
+        runtime=training_runtime.settings(), resume=config.resume)
+    if settings.num_nodes > 1:
+        from ..launch import run_trainjob_for_step
+
+        return run_trainjob_for_step(context, request, settings)
+    return run_torchrun_in_pod(request, settings.devices, context.log.info)

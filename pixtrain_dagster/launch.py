@@ -1,0 +1,94 @@
+"""How the lora_training step runs a multi-process training: torchrun inside its own pod (one node, several GPUs),
+or a Kubeflow TrainJob (several nodes). Either way every process runs ``pixtrain_dagster.core.distributed`` with
+the same request, and the step reads rank 0's result and publishes the asset outputs exactly as for one process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from .core.distributed import TrainingRequest, result_from_summary, result_path
+from .core.settings import LoraTrainingSettings, RuntimeSettings
+
+
+def training_request(*, artifact_root: str, checkpoint_root: str, base_model: dict, training_dataset: dict,
+                     settings: LoraTrainingSettings, runtime: RuntimeSettings, resume: bool) -> TrainingRequest:
+    return TrainingRequest(
+        artifact_root=artifact_root, checkpoint_root=checkpoint_root, base_snapshot_key=base_model["key"],
+        base_model_sha256=base_model["sha256"], dataset_key=training_dataset["key"],
+        dataset_sha256=training_dataset["sha256"], settings=asdict(settings), runtime=asdict(runtime),
+        resume=resume)
+
+
+def run_torchrun_in_pod(request: TrainingRequest, processes: int, log: Callable[[str], None]):
+    """``torchrun --standalone`` with one process per local device, its output streamed to ``log``.
+
+    A SIGTERM to the step (Dagster run terminated, pod deleted) stops the whole process group, so no training
+    process outlives the step.
+    """
+    import json
+
+    with tempfile.TemporaryDirectory(prefix="pixtrain-torchrun-") as folder:
+        request_file = Path(folder) / "request.json"
+        request_file.write_text(request.to_json())
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+                   "-m", "pixtrain_dagster.core.distributed", "--request", str(request_file)]
+        log(f"launching {processes} training processes: torchrun --standalone --nproc-per-node={processes}")
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True)
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def stop(signum, frame):
+            _kill_group(process)
+            raise KeyboardInterrupt(f"training stopped by signal {signum}")
+
+        in_main_thread = _is_main_thread()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, stop)
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                log(line.rstrip())
+            code = process.wait()
+        except BaseException:
+            _kill_group(process)
+            raise
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
+        if code != 0:
+            raise RuntimeError(f"torchrun exited with {code}; the lines above are the training processes' output")
+        return result_from_summary(json.loads(result_path(request_file).read_text()))
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """torchrun and its workers (which it starts in sessions of their own)."""
+    import psutil
+
+    try:
+        members = [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]
+    except psutil.NoSuchProcess:
+        return
+    for member in members:
+        try:
+            member.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    process.wait()
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread() and os.name == "posix"
+
+
+def run_trainjob_for_step(context, request: TrainingRequest, settings: LoraTrainingSettings):
+    raise NotImplementedError("multi-node training (num_nodes > 1) runs as a Kubeflow TrainJob; not wired yet")
