@@ -17,6 +17,7 @@ from pydantic import Field
 
 from ..core.bias import BiasSettings, BiasThresholds
 from ..execution import step_pod_tags
+from ..recovery import GPU_POOL, gpu_step_retry_policy
 from ..resources import ArtifactStoreResource, BiasDetectionClient, TrainingMetadataResource, TrainingRuntimeResource
 from ..resources.metadata import step_identity
 
@@ -67,6 +68,8 @@ def _previous_report(context: AssetExecutionContext, store) -> dict | None:
 @asset(
     group_name="evaluation",
     op_tags=step_pod_tags("gpu"),
+    pool=GPU_POOL,
+    retry_policy=gpu_step_retry_policy(),
     code_version="1",
     automation_condition=AutomationCondition.eager(),
     check_specs=[AssetCheckSpec(

@@ -18,6 +18,7 @@ from pydantic import Field
 
 from ..core.settings import EvaluationSettings
 from ..execution import step_pod_tags
+from ..recovery import GPU_POOL, gpu_step_retry_policy
 from ..resources import ArtifactStoreResource, TrainingMetadataResource, TrainingRuntimeResource
 from ..resources.metadata import step_identity
 
@@ -38,6 +39,8 @@ class AdapterEvaluationConfig(Config):
 @asset(
     group_name="evaluation",
     op_tags=step_pod_tags("gpu"),
+    pool=GPU_POOL,
+    retry_policy=gpu_step_retry_policy(),
     code_version="1",
     automation_condition=AutomationCondition.eager(),
     check_specs=[AssetCheckSpec(

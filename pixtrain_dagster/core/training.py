@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import ArtifactRef, ArtifactStore
+from .checkpoints import kill_after_checkpoint_if_requested, latest_valid_checkpoint
 from .settings import LoraTrainingSettings, RuntimeSettings
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ def _make_checkpoint_callback(store: ArtifactStore, fingerprint: str, every_n_st
             log.info("checkpoint at step %d published to %s", step, ref.uri)
             if on_checkpoint:
                 on_checkpoint(step, ref)
+            kill_after_checkpoint_if_requested(step)  # test hook, off unless its env var is set
 
     return PublishCheckpoints()
 
@@ -133,6 +135,7 @@ def train_lora_adapter(
     resume: bool = True,
     base_model_name: str | None = None,
     on_checkpoint: CheckpointHook | None = None,
+    on_invalid_checkpoint: Callable[[Any], None] | None = None,
     extra_callbacks: Sequence[Any] = (),
 ) -> TrainingResult:
     import lightning as L
@@ -180,7 +183,7 @@ def train_lora_adapter(
                 param.data = param.data.float()
     module = LoraFineTuning(peft_model, settings, train_batches, validation_batches)
 
-    resume_key = latest_checkpoint(checkpoint_store, fingerprint) if resume else None
+    resume_key = latest_valid_checkpoint(checkpoint_store, fingerprint, on_invalid_checkpoint) if resume else None
     resume_path = checkpoint_store.local_path(resume_key) / "checkpoint.ckpt" if resume_key else None
     published: list[ArtifactRef] = (
         [checkpoint_store.ref(k) for k in checkpoint_store.list(checkpoint_prefix(fingerprint))] if resume else []
