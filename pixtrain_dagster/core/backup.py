@@ -187,19 +187,26 @@ def _backup_artifact(src: _Location, dst: _Location, key: str, verify_existing: 
     if manifest is None:
         raise BackupError(f"{src.uri}/{key}/{MANIFEST_NAME} is unreadable")
     existing = dst.manifest(key)
+    repairing = False
     if _same_content(existing, manifest):
-        if not verify_existing or not _damaged_files(dst, key, manifest):
+        if not verify_existing:
+            result.skipped.append(key)
+            return "unchanged"
+        # Deep mode: the source is re-hashed too, so silent damage in the store is found while a good copy exists.
+        if _damaged_files(src, key, manifest):
+            result.source_corrupt.append(key)
+            log.error("%s/%s is damaged in the source store; its backup copy is kept", src.uri, key)
+            return "source corrupt"
+        if not _damaged_files(dst, key, manifest):
             result.skipped.append(key)
             return "unchanged"
         repairing = True
-    else:
-        repairing = False
     # The source must match its own manifest: never replace a good backup with a damaged copy.
-    for rel, expected in manifest["files"].items():
-        if src.sha256(f"{key}/{rel}") != (expected["sha256"], expected["size"]):
-            result.source_corrupt.append(key)
-            log.error("not backing up %s: %s/%s does not match its manifest", key, src.uri, f"{key}/{rel}")
-            return "source corrupt"
+    damaged = _damaged_files(src, key, manifest)
+    if damaged:
+        result.source_corrupt.append(key)
+        log.error("not backing up %s: %s", key, damaged[0])
+        return "source corrupt"
     if existing is not None:
         dst.rm(f"{key}/{MANIFEST_NAME}")  # invalidate the old copy before its files change
     for rel, expected in manifest["files"].items():
