@@ -235,6 +235,8 @@ def train_lora_adapter(
     with store.stage() as folder:
         # Name the base by its store key, not this machine's path: the same inputs then give the same adapter bytes.
         peft_model.peft_config["default"].base_model_name_or_path = base_model_name or str(base_snapshot_dir)
+        # PEFT keeps target_modules as a set, saved in hash order (varies per process): sort for stable bytes.
+        peft_model.peft_config["default"].target_modules = sorted(peft_model.peft_config["default"].target_modules)
         peft_model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         summary = {
