@@ -168,3 +168,25 @@ def test_config_error_fails_once_without_retries(pipeline_env, tiny_model_dir):
     [failure] = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
     message = failure.event_specific_data.error.to_string()
     assert "no_such_projection" in message and "do not fit this model" in message and "not retried" in message
+
+
+def test_a_failed_blocking_gate_is_not_retried(tmp_path, monkeypatch):
+    """A gate (blocking asset check) failing on a step with the GPU steps' retry policy fails once."""
+    from dagster import AssetCheckResult, AssetCheckSpec, Output, asset, materialize
+
+    from pixtrain_dagster.recovery import GPU_POOL, gpu_step_retry_policy
+
+    monkeypatch.setenv("PIXTRAIN_STEP_RETRY_DELAY_S", "0")
+    attempts = []
+
+    @asset(pool=GPU_POOL, retry_policy=gpu_step_retry_policy(),
+           check_specs=[AssetCheckSpec("gate", asset="gated", blocking=True)])
+    def gated():
+        attempts.append(1)
+        yield Output(1)
+        yield AssetCheckResult(check_name="gate", passed=False)
+
+    result = materialize([gated], raise_on_error=False)
+    assert not result.success and len(attempts) == 1
+    kinds = [e.event_type for e in result.all_events]
+    assert DagsterEventType.STEP_UP_FOR_RETRY not in kinds and kinds.count(DagsterEventType.STEP_FAILURE) == 1

@@ -122,6 +122,7 @@ class _Location:
 
     def all_files(self) -> list[str]:
         """Keys of every file under the root, relative, sorted."""
+        self.fs.invalidate_cache()  # s3fs caches listings per process; a backup must see the store as it is now
         if not self.fs.exists(self.root):
             return []
         prefix = self.root + "/"
