@@ -89,7 +89,9 @@ def _materialize_upstream(tiny_model_dir, config):
 
 
 def _training_only(config: dict) -> dict:
-    return {"ops": {"lora_training": config["ops"]["lora_training"]}}
+    import copy
+
+    return {"ops": {"lora_training": copy.deepcopy(config["ops"]["lora_training"])}}
 
 
 def test_sigkilled_training_step_is_retried_by_dagster_and_ends_byte_identical(pipeline_env, tiny_model_dir, tmp_path):
@@ -150,6 +152,20 @@ def test_sigkilled_training_step_is_retried_by_dagster_and_ends_byte_identical(p
     [resumed] = [e for e in row["audit_events"] if e["event"] == "training_resumed"]
     assert resumed["details"]["from_step"] == 2
     assert [c["global_step"] for c in row["checkpoints"]] == [2, 4]  # each once, across both attempts
+
+    # Damage the newest checkpoint: the next materialisation skips it (warning + audit event), resumes from 2.
+    newest = Path(store.uri(f"checkpoints/{metadata['fingerprint']}/step-000004")) / "checkpoint.ckpt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    result = job.execute_in_process(run_config=_training_only(config), instance=instance,
+                                    asset_selection=[AssetKey("lora_adapter"), AssetKey("training_checkpoints")])
+    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key == AssetKey("lora_adapter")]
+    again = {k: v.value for k, v in event.materialization.metadata.items()}
+    assert (again["resumed_from_step"], again["sha256"]) == (2, metadata["sha256"])
+    [row] = [r for r in records.lineage(metadata["sha256"]) if r["dagster_run_id"] == result.run_id]
+    [skipped] = [e for e in row["audit_events"] if e["event"] == "checkpoint_skipped_damaged"]
+    assert skipped["artifact_uri"].endswith("step-000004") and "sha256" in skipped["details"]["reason"]
     records.dispose()
 
 

@@ -99,20 +99,20 @@ def lora_training(
                              load_conversations(dataset_dir / "validation.jsonl"))
         with no_retry_for_permanent_errors("training cannot run with this config"):
             result = train_lora_adapter(
-            store=store,
-            checkpoint_store=artifact_store.checkpoint_store(),
-            base_snapshot_dir=store.local_path(base_model["key"]),
-            base_model_name=base_model["key"],
-            base_model_sha256=base_model["sha256"],
-            dataset_sha256=training_dataset["sha256"],
-            train_conversations=conversations[0],
-            validation_conversations=conversations[1],
-            settings=settings,
-            runtime=training_runtime.settings(),
-            resume=config.resume,
-            on_checkpoint=on_checkpoint,
-            on_invalid_checkpoint=on_invalid_checkpoint,
-        )
+                store=store,
+                checkpoint_store=artifact_store.checkpoint_store(),
+                base_snapshot_dir=store.local_path(base_model["key"]),
+                base_model_name=base_model["key"],
+                base_model_sha256=base_model["sha256"],
+                dataset_sha256=training_dataset["sha256"],
+                train_conversations=conversations[0],
+                validation_conversations=conversations[1],
+                settings=settings,
+                runtime=training_runtime.settings(),
+                resume=config.resume,
+                on_checkpoint=on_checkpoint,
+                on_invalid_checkpoint=on_invalid_checkpoint,
+            )
         if result.resumed_from_checkpoint is not None:
             # Links this run to the checkpoint (and so the earlier run) it continued from; lineage lists this event.
             source = result.resumed_from_checkpoint

@@ -54,3 +54,11 @@ def test_prod_backup_pods_may_reach_only_the_object_store(infra_render):
     validate_strict(policy)
     assert policy["spec"]["podSelector"] == {"matchLabels": {"app.kubernetes.io/component": "metadata-backup"}}
     assert policy["spec"]["egress"][0]["ports"] == [{"protocol": "TCP", "port": 443}]
+
+
+def test_artifact_and_database_backups_share_one_location(infra_render):
+    _, objects = infra_render
+    [configmap] = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "pixtrain-execution-env"]
+    upload = pod_spec_of(_cronjob(objects))["containers"][0]
+    uri = {e["name"]: e.get("value") for e in upload["env"]}["PIXTRAIN_BACKUP_URI"]
+    assert configmap["data"]["PIXTRAIN_BACKUP_URI"] == uri
