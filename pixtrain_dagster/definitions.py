@@ -9,6 +9,7 @@ import os
 from dagster import Definitions
 
 from .assets import ALL_ASSETS
+from .assets.backup import artifact_backup, artifact_backup_job, artifact_backup_schedule
 from .execution import executor_from_env
 from .jobs import train_adapter_job
 from .resources import (
@@ -27,10 +28,10 @@ def build_definitions() -> Definitions:
     """Definitions wired from the environment (artifact roots, executor); tests call it after setting env vars."""
     artifact_store = ArtifactStoreResource.from_env()
     return Definitions(
-        assets=ALL_ASSETS,
-        jobs=[train_adapter_job],
+        assets=[*ALL_ASSETS, artifact_backup],
+        jobs=[train_adapter_job, artifact_backup_job],
         sensors=[new_training_data, downstream_automation, alert_on_failure, *MONITORING_SENSORS],
-        schedules=[retraining_schedule],
+        schedules=[retraining_schedule, artifact_backup_schedule],
         resources={
             "artifact_store": artifact_store,
             "io_manager": ArtifactPointerIOManager(artifact_store=artifact_store),

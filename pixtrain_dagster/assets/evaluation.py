@@ -19,6 +19,7 @@ from pydantic import Field
 from ..core.settings import EvaluationSettings
 from ..execution import METADATA_DB_PASSWORD_ENV, step_pod_tags
 from ..gates import deployed_policy, record_gate_decision, resolve_or_fail
+from ..recovery import GPU_POOL, gpu_step_retry_policy
 from ..resources import ArtifactStoreResource, TrainingMetadataResource, TrainingRuntimeResource
 from ..resources.metadata import step_identity
 
@@ -41,6 +42,8 @@ class AdapterEvaluationConfig(Config):
 @asset(
     group_name="evaluation",
     op_tags=step_pod_tags("gpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
+    pool=GPU_POOL,
+    retry_policy=gpu_step_retry_policy(),
     code_version="1",
     automation_condition=AutomationCondition.eager(),
     check_specs=[AssetCheckSpec(

@@ -10,6 +10,7 @@ from pydantic import Field
 from ..core.settings import LoraTrainingSettings
 from ..execution import METADATA_DB_PASSWORD_ENV, WANDB_API_KEY_ENV, step_pod_tags
 from ..provenance import code_version, git_commit
+from ..recovery import GPU_POOL, gpu_step_retry_policy, no_retry_for_permanent_errors
 from ..resources import ArtifactStoreResource, TrainingMetadataResource, TrainingRuntimeResource
 from ..resources.metadata import step_identity
 
@@ -74,6 +75,8 @@ class LoraTrainingConfig(Config):
     },
     name="lora_training",
     op_tags=step_pod_tags("gpu", secrets=(WANDB_API_KEY_ENV, METADATA_DB_PASSWORD_ENV)),
+    pool=GPU_POOL,
+    retry_policy=gpu_step_retry_policy(),
 )
 def lora_training(
     context: AssetExecutionContext,
@@ -90,7 +93,8 @@ def lora_training(
 
     store = artifact_store.store()
     dataset_dir = store.local_path(training_dataset["key"])
-    settings = config.to_settings()
+    with no_retry_for_permanent_errors("invalid training config"):
+        settings = config.to_settings()
 
     records = training_metadata.get_store()
     who = step_identity(context)
@@ -105,33 +109,46 @@ def lora_training(
         records.record_checkpoint(who.run_id, who.step_key, global_step=step, uri=ref.uri, sha256=ref.sha256,
                                   size_bytes=ref.size_bytes)
 
+    def on_invalid_checkpoint(invalid) -> None:
+        context.log.warning(f"skipping damaged checkpoint {invalid.uri}: {invalid.reason}")
+        records.append_audit_event(
+            "checkpoint_skipped_damaged", actor=who.actor, artifact_uri=invalid.uri, run_id=who.run_id,
+            step_key=who.step_key, details={"reason": invalid.reason[:500], "attempt": who.attempt},
+            idempotency_key=f"checkpoint_skipped_damaged:{who.run_id}:{who.step_key}:{who.attempt}:{invalid.key}",
+        )
+
     # /metrics + /healthz while the step runs (pod port "metrics"; docs/monitoring.md).
     telemetry = StepTelemetry("lora_training", base_model["info"]["source_reference"])
     metrics_server = serve_step_metrics(telemetry, training=True)
     metrics_callback = training_metrics_callback(
         telemetry, settings.fingerprint(base_model["sha256"], training_dataset["sha256"]))
     try:
+        with no_retry_for_permanent_errors("training cannot start with this config or data"):
+            conversations = (load_conversations(dataset_dir / "train.jsonl"),
+                             load_conversations(dataset_dir / "validation.jsonl"))
         if settings.world_size > 1:
             result = _train_in_several_processes(context, config, settings, artifact_store, base_model,
                                                  training_dataset, training_runtime)
             for ref in result.checkpoints:  # rank 0 published them; recorded here, once (upserts)
                 on_checkpoint(int(ref.uri.rstrip("/").rsplit("-", 1)[1]), ref)
         else:
-            result = train_lora_adapter(
-                store=store,
-                checkpoint_store=artifact_store.checkpoint_store(),
-                base_snapshot_dir=store.local_path(base_model["key"]),
-                base_model_name=base_model["key"],
-                base_model_sha256=base_model["sha256"],
-                dataset_sha256=training_dataset["sha256"],
-                train_conversations=load_conversations(dataset_dir / "train.jsonl"),
-                validation_conversations=load_conversations(dataset_dir / "validation.jsonl"),
-                settings=settings,
-                runtime=training_runtime.settings(),
-                resume=config.resume,
-                on_checkpoint=on_checkpoint,
-                extra_callbacks=[metrics_callback],
-            )
+            with no_retry_for_permanent_errors("training cannot run with this config"):
+                result = train_lora_adapter(
+                    store=store,
+                    checkpoint_store=artifact_store.checkpoint_store(),
+                    base_snapshot_dir=store.local_path(base_model["key"]),
+                    base_model_name=base_model["key"],
+                    base_model_sha256=base_model["sha256"],
+                    dataset_sha256=training_dataset["sha256"],
+                    train_conversations=conversations[0],
+                    validation_conversations=conversations[1],
+                    settings=settings,
+                    runtime=training_runtime.settings(),
+                    resume=config.resume,
+                    on_checkpoint=on_checkpoint,
+                    on_invalid_checkpoint=on_invalid_checkpoint,
+                    extra_callbacks=[metrics_callback],
+                )
         if result.resumed_from_checkpoint is not None:
             # Links this run to the checkpoint (and so the earlier run) it continued from; lineage lists this event.
             source = result.resumed_from_checkpoint

@@ -12,6 +12,7 @@ never see a manifest before all its files exist.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -32,6 +33,35 @@ _CHUNK = 1 << 20
 
 class ArtifactError(RuntimeError):
     """An artifact is missing, incomplete or does not match its manifest."""
+
+
+# Errors that mean "the volume is full" (disk or quota), as opposed to a bug or a permission problem.
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class ArtifactStoreFull(OSError):
+    """The store's volume ran out of space (ENOSPC / EDQUOT) while writing; nothing complete-looking was left.
+
+    An OSError, so Dagster's step retry policy retries it (after someone frees space or grows the volume).
+    """
+
+
+def _volume_of(path: str) -> str:
+    """The mount point holding ``path`` (the volume an operator must grow or clean)."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    probe = probe.resolve()
+    while not os.path.ismount(probe) and probe != probe.parent:
+        probe = probe.parent
+    return str(probe)
+
+
+def _free_bytes(path: str) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -102,6 +132,23 @@ class ArtifactStore:
         return fsspec.core.url_to_fs(self.root)[0]
 
     # ---- writing ----------------------------------------------------------------------------------
+    def _full_error(self, error: OSError, doing: str, where: str | None = None) -> ArtifactStoreFull:
+        """ENOSPC/EDQUOT turned into an error that names the store, the volume and what was being written."""
+        if self.is_local:
+            volume = _volume_of(where or self.root)
+            free = _free_bytes(volume)
+            place = f"volume {volume}" + (f" ({free} bytes free)" if free is not None else "")
+        else:
+            place = "the object store"
+        full = ArtifactStoreFull(
+            error.errno,
+            f"no space left on {place} of artifact store {self.root} while {doing} "
+            f"({os.strerror(error.errno or errno.ENOSPC)}); nothing was published. Free space or grow the "
+            "volume (PVC) behind it, then retry the step",
+        )
+        full.filename = getattr(error, "filename", None)
+        return full
+
     @contextmanager
     def stage(self) -> Iterator[Path]:
         """A private folder to write an artifact into; nothing is visible to readers until `publish`."""
@@ -110,6 +157,10 @@ class ArtifactStore:
         folder = Path(tempfile.mkdtemp(prefix="stage-", dir=base))
         try:
             yield folder
+        except OSError as error:
+            if error.errno in _FULL_ERRNOS and not isinstance(error, ArtifactStoreFull):
+                raise self._full_error(error, f"writing a staged artifact in {folder}", str(base)) from error
+            raise
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -128,21 +179,37 @@ class ArtifactStore:
         target = self.uri(key)
         if not replace and self.exists(key):
             return self.ref(key)
-        if self.is_local:
-            self._publish_local(folder, Path(target), manifest)
-        else:
-            self._publish_remote(folder, target, manifest)
+        try:
+            if self.is_local:
+                self._publish_local(folder, Path(target), manifest)
+            else:
+                self._publish_remote(folder, target, manifest)
+        except OSError as error:
+            # A full volume: the partial copy is already gone (local) or has no manifest (remote), so
+            # nothing looks complete; say which store and volume filled up.
+            if error.errno in _FULL_ERRNOS and not isinstance(error, ArtifactStoreFull):
+                raise self._full_error(error, f"publishing {key!r}") from error
+            raise
         return self._ref_from_manifest(target, manifest)
 
     def _publish_local(self, folder: Path, target: Path, manifest: dict[str, Any]) -> None:
         staging = Path(self.root) / _STAGING_DIR / f"publish-{uuid.uuid4().hex}"
         staging.parent.mkdir(parents=True, exist_ok=True)
-        if folder.resolve().is_relative_to(staging.parent):
-            os.rename(folder, staging)  # staged by `stage()` on this filesystem: move, don't copy gigabytes
-        else:
-            shutil.copytree(folder, staging)
-        _write_json_atomic(staging / MANIFEST_NAME, manifest)
-        _fsync_tree(staging)
+        try:
+            if folder.resolve().is_relative_to(staging.parent):
+                os.rename(folder, staging)  # staged by `stage()` on this filesystem: move, don't copy gigabytes
+            else:
+                # File by file, not shutil.copytree: copytree keeps going after an error (a full disk) and
+                # then raises a shutil.Error without an errno.
+                for rel in manifest["files"]:
+                    (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(folder / rel, staging / rel)
+            _write_json_atomic(staging / MANIFEST_NAME, manifest)
+            _fsync_tree(staging)
+        except BaseException:
+            # Disk full, I/O error, interrupted: drop the half-built copy (it never reached the final path).
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             # `replace=True`: move the old copy aside first; rename cannot replace a non-empty folder.
@@ -166,11 +233,16 @@ class ArtifactStore:
         """Small JSON document (pointers, reports) written atomically; returns its URI."""
         target = self.uri(key)
         text = json.dumps(payload, indent=2, sort_keys=True, default=str)
-        if self.is_local:
-            _write_text_atomic(Path(target), text)
-        else:
-            with self._fs.open(target, "w") as handle:  # single-object PUT is atomic on object stores
-                handle.write(text)
+        try:
+            if self.is_local:
+                _write_text_atomic(Path(target), text)
+            else:
+                with self._fs.open(target, "w") as handle:  # single-object PUT is atomic on object stores
+                    handle.write(text)
+        except OSError as error:
+            if error.errno in _FULL_ERRNOS and not isinstance(error, ArtifactStoreFull):
+                raise self._full_error(error, f"writing {key!r}") from error
+            raise
         return target
 
     def get_json(self, key: str) -> Any:
@@ -332,11 +404,15 @@ def verify_folder(folder: Path, manifest: dict[str, Any]) -> None:
 def _write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. ENOSPC: no stray half-written temporary file
+        raise
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:

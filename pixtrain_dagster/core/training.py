@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import ArtifactRef, ArtifactStore
+from .checkpoints import kill_after_checkpoint_if_requested, latest_valid_checkpoint
 from .settings import LoraTrainingSettings, RuntimeSettings
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ def _make_progress_callback(store: ArtifactStore, fingerprint: str, settings: Lo
             log.info("checkpoint at step %d published to %s", step, ref.uri)
             if on_checkpoint:
                 on_checkpoint(step, ref)
+            kill_after_checkpoint_if_requested(step)  # test hook, off unless its env var is set
 
     return ProgressAndCheckpoints()
 
@@ -321,7 +323,10 @@ def _publish_adapter(store: ArtifactStore, peft_model: Any, tokenizer: Any, summ
                      base_model_name: str, fingerprint: str, lora_state: dict[str, Any] | None = None) -> ArtifactRef:
     with store.stage() as folder:
         # Name the base by its store key, not this machine's path: the same inputs then give the same adapter bytes.
-        peft_model.peft_config["default"].base_model_name_or_path = base_model_name
+        config = peft_model.peft_config["default"]
+        config.base_model_name_or_path = base_model_name
+        if isinstance(config.target_modules, set):  # a set saves in hash order, which varies per process
+            config.target_modules = sorted(config.target_modules)
         peft_model.save_pretrained(folder, state_dict=lora_state)
         tokenizer.save_pretrained(folder)
         (folder / "training_summary.json").write_text(json.dumps(summary, indent=2))
@@ -338,11 +343,13 @@ def _peak_memory_bytes(device: str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def _resume_point(checkpoint_store: ArtifactStore, fingerprint: str, resume: bool):
-    """(checkpoint key, local path, step, input tokens so far) of the newest checkpoint, or Nones and zeros."""
+def _resume_point(checkpoint_store: ArtifactStore, fingerprint: str, resume: bool,
+                  on_invalid: Callable[[Any], None] | None = None):
+    """(checkpoint key, local path, step, input tokens so far) of the newest checkpoint whose manifest and sha256
+    verify (damaged ones are skipped and reported to ``on_invalid``), or Nones and zeros."""
     from .safe_load import load_checkpoint_safely
 
-    key = latest_checkpoint(checkpoint_store, fingerprint) if resume else None
+    key = latest_valid_checkpoint(checkpoint_store, fingerprint, on_invalid) if resume else None
     if key is None:
         return None, None, 0, 0
     path = checkpoint_store.local_path(key) / "checkpoint.ckpt"
@@ -365,6 +372,7 @@ def train_lora_adapter(
     resume: bool = True,
     base_model_name: str | None = None,
     on_checkpoint: CheckpointHook | None = None,
+    on_invalid_checkpoint: Callable[[Any], None] | None = None,
     extra_callbacks: Sequence[Any] = (),
 ) -> TrainingResult:
     import lightning as L
@@ -391,7 +399,8 @@ def train_lora_adapter(
     data = _setup_data(tokenizer, settings, train_conversations, validation_conversations, rank)
     module = LoraFineTuning(peft_model, settings, data.train, data.validation, pin_memory=device == "cuda")
 
-    resume_key, resume_path, start_step, tokens_before = _resume_point(checkpoint_store, fingerprint, resume)
+    resume_key, resume_path, start_step, tokens_before = _resume_point(checkpoint_store, fingerprint, resume,
+                                                                     on_invalid_checkpoint)
     published: list[ArtifactRef] = (
         [checkpoint_store.ref(k) for k in checkpoint_store.list(checkpoint_prefix(fingerprint))] if resume else []
     )

@@ -85,6 +85,9 @@ DOCUMENTED_KEYS: dict[str, Any] = {
         "runRetries": {"enabled": None, "maxRetries": None, "retryOnAssetOrOpFailure": None},
         "sensors": None, "schedules": None,
     },
+    # helm/dagster/templates/helpers/instance/_concurrency.tpl (pools, runs)
+    "concurrency": {"pools": {"defaultLimit": None, "granularity": None, "opGranularityRunBuffer": None},
+                    "runs": {"maxConcurrentRuns": None, "tagConcurrencyLimits": None}},
 }
 
 
