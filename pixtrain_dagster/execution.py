@@ -284,6 +284,12 @@ def _step_env(settings: ExecutionSettings) -> list[dict[str, Any]]:
     return env
 
 
+def step_env(settings: ExecutionSettings) -> list[dict[str, Any]]:
+    """Environment of every step pod (writable paths, read-only inputs, Secrets by reference), in
+    python-client form. Also the environment of Kubeflow TrainJob pods (pixtrain_dagster/trainjob.py)."""
+    return _step_env(settings)
+
+
 @functools.cache
 def _step_pod_tags_for(kind: StepKind, settings: ExecutionSettings) -> dict[str, Any]:
     # The executor config sets the same contexts; repeating them in full here keeps every tagged step

@@ -117,7 +117,7 @@ def test_network_is_default_deny_with_narrow_allowances(infra_render):
 
 def test_rbac_is_minimal(infra_render):
     _, objects = infra_render
-    (role,) = _of_kind(objects, "Role")
+    role = _one(objects, "Role", "pixtrain-run-worker")  # the TrainJob Role: test_k8s_trainjob_chart.py
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
         assert "secrets" not in rule["resources"], "run workers never read Secrets"
@@ -125,7 +125,7 @@ def test_rbac_is_minimal(infra_render):
     granted = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
     assert granted[("batch", "jobs")] == {"create", "get", "list", "watch", "delete"}
     assert granted[("", "pods/log")] == {"get"}
-    (binding,) = _of_kind(objects, "RoleBinding")
+    binding = _one(objects, "RoleBinding", "pixtrain-run-worker")
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "pixtrain-run-worker", "namespace": _training_namespace(objects)}
     ]
