@@ -64,6 +64,9 @@ COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"  # = PET_NOD
 # TRAINJOB_POD_LABEL; TRAINJOB_NAME_LABEL tells the pods of one TrainJob apart.
 TRAINJOB_POD_LABEL = "pixtrain/trainjob-worker"
 TRAINJOB_NAME_LABEL = "pixtrain/trainjob"
+# The step pod that launches a TrainJob: labelled for kube-API egress (networkpolicy-trainjob.yaml).
+LAUNCHER_POD_LABELS: Mapping[str, str] = {"pixtrain/trainjob-launcher": "true"}
+DEFAULT_LAUNCHER_SERVICE_ACCOUNT = "pixtrain-trainjob-launcher"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 VOLCANO_QUEUE_ANNOTATION = "scheduling.volcano.sh/queue-name"  # read by the Trainer's volcano plugin
 
@@ -86,6 +89,8 @@ class TrainJobSettings:
     kueue_queue: str = ""
     # Volcano queue (the runtime must have podGroupPolicy.volcano); "" = Volcano's default queue.
     volcano_queue: str = ""
+    # Service account of the step pod that creates the TrainJob (bound to the TrainJob Role, token mounted).
+    launcher_service_account: str = DEFAULT_LAUNCHER_SERVICE_ACCOUNT
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> TrainJobSettings:
@@ -102,7 +107,37 @@ class TrainJobSettings:
             runtime_kind=kind,
             kueue_queue=get("PIXTRAIN_TRAINJOB_KUEUE_QUEUE", ""),
             volcano_queue=get("PIXTRAIN_TRAINJOB_VOLCANO_QUEUE", ""),
+            launcher_service_account=get("PIXTRAIN_TRAINJOB_LAUNCHER_SERVICE_ACCOUNT",
+                                         DEFAULT_LAUNCHER_SERVICE_ACCOUNT),
         )
+
+
+def trainjob_launcher_k8s_config(
+    settings: ExecutionSettings, trainjob_settings: TrainJobSettings | None = None
+) -> dict[str, Any]:
+    """``dagster-k8s/config`` for the lora_training step pod of a multi-node run (python-client form).
+
+    That pod only writes the request, follows the TrainJob and publishes the outputs: it needs an API token
+    (the launcher service account, bound only to the TrainJob Role), the label that opens kube-API egress,
+    and no GPU (the training runs in the TrainJob's pods). ``merge_behavior: SHALLOW`` makes each key here
+    replace the GPU step tag's value instead of deep-merging into it (a deep merge would keep
+    ``nvidia.com/gpu``); give it as run config ``per_step_k8s_config: {lora_training: ...}`` of the k8s
+    executor for runs with ``num_nodes > 1``. Keys not named here (security contexts, volumes, env, the
+    executor's settings) keep their step values.
+    """
+    ts = trainjob_settings or TrainJobSettings()
+    amounts = {"cpu": settings.cpu_cpu, "memory": settings.cpu_memory}
+    return {
+        "container_config": {"resources": {"requests": dict(amounts), "limits": dict(amounts)}},
+        "pod_spec_config": {
+            "service_account_name": ts.launcher_service_account,
+            "automount_service_account_token": True,
+            "node_selector": {},  # no GPU, so no reason to take room on a GPU node
+            "tolerations": [],
+        },
+        "pod_template_spec_metadata": {"labels": {"pixtrain/step-kind": "cpu", **LAUNCHER_POD_LABELS}},
+        "merge_behavior": "SHALLOW",
+    }
 
 
 def trainjob_name(run_id: str, step_key: str, attempt: int = 0) -> str:

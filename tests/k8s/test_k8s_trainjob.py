@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from pixtrain_dagster.execution import ExecutionSettings
+from pixtrain_dagster.execution import K8S_CONFIG_TAG, ExecutionSettings, step_pod_tags
 from pixtrain_dagster.trainjob import (
     KUEUE_QUEUE_LABEL,
     RENDEZVOUS_PORT,
@@ -17,6 +17,7 @@ from pixtrain_dagster.trainjob import (
     TrainJobSettings,
     TrainJobSettingsError,
     build_trainjob,
+    trainjob_launcher_k8s_config,
     trainjob_name,
     trainjob_pod_spec,
 )
@@ -191,3 +192,26 @@ def test_kueue_queue_label_and_runtime_choice():
 def test_impossible_trainjobs_are_refused_with_a_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         _manifest(**kwargs)
+
+
+def test_launcher_overlay_turns_the_gpu_step_pod_into_a_small_pod_with_a_trainjob_token():
+    """dagster-k8s's own merge (op tag, then per_step_k8s_config) of the GPU step shape and the overlay."""
+    from dagster_k8s.container_context import K8sContainerContext
+    from dagster_k8s.job import UserDefinedDagsterK8sConfig
+
+    settings = ExecutionSettings.from_env({})
+
+    def context(config):
+        return K8sContainerContext(run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(config))
+
+    gpu_step = step_pod_tags("gpu", settings)[K8S_CONFIG_TAG]
+    merged = context(gpu_step).merge(context(trainjob_launcher_k8s_config(settings))).run_k8s_config
+    resources = merged.container_config["resources"]
+    assert "nvidia.com/gpu" not in resources["limits"] and "nvidia.com/gpu" not in resources["requests"]
+    pod = merged.pod_spec_config
+    assert pod["service_account_name"] == "pixtrain-trainjob-launcher" and pod["automount_service_account_token"]
+    assert pod["node_selector"] == {} and pod["tolerations"] == []
+    assert merged.pod_template_spec_metadata["labels"]["pixtrain/trainjob-launcher"] == "true"
+    # What the overlay does not name keeps the hardened step values.
+    assert pod["security_context"] == gpu_step["pod_spec_config"]["security_context"]
+    assert merged.container_config["security_context"] == gpu_step["container_config"]["security_context"]

@@ -7,10 +7,12 @@ import pytest
 
 from pixtrain_dagster.execution import ExecutionSettings
 from pixtrain_dagster.trainjob import (
+    LAUNCHER_POD_LABELS,
     RENDEZVOUS_PORT,
     TRAINJOB_POD_LABEL,
     TrainJobSettings,
     build_trainjob,
+    trainjob_launcher_k8s_config,
     trainjob_pod_spec,
 )
 
@@ -45,7 +47,7 @@ def test_run_worker_may_manage_trainjobs_and_read_their_pods_and_nothing_more(in
     binding = _one(objects, "RoleBinding", "pixtrain-run-worker-trainjobs")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                   "name": "pixtrain-run-worker-trainjobs"}
-    assert [s["name"] for s in binding["subjects"]] == ["pixtrain-run-worker"]
+    assert [s["name"] for s in binding["subjects"]] == ["pixtrain-run-worker", "pixtrain-trainjob-launcher"]
     assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == binding["subjects"][0]["namespace"]
 
 
@@ -80,24 +82,22 @@ def test_trainjob_https_egress_follows_the_step_egress(infra_render):
 @pytest.mark.parametrize(
     "sets, expected",
     [
-        ((), {"PIXTRAIN_TRAINJOB_RUNTIME": "torch-distributed", "PIXTRAIN_TRAINJOB_RUNTIME_KIND":
-              "ClusterTrainingRuntime"}),
+        ((), {"PIXTRAIN_TRAINJOB_RUNTIME": "torch-distributed"}),
         (("trainJob.gangScheduling.scheduler=kueue",),
-         {"PIXTRAIN_TRAINJOB_RUNTIME": "torch-distributed", "PIXTRAIN_TRAINJOB_RUNTIME_KIND":
-          "ClusterTrainingRuntime", "PIXTRAIN_TRAINJOB_KUEUE_QUEUE": "pixtrain-gpu"}),
+         {"PIXTRAIN_TRAINJOB_RUNTIME": "torch-distributed", "PIXTRAIN_TRAINJOB_KUEUE_QUEUE": "pixtrain-gpu"}),
         (("trainJob.gangScheduling.scheduler=volcano", "trainJob.gangScheduling.volcano.queue=training"),
-         {"PIXTRAIN_TRAINJOB_RUNTIME": "pixtrain-torch-volcano", "PIXTRAIN_TRAINJOB_RUNTIME_KIND":
-          "ClusterTrainingRuntime", "PIXTRAIN_TRAINJOB_VOLCANO_QUEUE": "training"}),
+         {"PIXTRAIN_TRAINJOB_RUNTIME": "pixtrain-torch-volcano", "PIXTRAIN_TRAINJOB_VOLCANO_QUEUE": "training"}),
     ],
     ids=["none", "kueue", "volcano"],
 )
 def test_gang_scheduling_values_reach_the_trainjob(sets, expected):
     objects = _render(*sets)
     data = _one(objects, "ConfigMap", "pixtrain-trainjob-env")["data"]
-    assert data == expected
+    assert data == {"PIXTRAIN_TRAINJOB_RUNTIME_KIND": "ClusterTrainingRuntime",
+                    "PIXTRAIN_TRAINJOB_LAUNCHER_SERVICE_ACCOUNT": "pixtrain-trainjob-launcher", **expected}
     for obj in objects:
-        if obj["metadata"]["name"] in ("pixtrain-trainjob-env", "allow-trainjob-peers",
-                                       "pixtrain-run-worker-trainjobs"):
+        if obj["metadata"]["name"] in ("pixtrain-trainjob-env", "allow-trainjob-peers", "pixtrain-trainjob-launcher",
+                                       "allow-kube-api-egress-trainjob-launcher", "pixtrain-run-worker-trainjobs"):
             validate_strict(obj, versions=("1.29.0", "1.37.0"))
     manifest = build_trainjob(name="pixtrain-abc", request_uri="/r.json", num_nodes=2, gpus_per_node=8, image="i:1",
                               settings=ExecutionSettings.from_env({}),
@@ -116,5 +116,25 @@ def test_unknown_gang_scheduler_fails_the_render():
 def test_disabling_trainjobs_removes_their_objects():
     objects = _render("trainJob.enabled=false")
     names = {o["metadata"]["name"] for o in objects}
-    assert not {"pixtrain-run-worker-trainjobs", "allow-trainjob-peers", "pixtrain-trainjob-env"} & names
+    assert not {"pixtrain-run-worker-trainjobs", "allow-trainjob-peers", "pixtrain-trainjob-env",
+                "pixtrain-trainjob-launcher", "allow-kube-api-egress-trainjob-launcher"} & names
     assert helm_template(INFRA_CHART)  # and the default render still works
+
+
+def test_the_launching_step_pod_gets_a_token_for_trainjobs_only_and_api_egress(infra_render):
+    """Under the k8s executor the lora_training step runs in a step pod: for a multi-node run it needs the
+    launcher account (token, TrainJob Role only) and the label the API-egress policy selects."""
+    values_name, objects = infra_render
+    config = trainjob_launcher_k8s_config(ExecutionSettings.from_env({}), TrainJobSettings.from_env(
+        _one(objects, "ConfigMap", "pixtrain-trainjob-env")["data"]))
+    account = config["pod_spec_config"]["service_account_name"]
+    assert _one(objects, "ServiceAccount", account)["automountServiceAccountToken"] is True
+    bound = [b for b in objects if b["kind"] == "RoleBinding"
+             and any(s["name"] == account for s in b["subjects"])]
+    assert [b["roleRef"]["name"] for b in bound] == ["pixtrain-run-worker-trainjobs"]
+    labels = config["pod_template_spec_metadata"]["labels"]
+    assert labels.items() >= LAUNCHER_POD_LABELS.items()
+    policy = _one(objects, "NetworkPolicy", "allow-kube-api-egress-trainjob-launcher")["spec"]
+    assert policy["podSelector"] == {"matchLabels": dict(LAUNCHER_POD_LABELS)} and policy["policyTypes"] == ["Egress"]
+    api_policy = _one(objects, "NetworkPolicy", "allow-kube-api-egress-daemon")["spec"]
+    assert policy["egress"] == api_policy["egress"]  # the same API endpoints, nothing more
