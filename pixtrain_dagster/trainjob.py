@@ -439,6 +439,8 @@ class Launcher:
             except Exception as error:  # noqa: BLE001 - classified below
                 status = _status_of(error)
                 if not is_transient(error):
+                    if status is None:
+                        raise  # not an API answer (a bug, a bad argument): keep its own type and traceback
                     body = getattr(error, "body", "") or error
                     raise TrainJobError(f"{what} {self.name}: Kubernetes API answered {status}: {body}") from error
                 if attempt == self.retry.attempts:

@@ -249,3 +249,11 @@ def test_logging_logger_is_accepted(manifest, caplog):
     with caplog.at_level(logging.INFO):
         outcome = run_trainjob(KubeApis(cluster, cluster), manifest, NS, logging.getLogger("t"), sleep=lambda s: None)
     assert outcome.succeeded and "succeeded" in caplog.text
+
+
+def test_a_non_api_error_keeps_its_type_and_still_deletes_the_trainjob(manifest):
+    cluster = FakeCluster()
+    cluster.fail("list_pods", TypeError("unexpected keyword"))
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        launch(cluster, manifest)
+    assert cluster.calls.count("list_pods") == 1 and cluster.deleted == [manifest["metadata"]["name"]]
