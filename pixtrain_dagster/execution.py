@@ -302,6 +302,12 @@ def _secret_env(settings: ExecutionSettings, names: tuple[str, ...]) -> list[dic
             for name in dict.fromkeys(names)]
 
 
+def step_env(settings: ExecutionSettings) -> list[dict[str, Any]]:
+    """Environment of every step pod (writable paths, read-only inputs, Secrets by reference), in
+    python-client form. Also the environment of Kubeflow TrainJob pods (pixtrain_dagster/trainjob.py)."""
+    return _step_env(settings)
+
+
 @functools.cache
 def _step_pod_tags_for(kind: StepKind, settings: ExecutionSettings, secrets: tuple[str, ...] = ()) -> dict[str, Any]:
     # The executor config sets the same contexts; repeating them in full here keeps every tagged step

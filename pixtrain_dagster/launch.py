@@ -91,4 +91,24 @@ def _is_main_thread() -> bool:
 
 
 def run_trainjob_for_step(context, request: TrainingRequest, settings: LoraTrainingSettings):
-    raise NotImplementedError("multi-node training (num_nodes > 1) runs as a Kubeflow TrainJob; not wired yet")
+    """num_nodes > 1: the request goes onto the artifact volume every TrainJob pod mounts, a TrainJob runs it
+    (trainjob_step.py), and rank 0's result comes back next to it."""
+    import json
+
+    from .core.artifacts import ArtifactStore
+    from .trainjob_step import launch_multinode_training
+
+    store = ArtifactStore(request.artifact_root)
+    if not store.is_local:
+        raise ValueError(f"multi-node training reads its request from the shared artifact volume, but the artifact "
+                         f"root {request.artifact_root} is not a filesystem path; mount the volume (PVC) instead")
+    op_context = getattr(context, "op_execution_context", context)
+    request_file = (Path(store.root) / "trainjob-requests"
+                    / f"{context.run_id}-{op_context.op.name}-{op_context.retry_number}.json")
+    request_file.parent.mkdir(parents=True, exist_ok=True)
+    staged = request_file.with_name(f".{request_file.name}.tmp")
+    staged.write_text(request.to_json())
+    staged.replace(request_file)
+    launch_multinode_training(context, request_uri=str(request_file), num_nodes=settings.num_nodes,
+                              gpus_per_node=settings.devices)
+    return result_from_summary(json.loads(result_path(request_file).read_text()))

@@ -118,7 +118,8 @@ def test_network_is_default_deny_with_narrow_allowances(infra_render):
 
 def test_rbac_is_minimal(infra_render):
     _, objects = infra_render
-    role = _one(objects, "Role", "pixtrain-run-worker")  # the control plane's: test_k8s_least_privilege.py
+    # Other Roles: the control plane's (test_k8s_least_privilege.py), the TrainJob launcher's (test_k8s_trainjob_chart.py)
+    role = _one(objects, "Role", "pixtrain-run-worker")
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
         assert "secrets" not in rule["resources"], "run workers never read Secrets"
