@@ -35,6 +35,7 @@ def run_torchrun_in_pod(request: TrainingRequest, processes: int, log: Callable[
     """
     import json
 
+    _check_visible_gpus(request, processes)
     with tempfile.TemporaryDirectory(prefix="pixtrain-torchrun-") as folder:
         request_file = Path(folder) / "request.json"
         request_file.write_text(request.to_json())
@@ -66,6 +67,19 @@ def run_torchrun_in_pod(request: TrainingRequest, processes: int, log: Callable[
         if code != 0:
             raise RuntimeError(f"torchrun exited with {code}; the lines above are the training processes' output")
         return result_from_summary(json.loads(result_path(request_file).read_text()))
+
+
+def _check_visible_gpus(request: TrainingRequest, processes: int) -> None:
+    import torch
+
+    if request.runtime.get("device", "auto") == "cpu" or not torch.cuda.is_available():
+        return  # CPU processes (tests, laptops): gloo, no GPU needed
+    visible = torch.cuda.device_count()
+    if visible < processes:
+        raise ValueError(
+            f"devices: {processes} but this pod sees {visible} GPU(s); give the lora_training pod {processes} GPUs "
+            "(execution.gpu.count in the chart, or per run: execution.config.per_step_k8s_config.lora_training."
+            "container_config.resources.limits nvidia.com/gpu; docs/scale-out.md) or lower devices")
 
 
 def _kill_group(process: subprocess.Popen) -> None:
