@@ -176,3 +176,17 @@ def test_the_training_step_runs_several_processes_inside_its_pod(pipeline_env, t
     assert any("[rank 1]" in m for m in logs)  # the second process's output reached the run's log
     store = ArtifactStore(pipeline_env["artifact_root"])
     assert store.exists(store.key_of(metadata["uri"]))
+
+
+def test_fsdp_is_configured_to_shard_decoder_layers_and_save_full_state(tiny_model_dir):
+    """The FSDP run itself needs GPUs (tests/test_gpu_only.py); its configuration is checked here."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from pixtrain_dagster.core.training import _strategy
+
+    strategy = _strategy(replace(SETTINGS, devices=2, strategy="fsdp"), LlamaDecoderLayer)
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["use_orig_params"] is True  # frozen base and LoRA weights share wrapped modules
+    assert strategy._state_dict_type == "full"  # resumable on another world size
+    assert LlamaDecoderLayer in strategy.kwargs["auto_wrap_policy"]._module_classes

@@ -70,3 +70,33 @@ def test_cuda_specific_bookkeeping(tmp_path, tiny_model_dir):
     state = torch.load(store.local_path(latest_checkpoint(store, result.fingerprint)) / "checkpoint.ckpt",
                        map_location="cpu", weights_only=False)
     assert state["pixtrain"]["cuda_rng_state"] is not None
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason="FSDP: Lightning's FSDPStrategy refuses a CPU accelerator, and sharding needs 2+ GPUs")
+def test_fsdp_two_gpus_trains_and_resumes_on_one(tmp_path, tiny_model_dir):
+    """FSDP over two GPUs (torchrun in this process's node), then the same run resumed from its full checkpoint
+    with DDP on one process: checkpoints are full state dicts, so the world size may change."""
+    import json
+    import subprocess
+    import sys
+    from dataclasses import asdict, replace
+
+    from pixtrain_dagster.core.distributed import TrainingRequest, result_path, run
+
+    from test_distributed import SETTINGS, seeded_store
+
+    store = seeded_store(tmp_path / "artifacts", tiny_model_dir)
+    settings = replace(SETTINGS, devices=2, strategy="fsdp", precision="bf16-mixed", max_steps=4)
+    request = TrainingRequest(str(store.root), str(store.root), "models/tiny", "base", "datasets/sample", "data",
+                              asdict(settings), {"device": "cuda", "wandb_mode": "disabled"})
+    path = tmp_path / "request.json"
+    path.write_text(request.to_json())
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                    "pixtrain_dagster.core.distributed", "--request", str(path)], check=True)
+    first = json.loads(result_path(path).read_text())
+    assert first["strategy"] == "fsdp" and first["world_size"] == 2
+    longer = replace(settings, devices=1, strategy="auto", max_steps=4)
+    path.write_text(TrainingRequest(**{**asdict(request), "settings": asdict(longer)}).to_json())
+    again = run(path)
+    assert again["resumed_from_step"] == 4 and again["steps_this_run"] == 0
