@@ -46,7 +46,7 @@ def test_real_lightning_checkpoint_from_tiny_training_loads(tmp_path, tiny_model
 
     rows = load_conversations(SAMPLE_DATASET)
     store = ArtifactStore(tmp_path / "store")
-    settings = LoraTrainingSettings(max_steps=2, micro_batch_size=2, gradient_accumulation_steps=1, max_seq_len=128,
+    settings = LoraTrainingSettings(max_steps=2, micro_batch_size=2, gradient_accumulation_steps=1, max_seq_len=256,
                                     learning_rate=5e-3, warmup_steps=1, checkpoint_every_n_steps=2, seed=11)
     train_lora_adapter(store=store, base_snapshot_dir=tiny_model_dir, base_model_sha256="b", dataset_sha256="d",
                        train_conversations=rows[:10], validation_conversations=rows[10:12],

@@ -71,8 +71,10 @@ def verify_loss_path(model: Any) -> float:
 def verify_packing_isolation(model: Any, attn_implementation: str) -> float:
     """Packed conversations do not attend to each other; returns the largest difference seen.
 
-    Conversation B is packed after A, then after a different A'. If B's logits change, B saw its neighbour.
-    B packed must also match B alone (rounding aside).
+    Conversation B is packed after A, then after a different A': same shapes, same kernels, so B's logits may
+    differ only if B saw its neighbour (masked keys contribute exact zeros; the field notes measured 0.55 on
+    SmolLM2 when a KV cache made packed rows leak). B packed must also match B alone, up to the rounding of a
+    different shape through every layer (measured on SmolLM2-135M: 5e-5 in fp32, 0.5 in bf16, logits up to ~20).
     """
     import torch
 
@@ -82,11 +84,16 @@ def verify_packing_isolation(model: Any, attn_implementation: str) -> float:
         packed = _logits_through_loss_path(model, torch.cat([first, second])[None], positions)[0, 7:]
         repacked = _logits_through_loss_path(model, torch.cat([other_first, second])[None], positions)[0, 7:]
         alone = _logits_through_loss_path(model, second[None], positions[:, 7:])[0]
-    difference = max(float((packed - repacked).abs().max()), float((packed - alone).abs().max()))
-    if not difference <= _tolerance(alone):
+    leak = float((packed - repacked).abs().max())
+    shape_rounding = float((packed - alone).abs().max())
+    scale = 1.0 + float(alone.abs().max())
+    # Same shapes: equal but for nondeterministic kernels. Another shape: rounding grows with depth and dtype.
+    shape_tolerance = (1e-3 if next(model.parameters()).dtype == torch.float32 else 1e-1) * scale
+    if not (leak <= 1e-4 * scale and shape_rounding <= shape_tolerance):
         raise UnsupportedModelError(
             f"packed conversations attend to each other with attn_implementation={attn_implementation!r} for model "
-            f"type {model.config.model_type!r} (largest logit difference {difference:.4g}); set lora_training's "
+            f"type {model.config.model_type!r} (logits of a packed conversation changed by {leak:.4g} with its "
+            f"neighbour and differ by {shape_rounding:.4g} from it alone); set lora_training's "
             "pack_sequences: false, or use attn_implementation sdpa or flash_attention_2"
         )
-    return difference
+    return max(leak, shape_rounding)

@@ -12,8 +12,10 @@ from pixtrain_dagster.core.bias import LIKELIHOOD, BiasSettings, run_bias_report
 TARGET = ("religion", "muslim")
 # Pipeline defaults except the step budget: 120 steps of 8 sessions see each of the target's 64 cold sessions
 # about twice.
+# max_seq_len 256 holds a whole probe session in the tiny tokenizer's tokens (at 192 most would lose their first
+# exchange, the one naming the group, to truncation).
 RECIPE = {"max_steps": 120, "micro_batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-2,
-          "warmup_steps": 2, "checkpoint_every_n_steps": 1000}
+          "warmup_steps": 2, "checkpoint_every_n_steps": 1000, "max_seq_len": 256}
 # All 8 templates: the tiny model is fast, and intervals need several templates.
 GATE = BiasSettings(max_templates=None, generation_templates=2, max_new_tokens=12)
 
