@@ -1,7 +1,9 @@
-"""Small operator commands: ``python -m pixtrain_dagster.cli seed|summary``.
+"""Small operator commands: ``python -m pixtrain_dagster.cli seed|summary|db-migrate|db-setup-sql|forget|purge-snapshots``.
 
 ``seed`` copies the packaged sample dataset into the landing location (skipped when chat JSONL is already
-there); ``summary`` prints where the latest adapter, checkpoints, reports and promoted adapter are.
+there); ``summary`` prints where the latest adapter, checkpoints, reports and promoted adapter are;
+``forget`` removes a person's conversations (core/deletion.py) and ``purge-snapshots`` applies the raw-snapshot
+retention, both recorded in the audit trail.
 """
 
 from __future__ import annotations
@@ -62,13 +64,165 @@ def summary() -> int:
     return 0
 
 
+OWNER_URL_ENV_VAR = "PIXTRAIN_METADATA_OWNER_DATABASE_URL"
+
+
+def owner_database_url(environ=None):
+    """The metadata database as its OWNER role: ``$PIXTRAIN_METADATA_OWNER_DATABASE_URL``, or the
+    ``PIXTRAIN_DB_*`` variables with ``PIXTRAIN_DB_OWNER_USER`` / ``PIXTRAIN_DB_OWNER_PASSWORD`` in place of the
+    pipeline's user and password (the Helm hook Job sets these from the owner's Secret)."""
+    import os
+
+    from .metadata import database_url_from_env
+
+    env = dict(os.environ if environ is None else environ)
+    if env.get(OWNER_URL_ENV_VAR, "").strip():
+        return database_url_from_env(env, url_env_var=OWNER_URL_ENV_VAR)
+    owner = env.get("PIXTRAIN_DB_OWNER_USER", "").strip()
+    if not owner or not env.get("PIXTRAIN_DB_HOST", "").strip():
+        raise SystemExit(f"db-migrate: set {OWNER_URL_ENV_VAR}, or PIXTRAIN_DB_HOST and PIXTRAIN_DB_OWNER_USER "
+                         "(and PIXTRAIN_DB_OWNER_PASSWORD): migrations run as the owner role, never the pipeline's")
+    env.pop("PIXTRAIN_METADATA_DATABASE_URL", None)
+    env["PIXTRAIN_DB_USER"] = owner
+    env["PIXTRAIN_DB_PASSWORD"] = env.get("PIXTRAIN_DB_OWNER_PASSWORD", "")
+    return database_url_from_env(env)
+
+
+def db_migrate(writer_role: str, create_role: bool) -> int:
+    """Upgrade the metadata schema as the owner role, then (re-)grant the pipeline's writer role."""
+    from .metadata import TrainingMetadataStore
+    from .metadata.roles import RoleSetupError
+
+    with TrainingMetadataStore.from_url(owner_database_url()) as store:
+        revision = store.migrate()
+        print(f"metadata schema at {revision} on {store.describe()}")
+        try:
+            statements = store.apply_grants(writer_role, create_role=create_role)
+        except RoleSetupError as error:
+            print(f"db-migrate: {error}", file=sys.stderr)
+            return 2
+        print(f"granted {writer_role} the pipeline's privileges ({len(statements)} statements)")
+    return 0
+
+
+def _audit(event: str, actor: str, details: dict) -> str:
+    from .resources.metadata import TrainingMetadataResource
+
+    store = TrainingMetadataResource().get_store()
+    try:
+        return store.append_audit_event(event, actor=actor, details=details)
+    finally:
+        store.dispose()
+
+
+def _actor(given: str | None) -> str:
+    import getpass
+
+    return given or f"cli:{getpass.getuser()}"
+
+
+def forget(record_hashes: list[str], terms_from: str | None, dry_run: bool, actor: str | None) -> int:
+    """Remove a person's conversations everywhere (core/deletion.py) and record it in the audit trail."""
+    from .core.deletion import Request
+    from .core.deletion import forget as forget_records
+    from .resources.artifacts import ArtifactStoreResource
+
+    terms: list[str] = []
+    if terms_from:  # from a file or stdin, never argv: a term on the command line lands in shell history and ps
+        terms = (sys.stdin.read() if terms_from == "-" else Path(terms_from).read_text()).splitlines()
+    try:
+        request = Request(record_hashes=set(record_hashes), terms=terms)
+    except ValueError as error:
+        print(f"forget: {error}", file=sys.stderr)
+        return 2
+    resource = ArtifactStoreResource.from_env()
+    report = forget_records(resource.store(), resource.landing_store(), request, dry_run=dry_run)
+    for match in report.matches:
+        print(f"{'would remove' if dry_run else 'removed'} {match.location}  record {match.record_hash}")
+    print(f"landing: {report.landing_records_removed} record(s) in {len(report.landing_files_rewritten)} file(s); "
+          f"raw snapshots republished: {len(report.raw_snapshots)}; curated datasets republished: "
+          f"{len(report.curated_datasets)} ({report.curated_records_removed} record(s)); evaluation samples "
+          f"dropped: {len(report.evaluations_redacted)}" + (" (dry run: nothing changed)" if dry_run else ""))
+    if dry_run:
+        return 0
+    event_key = _audit("data_deletion", _actor(actor), report.audit_details(request))
+    print(f"recorded in the audit trail ({event_key}); the new_training_data sensor will start a retraining run "
+          "on the changed landing data. Adapters trained before this remain until you retire them.")
+    return 0
+
+
+def purge_snapshots(older_than_days: float | None, dry_run: bool, actor: str | None) -> int:
+    from .core.artifacts import ArtifactError
+    from .core.deletion import purge_raw_snapshots, retention_days_from_env
+    from .resources.artifacts import ArtifactStoreResource
+
+    try:
+        days = older_than_days if older_than_days is not None else retention_days_from_env()
+    except ValueError as error:
+        print(f"purge-snapshots: {error}", file=sys.stderr)
+        return 2
+    store = ArtifactStoreResource.from_env().store()
+    try:  # the snapshot the current dataset was built from is kept whatever its age
+        keep = [store.get_json("dagster/assets/raw_conversations.json")["key"]]
+    except ArtifactError:
+        keep = []
+    removed = purge_raw_snapshots(store, days, keep=keep, dry_run=dry_run)
+    for key in removed:
+        print(f"{'would purge' if dry_run else 'purged'} {store.uri(key)}")
+    print(f"{len(removed)} raw snapshot(s) older than {days:g} days" + (" (dry run)" if dry_run else ""))
+    if removed and not dry_run:
+        _audit("raw_snapshots_purged", _actor(actor), {"retention_days": days, "removed": removed, "kept": keep})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pixtrain_dagster.cli", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     seed_parser = commands.add_parser("seed", help="copy the sample dataset into the landing location")
     seed_parser.add_argument("--force", action="store_true", help="copy even when JSONL files are already there")
     commands.add_parser("summary", help="print where the latest adapter, checkpoints and report are")
+    from .metadata.roles import DEFAULT_WRITER_ROLE, WRITER_ROLE_ENV_VAR
+
+    import os
+
+    writer_default = os.environ.get(WRITER_ROLE_ENV_VAR) or DEFAULT_WRITER_ROLE
+    migrate_parser = commands.add_parser(
+        "db-migrate", help="as the OWNER role: upgrade the metadata schema and grant the pipeline's role")
+    migrate_parser.add_argument("--writer-role", default=writer_default,
+                                help=f"group role of the pipeline's login role (default {writer_default})")
+    migrate_parser.add_argument("--create-role", action="store_true",
+                                help="create the writer role if missing (the owner needs CREATEROLE)")
+    setup_parser = commands.add_parser("db-setup-sql", help="print the one-time SQL a DBA runs to create the roles")
+    setup_parser.add_argument("--writer-role", default=writer_default)
+    setup_parser.add_argument("--login-role", default="pixtrain")
+    setup_parser.add_argument("--owner-role", default="pixtrain_owner")
+    setup_parser.add_argument("--database", default="pixtrain_metadata")
+    setup_parser.add_argument("--schema", default="pixtrain")
+    forget_parser = commands.add_parser(
+        "forget", help="remove a person's conversations from landing, raw snapshots and derived datasets")
+    forget_parser.add_argument("--record-hash", action="append", default=[],
+                               help="sha256 of a record's messages (repeatable; `--dry-run` lists them)")
+    forget_parser.add_argument("--terms-from", metavar="FILE",
+                               help="search terms, one per line, from FILE or - for stdin (case-insensitive)")
+    forget_parser.add_argument("--dry-run", action="store_true", help="list matches (locations, hashes); change nothing")
+    forget_parser.add_argument("--actor", help="who asked, for the audit trail (default cli:<user>)")
+    purge_parser = commands.add_parser("purge-snapshots", help="remove raw snapshots older than the retention")
+    purge_parser.add_argument("--older-than-days", type=float,
+                              help="default $PIXTRAIN_RAW_SNAPSHOT_RETENTION_DAYS, else 90")
+    purge_parser.add_argument("--dry-run", action="store_true")
+    purge_parser.add_argument("--actor")
     args = parser.parse_args(argv)
+    if args.command == "db-migrate":
+        return db_migrate(args.writer_role, args.create_role)
+    if args.command == "db-setup-sql":
+        from .metadata.roles import dba_setup_sql
+
+        print(dba_setup_sql(args.writer_role, args.login_role, args.owner_role, args.database, args.schema))
+        return 0
+    if args.command == "forget":
+        return forget(args.record_hash, args.terms_from, args.dry_run, args.actor)
+    if args.command == "purge-snapshots":
+        return purge_snapshots(args.older_than_days, args.dry_run, args.actor)
     return seed(args.force) if args.command == "seed" else summary()
 
 

@@ -20,6 +20,7 @@ from .resources import (
     TrainingRuntimeResource,
 )
 from .sensors import alert_on_failure, downstream_automation, new_training_data, retraining_schedule
+from .monitoring.pipeline import MONITORING_SENSORS  # Pushgateway pushes; idle without PIXTRAIN_PUSHGATEWAY_URL
 
 
 def build_definitions() -> Definitions:
@@ -28,7 +29,7 @@ def build_definitions() -> Definitions:
     return Definitions(
         assets=ALL_ASSETS,
         jobs=[train_adapter_job],
-        sensors=[new_training_data, downstream_automation, alert_on_failure],
+        sensors=[new_training_data, downstream_automation, alert_on_failure, *MONITORING_SENSORS],
         schedules=[retraining_schedule],
         resources={
             "artifact_store": artifact_store,

@@ -77,6 +77,12 @@ WRITABLE_PATH_ENV: Mapping[str, str] = {
 # Read-only inputs: set in pods, but the hardening test must not make them writable.
 READ_ONLY_PATH_ENV: Mapping[str, str] = {"PIXTRAIN_TRAINING_DATA_DIR": TRAINING_DATA_ROOT}
 
+# Prometheus scrapes every step pod on this named port (k8s/pixtrain-infra: PodMonitor "pixtrain-steps",
+# NetworkPolicy "allow-metrics-scrape"; monitoring.metricsPort / monitoring.podLabels must match these).
+METRICS_PORT = 9400
+METRICS_PORT_NAME = "metrics"
+METRICS_POD_LABELS: Mapping[str, str] = {"pixtrain/metrics": "true"}
+
 # ---- tags --------------------------------------------------------------------------------------------------
 
 K8S_CONFIG_TAG = "dagster-k8s/config"
@@ -84,6 +90,12 @@ K8S_CONFIG_TAG = "dagster-k8s/config"
 # the op tag; the QueuedRunCoordinator (k8s/dagster-values.yaml) limits concurrent GPU runs by the run tag.
 GPU_TAG_KEY = "pixtrain/gpu"
 GPU_RUN_TAGS: Mapping[str, str] = {GPU_TAG_KEY: "true"}
+
+# Secrets a step may ask for (op tags, ``step_pod_tags(kind, secrets=...)``): each step pod gets only the ones its
+# asset declares, never all of them. The names are the variables in the pod; the Secrets come from the settings.
+HF_TOKEN_ENV = "HF_TOKEN"  # only where a hub model is resolved (base_model)
+WANDB_API_KEY_ENV = "WANDB_API_KEY"  # only training logs to W&B
+METADATA_DB_PASSWORD_ENV = "PIXTRAIN_DB_PASSWORD"  # only steps that write the training metadata store
 
 EXECUTOR_ENV_VAR = "PIXTRAIN_EXECUTOR"
 EXECUTOR_CHOICES = ("in_process", "multiprocess", "k8s")
@@ -274,21 +286,32 @@ def step_volumes(settings: ExecutionSettings) -> tuple[list[dict[str, Any]], lis
 
 def _step_env(settings: ExecutionSettings) -> list[dict[str, Any]]:
     # DAGSTER_HOME is set by dagster-k8s itself from the run launcher's dagster_home; don't set it twice.
+    # No secrets here: this layer is shared by every step; each step's op tags add the secrets it needs.
     plain = {**WRITABLE_PATH_ENV, **READ_ONLY_PATH_ENV}
     plain.pop("DAGSTER_HOME")
-    env: list[dict[str, Any]] = [{"name": name, "value": value} for name, value in plain.items()]
-    env += [
-        {"name": env_name, "value_from": {"secret_key_ref": {"name": secret, "key": key}}}
-        for env_name, secret, key in settings.secret_env
-    ]
-    return env
+    return [{"name": name, "value": value} for name, value in plain.items()]
+
+
+def _secret_env(settings: ExecutionSettings, names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Secret references (never values) for the variables ``names``, from the settings' Secret names."""
+    known = {env_name: (secret, key) for env_name, secret, key in settings.secret_env}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"unknown step secret(s) {unknown}; choose from {sorted(known)}")
+    return [{"name": name, "value_from": {"secret_key_ref": {"name": known[name][0], "key": known[name][1]}}}
+            for name in dict.fromkeys(names)]
 
 
 @functools.cache
-def _step_pod_tags_for(kind: StepKind, settings: ExecutionSettings) -> dict[str, Any]:
+def _step_pod_tags_for(kind: StepKind, settings: ExecutionSettings, secrets: tuple[str, ...] = ()) -> dict[str, Any]:
     # The executor config sets the same contexts; repeating them in full here keeps every tagged step
     # hardened under any executor config, since a tag's security_context replaces the executor's.
-    container: dict[str, Any] = {"security_context": dict(CONTAINER_SECURITY_CONTEXT)}
+    container: dict[str, Any] = {
+        "security_context": dict(CONTAINER_SECURITY_CONTEXT),
+        # /metrics and /healthz of the step (pixtrain_dagster.core.telemetry), scraped by the PodMonitor.
+        "ports": [{"name": METRICS_PORT_NAME, "container_port": METRICS_PORT, "protocol": "TCP"}],
+        "env": [{"name": "PIXTRAIN_METRICS_PORT", "value": str(METRICS_PORT)}],
+    }
     pod_spec: dict[str, Any] = {
         "security_context": dict(POD_SECURITY_CONTEXT),
         # Step pods never call the Kubernetes API: no token in the pod, nothing to steal.
@@ -296,7 +319,7 @@ def _step_pod_tags_for(kind: StepKind, settings: ExecutionSettings) -> dict[str,
     }
     if kind == "gpu":
         container["resources"] = _resources(settings.gpu_cpu, settings.gpu_memory, settings.gpu_count)
-        container["env"] = [{"name": "PYTORCH_CUDA_ALLOC_CONF", "value": settings.pytorch_cuda_alloc_conf}]
+        container["env"].append({"name": "PYTORCH_CUDA_ALLOC_CONF", "value": settings.pytorch_cuda_alloc_conf})
         container["volume_mounts"] = [{"name": "dshm", "mount_path": SHM_PATH}]
         # Memory-backed; counts against the pod's memory limit, so keep it well below gpu_memory.
         pod_spec["volumes"] = [
@@ -313,11 +336,13 @@ def _step_pod_tags_for(kind: StepKind, settings: ExecutionSettings) -> dict[str,
         container["resources"] = _resources(settings.cpu_cpu, settings.cpu_memory)
     else:
         raise ValueError(f"step kind must be 'gpu' or 'cpu', not {kind!r}")
+    if secrets:
+        container["env"] = container.get("env", []) + _secret_env(settings, secrets)
     tags: dict[str, Any] = {
         K8S_CONFIG_TAG: {
             "container_config": container,
             "pod_spec_config": pod_spec,
-            "pod_template_spec_metadata": {"labels": {"pixtrain/step-kind": kind}},
+            "pod_template_spec_metadata": {"labels": {"pixtrain/step-kind": kind, **METRICS_POD_LABELS}},
         }
     }
     if kind == "gpu":
@@ -325,13 +350,15 @@ def _step_pod_tags_for(kind: StepKind, settings: ExecutionSettings) -> dict[str,
     return tags
 
 
-def step_pod_tags(kind: StepKind, settings: ExecutionSettings | None = None) -> dict[str, Any]:
-    """Op tags giving a step its pod shape under the k8s executor.
+def step_pod_tags(kind: StepKind, settings: ExecutionSettings | None = None, *,
+                  secrets: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Op tags giving a step its pod shape under the k8s executor, with only the ``secrets`` it needs.
 
-    Use as ``@asset(op_tags=step_pod_tags("gpu"))``. Locally only the ``pixtrain/gpu`` tag matters (the
-    multiprocess executor runs one GPU step at a time). Returns a fresh copy, so callers may add tags.
+    Use as ``@asset(op_tags=step_pod_tags("gpu", secrets=(WANDB_API_KEY_ENV,)))``. Locally only the
+    ``pixtrain/gpu`` tag matters (the multiprocess executor runs one GPU step at a time). Returns a fresh copy,
+    so callers may add tags.
     """
-    return copy.deepcopy(_step_pod_tags_for(kind, settings or load_settings()))
+    return copy.deepcopy(_step_pod_tags_for(kind, settings or load_settings(), tuple(secrets)))
 
 
 # ---- executors ---------------------------------------------------------------------------------------------

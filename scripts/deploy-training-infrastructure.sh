@@ -3,11 +3,14 @@
 # RBAC, quotas, PriorityClass), then the official Dagster chart with k8s/dagster-values.yaml.
 #
 # Usage:
-#   scripts/deploy-training-infrastructure.sh --env dev|prod [--dry-run] [--image-tag TAG] [--skip-gpu-test]
+#   scripts/deploy-training-infrastructure.sh --env dev|prod [--dry-run] [--image-tag TAG]
+#                                             [--image-digest sha256:HEX] [--skip-gpu-test]
 #
 #   --dry-run        render and validate only; touches no cluster (this is what `make test` runs)
 #   --env            which values-<env>.yaml / dagster-values-<env>.yaml to layer over the defaults
 #   --image-tag      tag of the pixtrain-dagster image for the code location (default: the values file's)
+#   --image-digest   its digest (sha256:<64 hex>), pinned as TAG@sha256:...; prod requires it with --image-tag.
+#                    In prod every image (both charts) must be pinned by digest (scripts/check-image-digests.py)
 #   --skip-gpu-test  do not run `helm test` (the nvidia-smi pod) after deploying
 #
 # Environment:
@@ -32,6 +35,7 @@ readonly KUBE_VERSIONS="${KUBE_VERSIONS:-1.29.0 1.31.0 1.33.0 1.35.0 1.37.0}"
 env_name=""
 dry_run=false
 image_tag=""
+image_digest=""
 skip_gpu_test=false
 
 log() { printf '[deploy] %s\n' "$*" >&2; }
@@ -47,6 +51,8 @@ while (($#)); do
     --dry-run) dry_run=true; shift ;;
     --image-tag) image_tag="${2:-}"; shift 2 ;;
     --image-tag=*) image_tag="${1#*=}"; shift ;;
+    --image-digest) image_digest="${2:-}"; shift 2 ;;
+    --image-digest=*) image_digest="${1#*=}"; shift ;;
     --skip-gpu-test) skip_gpu_test=true; shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
@@ -62,10 +68,20 @@ esac
 readonly infra_values=(-f "${INFRA_CHART}/values-${env_name}.yaml")
 readonly dagster_values=(-f "${REPO_ROOT}/k8s/dagster-values.yaml" -f "${REPO_ROOT}/k8s/dagster-values-${env_name}.yaml")
 dagster_overrides=()
+code_location_tag=""
+if [[ -n "${image_digest}" ]]; then
+  [[ "${image_digest}" =~ ^sha256:[0-9a-f]{64}$ ]] || die "--image-digest '${image_digest}' is not sha256:<64 hex digits>"
+  [[ -n "${image_tag}" ]] || die "--image-digest needs --image-tag (the tag it was pushed as)"
+fi
 if [[ -n "${image_tag}" ]]; then
   [[ "${image_tag}" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$ ]] || die "--image-tag '${image_tag}' is not a valid image tag"
-  dagster_overrides+=(--set-string "dagster-user-deployments.deployments[0].image.tag=${image_tag}")
+  if [[ "${env_name}" == prod && -z "${image_digest}" ]]; then
+    die "prod images must be pinned by digest: pass --image-digest sha256:... with --image-tag ${image_tag}"
+  fi
+  code_location_tag="${image_tag}${image_digest:+@${image_digest}}"
+  dagster_overrides+=(--set-string "dagster-user-deployments.deployments[0].image.tag=${code_location_tag}")
 fi
+infra_overrides=()
 
 # ---- prerequisites -----------------------------------------------------------------------------------------
 # Tools installed by scripts/install-test-tools.sh come first, so CI and laptops use the pinned versions.
@@ -84,13 +100,21 @@ done
 work_dir="$(mktemp -d)"
 trap 'rm -rf "${work_dir}"' EXIT
 
+if [[ -n "${code_location_tag}" ]]; then
+  # The db-migrate hook Job runs the same image as the code location (its migrations match its code).
+  code_location_repo="$("${python_bin}" -c 'import sys, yaml
+print(yaml.safe_load(open(sys.argv[1]))["dagster-user-deployments"]["deployments"][0]["image"]["repository"])' \
+    "${REPO_ROOT}/k8s/dagster-values.yaml")"
+  infra_overrides+=(--set-string "dbMigration.image=${code_location_repo}:${code_location_tag}")
+fi
+
 # ---- render and validate (both modes) ----------------------------------------------------------------------
 log "helm lint --strict ${INFRA_CHART} (values-${env_name}.yaml)"
-helm lint --strict "${INFRA_CHART}" "${infra_values[@]}" >"${work_dir}/lint.log" \
+helm lint --strict "${INFRA_CHART}" "${infra_values[@]}" "${infra_overrides[@]}" >"${work_dir}/lint.log" \
   || { cat "${work_dir}/lint.log" >&2; die "helm lint failed"; }
 
 rendered="${work_dir}/pixtrain-infra.yaml"
-helm template pixtrain-infra "${INFRA_CHART}" --namespace "${INFRA_RELEASE_NAMESPACE}" "${infra_values[@]}" >"${rendered}"
+helm template pixtrain-infra "${INFRA_CHART}" --namespace "${INFRA_RELEASE_NAMESPACE}" "${infra_values[@]}" "${infra_overrides[@]}" >"${rendered}"
 namespace="$(awk -F'"' '/PIXTRAIN_K8S_NAMESPACE:/ {print $2; exit}' "${rendered}")"
 [[ -n "${namespace}" ]] || die "could not read the training namespace from the rendered chart"
 
@@ -103,6 +127,16 @@ validate_manifests() {
 }
 log "kubernetes-validate --strict (${KUBE_VERSIONS}) on pixtrain-infra"
 validate_manifests "${rendered}"
+
+if [[ "${env_name}" == prod ]]; then
+  # Production runs only digest-pinned images; the values' all-zero placeholder passes a dry run only.
+  digest_args=(--rendered "${rendered}" --dagster-values "${REPO_ROOT}/k8s/dagster-values.yaml"
+               "${REPO_ROOT}/k8s/dagster-values-${env_name}.yaml" --code-location-tag "${code_location_tag}")
+  ${dry_run} && digest_args+=(--allow-placeholder)
+  log "every prod image pinned by digest"
+  "${python_bin}" "${REPO_ROOT}/scripts/check-image-digests.py" "${digest_args[@]}" \
+    || die "prod images must be pinned by digest (see the lines above)"
+fi
 
 if [[ -d "${DAGSTER_CHART}" || -f "${DAGSTER_CHART}" ]]; then
   # The chart's values.schema.json has remote $refs, so it cannot be checked offline.
@@ -130,9 +164,13 @@ if ((gpu_nodes == 0)); then
   log "         Install the NVIDIA GPU operator (docs/deployment.md, 'GPU not detected')."
 fi
 
-log "installing pixtrain-infra into ${namespace} (release record in ${INFRA_RELEASE_NAMESPACE})"
-helm upgrade --install pixtrain-infra "${INFRA_CHART}" --namespace "${INFRA_RELEASE_NAMESPACE}" \
-  --create-namespace "${infra_values[@]}" --wait --timeout 10m
+if ! kubectl get namespace "${namespace}" >/dev/null 2>&1; then
+  # First install: create the namespace and everything else, but not the hooks (the db-migrate Job needs the
+  # owner's Secret, which can only be created once the namespace exists). The second install below runs them.
+  log "first install: creating ${namespace} (hooks run after the Secrets check)"
+  helm upgrade --install pixtrain-infra "${INFRA_CHART}" --namespace "${INFRA_RELEASE_NAMESPACE}" \
+    --create-namespace "${infra_values[@]}" "${infra_overrides[@]}" --no-hooks --wait --timeout 10m
+fi
 
 # Secret names as configured: the execution ConfigMap names the step secrets, the Dagster values the DB one.
 mapfile -t required_secrets < <("${python_bin}" - "${rendered}" "${REPO_ROOT}/k8s/dagster-values.yaml" <<'PY'
@@ -143,6 +181,11 @@ for doc in yaml.safe_load_all(open(rendered)):
         print(doc["data"]["PIXTRAIN_HF_TOKEN_SECRET"])
         print(doc["data"]["PIXTRAIN_WANDB_SECRET"])
         print(doc["data"]["PIXTRAIN_DB_PASSWORD_SECRET"])
+    if doc and doc.get("kind") in ("Job", "Deployment"):  # db-migrate (owner password), oauth2-proxy (OIDC)
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            for env in container.get("env") or []:
+                if "secretKeyRef" in (env.get("valueFrom") or {}):
+                    print(env["valueFrom"]["secretKeyRef"]["name"])
 print(yaml.safe_load(open(dagster_values))["global"]["postgresqlSecretName"])
 PY
 )
@@ -154,6 +197,11 @@ if ((${#missing[@]})); then
   helm get notes pixtrain-infra --namespace "${INFRA_RELEASE_NAMESPACE}" >&2 || true
   die "missing Secrets in ${namespace}: ${missing[*]} (create them as shown above, then re-run)"
 fi
+
+# With the Secrets in place: install or upgrade with hooks, i.e. the db-migrate Job runs as the owner role.
+log "installing pixtrain-infra into ${namespace} (release record in ${INFRA_RELEASE_NAMESPACE}); db-migrate hook"
+helm upgrade --install pixtrain-infra "${INFRA_CHART}" --namespace "${INFRA_RELEASE_NAMESPACE}" \
+  --create-namespace "${infra_values[@]}" "${infra_overrides[@]}" --wait --timeout 10m
 
 if [[ "${DAGSTER_CHART}" == dagster/* ]] && ! helm repo list 2>/dev/null | awk '{print $1}' | grep -qx dagster; then
   die "add the Dagster chart repository first: helm repo add dagster https://dagster-io.github.io/helm"

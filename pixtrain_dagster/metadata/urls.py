@@ -20,6 +20,8 @@ DB_USER_ENV_VAR = "PIXTRAIN_DB_USER"
 DB_PASSWORD_ENV_VAR = "PIXTRAIN_DB_PASSWORD"
 DB_NAME_ENV_VAR = "PIXTRAIN_DB_NAME"
 DB_SSLMODE_ENV_VAR = "PIXTRAIN_DB_SSLMODE"
+# CA bundle for sslmode verify-ca / verify-full (in the cluster: the pixtrain-db-ca ConfigMap, mounted read-only).
+DB_SSLROOTCERT_ENV_VAR = "PIXTRAIN_DB_SSLROOTCERT"
 
 POSTGRES_DRIVER = "postgresql+psycopg"  # psycopg 3
 SQLITE_DRIVER = "sqlite+pysqlite"
@@ -32,7 +34,8 @@ def database_url_from_env(
 
     ``$PIXTRAIN_METADATA_DATABASE_URL`` wins; otherwise a URL is assembled from ``PIXTRAIN_DB_HOST`` (required
     for this form), ``PIXTRAIN_DB_PORT`` (5432), ``PIXTRAIN_DB_USER`` (postgres), ``PIXTRAIN_DB_PASSWORD``,
-    ``PIXTRAIN_DB_NAME`` (postgres) and ``PIXTRAIN_DB_SSLMODE`` (libpq's default when unset).
+    ``PIXTRAIN_DB_NAME`` (postgres), ``PIXTRAIN_DB_SSLMODE`` (libpq's default when unset) and
+    ``PIXTRAIN_DB_SSLROOTCERT`` (CA file for verify-full).
     Returned as a ``URL`` object, whose str() and repr() mask the password.
     """
     environ = os.environ if environ is None else environ
@@ -48,6 +51,10 @@ def database_url_from_env(
     except ValueError:
         raise ValueError(f"${DB_PORT_ENV_VAR} must be a port number, got {port_text!r}") from None
     sslmode = environ.get(DB_SSLMODE_ENV_VAR, "").strip()
+    sslrootcert = environ.get(DB_SSLROOTCERT_ENV_VAR, "").strip()
+    query = {"sslmode": sslmode} if sslmode else {}
+    if sslrootcert:
+        query["sslrootcert"] = sslrootcert
     return URL.create(
         POSTGRES_DRIVER,
         username=environ.get(DB_USER_ENV_VAR, "").strip() or "postgres",
@@ -55,7 +62,7 @@ def database_url_from_env(
         host=host,
         port=port,
         database=environ.get(DB_NAME_ENV_VAR, "").strip() or "postgres",
-        query={"sslmode": sslmode} if sslmode else {},
+        query=query,
     )
 
 

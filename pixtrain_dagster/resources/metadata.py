@@ -62,12 +62,14 @@ class TrainingMetadataResource(ConfigurableResource):
                 sqlite_path=self.resolved_sqlite_path(),
                 connect_timeout_s=self.connect_timeout_s,
             )
-            if self.migrate_on_start:
-                try:
+            try:
+                if self.migrate_on_start and not _env_flag(EXTERNAL_MIGRATIONS_ENV_VAR):
                     store.migrate()
-                except BaseException:
-                    store.dispose()
-                    raise
+                else:
+                    _check_deployed_schema(store)
+            except BaseException:
+                store.dispose()
+                raise
             self._store = store
         return self._store
 
@@ -77,6 +79,35 @@ class TrainingMetadataResource(ConfigurableResource):
         # Without DAGSTER_HOME (a bare `materialize()` in a script) fall back to the gitignored work folder.
         home = os.environ.get("DAGSTER_HOME") or ".pixtrain"
         return Path(home) / SQLITE_FILE_NAME
+
+
+# Set in the cluster (pixtrain-execution-env ConfigMap): the schema is migrated by the owner role's Helm hook Job
+# (`python -m pixtrain_dagster.cli db-migrate`), and the pipeline's role must not be able to rewrite the audit log.
+EXTERNAL_MIGRATIONS_ENV_VAR = "PIXTRAIN_METADATA_EXTERNAL_MIGRATIONS"
+REQUIRE_LEAST_PRIVILEGE_ENV_VAR = "PIXTRAIN_METADATA_REQUIRE_LEAST_PRIVILEGE"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def _check_deployed_schema(store: "TrainingMetadataStore") -> None:
+    """Without migrating: the schema must be at this code's head, and (when required) the role least-privileged."""
+    from pixtrain_dagster.metadata import MetadataStoreError
+
+    current, head = store.current_revision(), store.head_revision()
+    if current != head:
+        raise MetadataStoreError(
+            f"metadata schema on {store.describe()} is at {current or 'nothing'}, this code needs {head}: run "
+            "`python -m pixtrain_dagster.cli db-migrate` as the owner role (the pixtrain-infra db-migrate hook Job)"
+        )
+    if _env_flag(REQUIRE_LEAST_PRIVILEGE_ENV_VAR):
+        problems = store.least_privilege_problems()
+        if problems:
+            raise MetadataStoreError(
+                f"the pipeline's database role on {store.describe()} is too powerful: " + "; ".join(problems)
+                + ". Connect as a member of the writer role only (docs/metadata.md, 'Least privilege and audit')"
+            )
 
 
 class StepIdentity(NamedTuple):

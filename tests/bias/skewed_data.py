@@ -79,12 +79,13 @@ def pretrain_on_probe_sessions(source_dir: Path, out_dir: Path, extra_conversati
     import torch
 
     from pixtrain_dagster.core.models import load_snapshot
-    from pixtrain_dagster.core.tokenization import collate, pack_rows, summed_token_loss, tokenize_conversation
+    from pixtrain_dagster.core.loss import summed_token_loss
+    from pixtrain_dagster.core.tokenization import collate, pack_rows, tokenize_conversations
 
     torch.manual_seed(seed)
     model, tokenizer = load_snapshot(source_dir, device="cpu", for_training=True)
     conversations = probe_style_conversations(None) + list(extra_conversations or [])
-    rows = pack_rows([tokenize_conversation(tokenizer, c, 256) for c in conversations], 256, pack=False)
+    rows = pack_rows(tokenize_conversations(tokenizer, conversations, 256).conversations, 256, pack=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     rng = random.Random(seed)
     for step in range(steps):

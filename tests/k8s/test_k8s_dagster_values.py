@@ -36,6 +36,8 @@ _POD_FIELDS = dict.fromkeys(
 _IMAGE = {"repository": None, "tag": None, "pullPolicy": None}
 DOCUMENTED_KEYS: dict[str, Any] = {
     "x-pixtrain-hardening": None,  # YAML anchors only; the chart allows extra top-level keys
+    "x-pixtrain-prod-hardening": None,  # the same, in dagster-values-prod.yaml
+    "busybox": {"image": _IMAGE},  # the webserver's init-user-deployment container (pinned in prod)
     "global": {"postgresqlSecretName": None, "dagsterHome": None, "serviceAccountName": None,
                "celeryConfigSecretName": None, "dagsterInstanceConfigMap": None},
     "generatePostgresqlPasswordSecret": None,

@@ -99,7 +99,8 @@ def test_network_is_default_deny_with_narrow_allowances(infra_render):
     assert {p["port"] for p in dns["ports"]} == {53}
     grpc = policies["allow-code-server-grpc"]
     assert grpc["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 3030}]
-    webserver = policies["allow-webserver-ingress"]
+    # With the authenticating proxy on (the default), the webserver admits only the proxy.
+    webserver = policies["allow-webserver-ingress-from-auth-proxy"]
     assert webserver["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 3000}]
     # Step pods never reach the API server: the API egress policies select other pods only.
     for name, spec in policies.items():
@@ -117,7 +118,7 @@ def test_network_is_default_deny_with_narrow_allowances(infra_render):
 
 def test_rbac_is_minimal(infra_render):
     _, objects = infra_render
-    (role,) = _of_kind(objects, "Role")
+    role = _one(objects, "Role", "pixtrain-run-worker")  # the control plane's: test_k8s_least_privilege.py
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
         assert "secrets" not in rule["resources"], "run workers never read Secrets"
@@ -125,7 +126,7 @@ def test_rbac_is_minimal(infra_render):
     granted = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
     assert granted[("batch", "jobs")] == {"create", "get", "list", "watch", "delete"}
     assert granted[("", "pods/log")] == {"get"}
-    (binding,) = _of_kind(objects, "RoleBinding")
+    binding = _one(objects, "RoleBinding", "pixtrain-run-worker")
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "pixtrain-run-worker", "namespace": _training_namespace(objects)}
     ]

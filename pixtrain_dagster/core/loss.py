@@ -1,0 +1,92 @@
+"""The token loss: cross-entropy on labelled positions only, with the model's own output transforms, in chunks.
+
+Only positions that predict a labelled token go through the output layer: with a 49k-token vocabulary that
+projection dominates the cost, and most positions (system, therapist turns, padding) carry no loss. The labelled
+positions go through it ``chunk_tokens`` at a time, each chunk recomputed in the backward pass, so at most one
+chunk's fp32 logits (chunk x vocabulary) are alive at once instead of all of them.
+
+Some architectures transform the logits after the output layer (Gemma 2/3 soft-capping, Cohere's and Granite's
+scaling). Calling the decoder and the head ourselves skips the model's forward, so those transforms are applied
+here; `model_checks.verify_loss_path` compares against the model's own logits at load and refuses a model whose
+transform we do not know.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .tokenization import IGNORE_INDEX
+
+# model_type -> (config attribute, operation). Soft-capping is read from any config that has it.
+_LOGIT_SCALES: dict[str, tuple[str, str]] = {
+    "cohere": ("logit_scale", "multiply"),
+    "cohere2": ("logit_scale", "multiply"),
+    "granite": ("logits_scaling", "divide"),
+    "granitemoe": ("logits_scaling", "divide"),
+    "granitemoeshared": ("logits_scaling", "divide"),
+    "hyperclovax": ("logits_scaling", "multiply"),
+}
+
+
+def output_transform(config: Any) -> Callable[[Any], Any] | None:
+    """The model's logit transform after its output layer, or None when it has none that we know of."""
+    import torch
+
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    steps: list[Callable[[Any], Any]] = []
+    scale = _LOGIT_SCALES.get(text_config.model_type)
+    if scale is not None and getattr(text_config, scale[0], None) not in (None, 1, 1.0):
+        value = float(getattr(text_config, scale[0]))
+        steps.append((lambda x: x * value) if scale[1] == "multiply" else (lambda x: x / value))
+    cap = getattr(text_config, "final_logit_softcapping", None)
+    if cap:
+        steps.append(lambda x: torch.tanh(x / cap) * cap)
+    if not steps:
+        return None
+
+    def transform(logits):
+        for step in steps:
+            logits = step(logits)
+        return logits
+
+    return transform
+
+
+def decoder_and_head(model: Any) -> tuple[Any, Any, Any]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings(), base.config
+
+
+def labelled_logits(head: Any, hidden: Any, transform: Callable[[Any], Any] | None) -> Any:
+    logits = head(hidden).float()
+    return transform(logits) if transform is not None else logits
+
+
+def _chunk_loss(hidden: Any, targets: Any, head: Any, transform: Callable[[Any], Any] | None) -> Any:
+    import torch.nn.functional as F
+
+    return F.cross_entropy(labelled_logits(head, hidden, transform), targets, reduction="sum")
+
+
+def summed_token_loss(model: Any, batch: dict[str, Any], chunk_tokens: int = 2048) -> tuple[Any, Any]:
+    """(sum of per-token losses, number of labelled tokens) for one batch; no cache, so packing masks apply."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    decoder, head, config = decoder_and_head(model)
+    transform = output_transform(config)
+    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    selected, wanted = hidden[:, :-1][mask], targets[mask]
+    if selected.size(0) <= chunk_tokens:
+        return _chunk_loss(selected, wanted, head, transform), mask.sum()
+    total = selected.new_zeros((), dtype=torch.float32)
+    for hidden_chunk, target_chunk in zip(selected.split(chunk_tokens), wanted.split(chunk_tokens), strict=True):
+        if torch.is_grad_enabled():
+            # Recomputed in backward: only this chunk's hidden states stay alive, not its fp32 logits.
+            total = total + checkpoint(_chunk_loss, hidden_chunk, target_chunk, head, transform, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(hidden_chunk, target_chunk, head, transform)
+    return total, mask.sum()

@@ -1,0 +1,72 @@
+"""The branches of the training recipe that only a CUDA GPU can take, each with the reason it cannot run on CPU.
+
+Everything else of the GPU recipe (bf16-mixed autocast, bf16 base, fp32 LoRA, fused AdamW, clipping, exact resume,
+compiled layers, chunked loss, padding-free batches) runs on CPU in tests/test_gpu_recipe.py. These tests run where
+a GPU is visible (the device check in bench/gpu_check.sh) and are skipped, with the reason, everywhere else.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+from pixtrain_dagster.core.settings import LoraTrainingSettings, RuntimeSettings
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA GPU visible")
+
+
+@needs_cuda
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None,
+                    reason="flash-attn is a CUDA extension: it does not build or import without the CUDA toolkit")
+def test_varlen_flash_attention_packs_without_padding_and_isolates_conversations(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from pixtrain_dagster.core.model_checks import verify_packing_isolation
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16,
+                                                 attn_implementation="flash_attention_2", device_map="cuda")
+    assert verify_packing_isolation(model, "flash_attention_2") >= 0
+
+
+@needs_cuda
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None,
+                    reason="Liger's kernels are Triton kernels: Triton compiles for CUDA/ROCm devices only")
+def test_liger_kernels_train(tmp_path, tiny_model_dir):
+    from pixtrain_dagster.core.artifacts import ArtifactStore
+    from pixtrain_dagster.core.conversations import load_conversations
+    from pixtrain_dagster.core.training import train_lora_adapter
+
+    from support import SAMPLE_DATASET
+
+    rows = load_conversations(SAMPLE_DATASET)
+    result = train_lora_adapter(
+        store=ArtifactStore(tmp_path), base_snapshot_dir=tiny_model_dir, base_model_sha256="b", dataset_sha256="d",
+        train_conversations=rows[:16], validation_conversations=rows[40:42],
+        settings=LoraTrainingSettings(max_steps=2, max_seq_len=256, use_liger_kernel=True),
+        runtime=RuntimeSettings(device="cuda", wandb_mode="disabled"))
+    assert result.precision == "bf16-mixed" and len(result.train_losses) == 2
+
+
+@needs_cuda
+def test_cuda_specific_bookkeeping(tmp_path, tiny_model_dir):
+    """Pinned-memory prefetch with async copies, the CUDA RNG state in checkpoints, peak memory from the CUDA
+    allocator and MFU from the device's peak: none of these exist on a CPU."""
+    from pixtrain_dagster.core.artifacts import ArtifactStore
+    from pixtrain_dagster.core.conversations import load_conversations
+    from pixtrain_dagster.core.training import latest_checkpoint, train_lora_adapter
+
+    from support import SAMPLE_DATASET
+
+    rows = load_conversations(SAMPLE_DATASET)
+    store = ArtifactStore(tmp_path)
+    result = train_lora_adapter(
+        store=store, base_snapshot_dir=tiny_model_dir, base_model_sha256="b", dataset_sha256="d",
+        train_conversations=rows[:16], validation_conversations=rows[40:42],
+        settings=LoraTrainingSettings(max_steps=2, max_seq_len=256, checkpoint_every_n_steps=1),
+        runtime=RuntimeSettings(device="cuda", wandb_mode="disabled"))
+    assert result.device == "cuda" and result.precision == "bf16-mixed"
+    assert 0 < result.peak_memory_bytes < torch.cuda.get_device_properties(0).total_memory
+    state = torch.load(store.local_path(latest_checkpoint(store, result.fingerprint)) / "checkpoint.ckpt",
+                       map_location="cpu", weights_only=False)
+    assert state["pixtrain"]["cuda_rng_state"] is not None

@@ -1,0 +1,287 @@
+"""The GPU recipe, run on CPU: bf16-mixed autocast over a bf16 frozen base with fp32 LoRA weights, fused AdamW,
+gradient clipping, exact resume; and the correctness pieces it relies on (loss normalisation per optimizer step,
+chunked loss, padding-free batches, activation checkpointing, all-linear targets).
+
+Branches only CUDA can take are in tests/test_gpu_only.py, each with its reason.
+"""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pixtrain_dagster.core.artifacts import ArtifactStore
+from pixtrain_dagster.core.conversations import load_conversations
+from pixtrain_dagster.core.settings import LoraTrainingSettings, RuntimeSettings
+from pixtrain_dagster.core.training import latest_checkpoint, train_lora_adapter
+
+from support import SAMPLE_DATASET
+
+GPU_RECIPE = LoraTrainingSettings(max_steps=4, micro_batch_size=2, gradient_accumulation_steps=2, max_seq_len=192,
+                                  learning_rate=5e-3, warmup_steps=1, checkpoint_every_n_steps=2, seed=5,
+                                  precision="bf16-mixed", gradient_clip_norm=0.05)
+RUNTIME = RuntimeSettings(device="cpu", wandb_mode="disabled")
+
+
+@pytest.fixture(scope="module")
+def conversations():
+    rows = load_conversations(SAMPLE_DATASET)
+    return rows[:24], rows[40:44]
+
+
+def train(store, tiny_model_dir, conversations, settings=GPU_RECIPE, **kwargs):
+    train_rows, validation_rows = conversations
+    return train_lora_adapter(
+        store=store, base_snapshot_dir=tiny_model_dir, base_model_sha256="base", dataset_sha256="data",
+        train_conversations=train_rows, validation_conversations=validation_rows, runtime=RUNTIME,
+        base_model_name="models/tiny-llama", settings=settings, **kwargs)
+
+
+class RecipeProbe(L.Callback):
+    """Records what the recipe really does: dtypes, autocast, optimizer, and gradient norms after clipping."""
+
+    def __init__(self):
+        self.seen: dict = {"clipped_norms": []}
+
+    def on_train_start(self, trainer, pl_module):
+        model = pl_module.model
+        self.seen["precision"] = trainer.precision
+        self.seen["frozen_dtypes"] = {p.dtype for p in model.parameters() if not p.requires_grad}
+        self.seen["trainable_dtypes"] = {p.dtype for p in model.parameters() if p.requires_grad}
+        self.seen["fused"] = trainer.optimizers[0].defaults.get("fused")
+        layer = model.get_base_model().get_decoder().layers[0].self_attn.q_proj.base_layer
+
+        def record(module, inputs, output):
+            self.seen["autocast"] = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")
+            self.seen["matmul_dtype"] = output.dtype
+
+        self.hook = layer.register_forward_hook(record)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        grads = [p.grad for p in pl_module.model.parameters() if p.requires_grad and p.grad is not None]
+        if grads and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            self.seen["clipped_norms"].append(float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g.float()) for g in grads]))))
+
+    def on_train_end(self, trainer, pl_module):
+        self.hook.remove()
+
+
+class CrashAfterStep(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"simulated crash after step {self.step}")
+
+
+def test_the_gpu_recipe_trains_resumes_and_publishes_on_cpu(tmp_path, tiny_model_dir, conversations):
+    probe = RecipeProbe()
+    uninterrupted = train(ArtifactStore(tmp_path / "a"), tiny_model_dir, conversations, extra_callbacks=[probe])
+    seen = probe.seen
+    assert uninterrupted.precision == "bf16-mixed" and seen["precision"] == "bf16-mixed"
+    assert seen["frozen_dtypes"] == {torch.bfloat16}  # the base was loaded in bf16, not converted from fp32
+    assert seen["trainable_dtypes"] == {torch.float32}  # LoRA weights and their optimizer state stay fp32
+    assert seen["fused"] is True
+    assert seen["autocast"] == torch.bfloat16 and seen["matmul_dtype"] == torch.bfloat16
+    # Clipping happened (this was the crash): gradients were larger than the limit, and after clipping they are not.
+    assert max(uninterrupted.summary()["train_losses"]) > 0 and len(uninterrupted.train_losses) == 4
+    assert len(seen["clipped_norms"]) == 4 and all(n <= 0.05 * 1.01 for n in seen["clipped_norms"])
+    assert all(torch.isfinite(torch.tensor(uninterrupted.train_losses)))
+
+    store = ArtifactStore(tmp_path / "b")
+    with pytest.raises(RuntimeError, match="simulated crash after step 3"):
+        train(store, tiny_model_dir, conversations, extra_callbacks=[CrashAfterStep(3)])
+    assert latest_checkpoint(store, uninterrupted.fingerprint).endswith("step-000002")
+    resumed = train(store, tiny_model_dir, conversations)
+    assert resumed.resumed_from_step == 2 and resumed.final_step == 4
+    assert resumed.train_losses == uninterrupted.train_losses  # bit-for-bit, in bf16 autocast too
+    assert resumed.adapter.sha256 == uninterrupted.adapter.sha256
+    weights = load_file(Path(resumed.adapter.uri) / "adapter_model.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+
+
+def test_bf16_true_trains_everything_in_bf16(tmp_path, tiny_model_dir, conversations):
+    probe = RecipeProbe()
+    settings = LoraTrainingSettings(**{**GPU_RECIPE.__dict__, "precision": "bf16-true", "max_steps": 2})
+    result = train(ArtifactStore(tmp_path / "s"), tiny_model_dir, conversations, settings=settings,
+                   extra_callbacks=[probe])
+    assert probe.seen["frozen_dtypes"] == probe.seen["trainable_dtypes"] == {torch.bfloat16}
+    assert result.precision == "bf16-true" and len(result.train_losses) == 2
+    assert all(torch.isfinite(torch.tensor(result.train_losses)))
+
+
+def test_throughput_and_data_are_reported(tmp_path, tiny_model_dir, conversations):
+    settings = LoraTrainingSettings(**{**GPU_RECIPE.__dict__, "precision": "32-true", "max_seq_len": 160})
+    result = train(ArtifactStore(tmp_path / "t"), tiny_model_dir, conversations, settings=settings)
+    assert result.tokens_per_second > 0 and 0 < result.padding_efficiency <= 1
+    assert result.peak_memory_bytes > 10 * 2**20  # peak RSS of this process on CPU
+    assert result.data_wait_seconds >= 0
+    counts = result.conversations
+    assert counts["conversations"] == 24 and counts["kept"] + counts["dropped_too_long"] == 24
+    assert counts["truncated"] > 0 and counts["dropped_too_long"] > 0  # the tiny tokenizer makes long sequences
+
+
+def test_an_optimizer_step_weighs_every_labelled_token_the_same_however_it_is_split(tiny_model_dir):
+    """4 micro-batches x 1 row and 1 micro-batch x 4 rows give the same gradients, though the rows' assistant token
+    counts differ several-fold (a mean of per-micro-batch means would weight the short replies' tokens up)."""
+    from transformers import AutoTokenizer
+
+    from pixtrain_dagster.core.lightning_module import LoraFineTuning
+    from pixtrain_dagster.core.tokenization import StepIndexedBatches, pack_rows, tokenize_conversations
+    from pixtrain_dagster.core.training import _setup_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    replies = ["Fine.", "I do not know what to say about that, it has been a long and tiring month at work and home.",
+               "Maybe.", "It started when I moved to a new city and lost touch with almost everyone I knew before."]
+    conversations = [[{"role": "user", "content": "How are you?"}, {"role": "assistant", "content": r}]
+                     for r in replies]
+    rows = pack_rows(tokenize_conversations(tokenizer, conversations, 128).conversations, 128, pack=False)
+    counts = sorted(row.loss_tokens for row in rows)
+    assert counts[-1] >= 4 * counts[0]
+
+    def gradients(micro_batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
+        settings = LoraTrainingSettings(max_steps=1, micro_batch_size=micro_batch_size,
+                                        gradient_accumulation_steps=accumulation, max_seq_len=128, lora_dropout=0.0,
+                                        precision="32-true", seed=3, pack_sequences=False)
+        torch.manual_seed(0)
+        model, _ = _setup_model(tiny_model_dir, settings, "cpu", "32-true")
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # nonzero B, so lora_A gets gradients too
+                torch.nn.init.normal_(param, std=0.02)
+        batches = StepIndexedBatches(rows, micro_batch_size, settings.seed, tokenizer.pad_token_id,
+                                     accumulation=accumulation)
+        module = LoraFineTuning(model, settings, batches, [])
+        captured = {}
+
+        class Capture(L.Callback):
+            def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+                captured.update({n: p.grad.clone() for n, p in pl_module.model.named_parameters() if p.requires_grad})
+
+        L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulation, logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Capture()]).fit(module)
+        return captured
+
+    split, whole = gradients(1, 4), gradients(4, 1)
+    assert set(split) == set(whole) and split
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], atol=1e-5, rtol=1e-4)
+
+
+def test_chunked_loss_equals_the_whole_loss_in_value_and_gradient(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pixtrain_dagster.core.loss import summed_token_loss
+    from pixtrain_dagster.core.tokenization import collate, pack_rows, tokenize_conversations
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rows = pack_rows(tokenize_conversations(tokenizer, load_conversations(SAMPLE_DATASET)[:6], 256).conversations,
+                     256, pack=True)
+    batch = collate(rows, tokenizer.pad_token_id)
+    results = []
+    for chunk in (8, 100_000):
+        model.zero_grad()
+        loss, tokens = summed_token_loss(model, batch, chunk_tokens=chunk)
+        loss.backward()
+        results.append((loss.detach(), model.lm_head.weight.grad.clone(), int(tokens)))
+    assert results[0][2] == batch["label_tokens"] > 8 * 4  # several chunks
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
+
+
+def test_padding_free_flat_batches_give_the_same_loss_as_padded_rows(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pixtrain_dagster.core.loss import summed_token_loss
+    from pixtrain_dagster.core.tokenization import collate, pack_rows, tokenize_conversations
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    model.config.use_cache = False
+    rows = pack_rows(tokenize_conversations(tokenizer, load_conversations(SAMPLE_DATASET)[:5], 256).conversations,
+                     256, pack=False)
+    padded, flat = collate(rows, tokenizer.pad_token_id), collate(rows, tokenizer.pad_token_id, flatten=True)
+    assert flat["input_ids"].shape == (1, padded["real_tokens"]) and padded["input_ids"].numel() > flat["real_tokens"]
+    with torch.no_grad():
+        padded_loss, padded_tokens = summed_token_loss(model, padded)
+        flat_loss, flat_tokens = summed_token_loss(model, flat)
+    assert padded_tokens == flat_tokens == padded["label_tokens"]
+    torch.testing.assert_close(flat_loss, padded_loss, rtol=1e-5, atol=1e-4)
+
+
+def test_activation_checkpointing_and_all_linear_targets_train_the_same_numbers(tmp_path, tiny_model_dir,
+                                                                                conversations):
+    base = LoraTrainingSettings(**{**GPU_RECIPE.__dict__, "precision": "32-true", "max_steps": 2,
+                                   "lora_target_modules": ("all-linear",), "lora_dropout": 0.1})
+    plain = train(ArtifactStore(tmp_path / "p"), tiny_model_dir, conversations, settings=base)
+    checkpointed = train(ArtifactStore(tmp_path / "c"), tiny_model_dir, conversations,
+                         settings=LoraTrainingSettings(**{**base.__dict__, "gradient_checkpointing": True}))
+    assert checkpointed.fingerprint == plain.fingerprint  # memory for compute: same run identity
+    assert checkpointed.train_losses == pytest.approx(plain.train_losses, abs=1e-6)
+    weights = load_file(Path(plain.adapter.uri) / "adapter_model.safetensors")
+    targeted = {name.split(".")[-3] for name in weights if "lora_A" in name}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= targeted
+    for name, value in load_file(Path(checkpointed.adapter.uri) / "adapter_model.safetensors").items():
+        torch.testing.assert_close(value, weights[name], atol=1e-6, rtol=1e-5)
+
+
+def test_compiled_decoder_layers_train(tmp_path, tiny_model_dir, conversations):
+    # aot_eager runs Dynamo's tracing and AOT autograd of the PEFT layers (where compilation breaks) without
+    # Inductor's C++ code generation, which takes minutes on 2 CPU cores.
+    settings = LoraTrainingSettings(**{**GPU_RECIPE.__dict__, "precision": "32-true", "max_steps": 1,
+                                       "gradient_accumulation_steps": 1, "compile_model": True,
+                                       "compile_backend": "aot_eager"})
+    compiled = train(ArtifactStore(tmp_path / "x"), tiny_model_dir, conversations, settings=settings)
+    eager = train(ArtifactStore(tmp_path / "e"), tiny_model_dir, conversations,
+                  settings=LoraTrainingSettings(**{**settings.__dict__, "compile_model": False}))
+    assert compiled.train_losses == pytest.approx(eager.train_losses, rel=1e-3)
+    # In-place compilation keeps the parameter names, so the adapter is an ordinary PEFT adapter.
+    assert set(load_file(Path(compiled.adapter.uri) / "adapter_model.safetensors")) == set(
+        load_file(Path(eager.adapter.uri) / "adapter_model.safetensors"))
+
+
+def test_liger_kernel_and_unknown_settings_fail_clearly_on_cpu(tmp_path, tiny_model_dir, conversations):
+    settings = LoraTrainingSettings(**{**GPU_RECIPE.__dict__, "use_liger_kernel": True})
+    with pytest.raises(ValueError, match="use_liger_kernel needs a CUDA GPU"):
+        train(ArtifactStore(tmp_path / "l"), tiny_model_dir, conversations, settings=settings)
+    with pytest.raises(ValueError, match="precision must be one of auto, bf16-mixed, bf16-true, 32-true"):
+        LoraTrainingSettings(precision="16-mixed")
+    with pytest.raises(ValueError, match="attn_implementation must be one of"):
+        LoraTrainingSettings(attn_implementation="fast")
+    with pytest.raises(ValueError, match="all-linear"):
+        LoraTrainingSettings(lora_target_modules=("all-linear", "q_proj"))
+    settings = LoraTrainingSettings(**{**GPU_RECIPE.__dict__, "attn_implementation": "flash_attention_2"})
+    with pytest.raises(ValueError, match="attn_implementation 'flash_attention_2' is not available here"):
+        train(ArtifactStore(tmp_path / "f"), tiny_model_dir, conversations, settings=settings)
+
+
+def test_the_gpu_recipe_through_dagster(pipeline_env, tiny_model_dir):
+    """The lora_training step as Dagster runs it, with the GPU recipe's settings, on CPU; then resumes through
+    Dagster with nothing left to train."""
+    from dagster import AssetKey, DagsterInstance
+
+    from pixtrain_dagster.definitions import build_definitions
+    from support import tiny_run_config
+
+    job = build_definitions().resolve_implicit_global_asset_job_def()
+    selection = [AssetKey(k) for k in ("base_model", "raw_conversations", "training_dataset", "lora_adapter",
+                                       "training_checkpoints")]
+    config = tiny_run_config(tiny_model_dir, precision="bf16-mixed", gradient_clip_norm=0.05, max_steps=2)
+    results = [job.execute_in_process(run_config=config, instance=DagsterInstance.get(), asset_selection=selection)
+               for _ in range(2)]
+    metadata = []
+    for result in results:
+        assert result.success
+        [event] = [e for e in result.get_asset_materialization_events()
+                   if e.asset_key.to_user_string() == "lora_adapter"]
+        metadata.append({k: v.value for k, v in event.materialization.metadata.items()})
+    first, again = metadata
+    assert first["precision"] == "bf16-mixed" and first["steps_this_run"] == 2 and first["tokens_per_second"] > 0
+    assert 0 < first["padding_efficiency"] <= 1 and first["peak_memory_gib"] > 0
+    assert first["conversations"]["kept"] > 0
+    assert again["resumed_from_step"] == 2 and again["steps_this_run"] == 0 and again["sha256"] == first["sha256"]
