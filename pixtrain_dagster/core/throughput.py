@@ -6,7 +6,7 @@ FLOPs per trained token (a multiply-add is 2 FLOPs), for a decoder with ``L`` la
 
     flops/token = 4 * N_linear                       # forward 2N + backward activation grads 2N (frozen base)
                 + 2 * P_trainable                    # backward weight grads, only for the trainable (LoRA) weights
-                + 6 * L * d_attn * S                 # attention scores and values: forward 2*L*d_attn*S, backward 2x that
+                + 6 * L * d_attn * S                 # attention scores and values: forward 2*L*d_attn*S, backward 2x
                 + 4 * f_head * V * H                 # output layer: forward 2*V*H, backward activation grads 2*V*H
 
 where
