@@ -183,7 +183,7 @@ def attention_stats(snapshot: Path, conversations, seq_len: int) -> tuple[float,
 
     tokenizer = AutoTokenizer.from_pretrained(snapshot)
     tokenized = [tokenize_conversation(tokenizer, c, seq_len) for c in conversations]
-    tokenized = [t for t in tokenized if t.trained_tokens]
+    tokenized = [t for t in tokenized if t is not None and t.trained_tokens]  # the core drops the others too
     lengths = [len(t.input_ids) for t in tokenized]
     return segment_attention_length(lengths), sum(t.trained_tokens for t in tokenized) / sum(lengths)
 

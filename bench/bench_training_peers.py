@@ -174,7 +174,8 @@ def _tokenized(tokenizer, conversations, max_len: int) -> list[dict[str, list[in
     rows = []
     for messages in conversations:
         tokenized = tokenize_conversation(tokenizer, messages, max_len)
-        if tokenized.trained_tokens:  # the core drops rows without a labelled token too
+        # The core drops conversations that cannot fit (None) and rows without a labelled token too
+        if tokenized is not None and tokenized.trained_tokens:
             rows.append({"input_ids": tokenized.input_ids, "labels": tokenized.labels})
     return rows
 
