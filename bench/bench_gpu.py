@@ -28,6 +28,7 @@ or ``--peak-tflops``. Prints; never asserts a speed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
     PRECISIONS,
     StepTimes,
+    lenient_packing_probe,
     load_bench_conversations,
     print_table,
     settings_with,
@@ -73,6 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--liger", action="store_true", help="Liger kernels where installed")
     parser.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"],
                         help="LoRA target modules, or all-linear where the core supports it")
+    parser.add_argument("--lenient-packing-probe", action="store_true",
+                        help="train packed even where the core's load-time packing probe refuses (noted in results)")
     parser.add_argument("--peak-tflops", type=float, help="device peak dense bf16 TFLOP/s (default: by device name)")
     parser.add_argument("--snapshot", type=Path, help="an existing SmolLM2-135M snapshot folder")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder for models built from a config")
@@ -227,12 +231,13 @@ def run_one(args, name: str, snapshot: Path, seq_len: int, conversations, device
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    result = train_lora_adapter(
-        store=ArtifactStore(scratch / "store"), base_snapshot_dir=snapshot, base_model_sha256="bench",
-        dataset_sha256="bench", train_conversations=conversations, validation_conversations=conversations[:2],
-        settings=settings, runtime=RuntimeSettings(device=device, wandb_mode="disabled"), resume=False,
-        extra_callbacks=[Timer()],
-    )
+    with lenient_packing_probe(notes) if args.lenient_packing_probe else contextlib.nullcontext():
+        result = train_lora_adapter(
+            store=ArtifactStore(scratch / "store"), base_snapshot_dir=snapshot, base_model_sha256="bench",
+            dataset_sha256="bench", train_conversations=conversations, validation_conversations=conversations[:2],
+            settings=settings, runtime=RuntimeSettings(device=device, wandb_mode="disabled"), resume=False,
+            extra_callbacks=[Timer()],
+        )
     window = timer.window()
     config = AutoConfig.from_pretrained(snapshot)
     s_attn, head_fraction = attention_stats(snapshot, conversations[:200], seq_len)
