@@ -50,12 +50,71 @@ def test_hadolint_can_fail(tmp_path):
     assert result.returncode != 0 and "DL" in result.stdout
 
 
-def test_multi_stage_on_cuda_12_1_runtime():
+def test_multi_stage_on_a_cuda_runtime():
     instructions = _instructions(DOCKERFILE.read_text())
     stages = [arg for op, arg in instructions if op == "FROM"]
     assert len(stages) >= 3 and any(" AS builder" in s for s in stages)
+    assert stages[0].startswith("${CUDA_IMAGE} AS "), "every stage builds on the CUDA base image"
     base = next(arg for op, arg in instructions if op == "ARG" and arg.startswith("CUDA_IMAGE="))
-    assert re.fullmatch(r"CUDA_IMAGE=nvidia/cuda:12\.1\.\d+-cudnn\d-runtime-ubuntu\d\d\.04", base)
+    assert re.fullmatch(r"CUDA_IMAGE=nvidia/cuda:\d+\.\d+\.\d+-(cudnn-)?runtime-ubuntu\d\d\.04", base)
+
+
+# CUDA builds published for each torch release (PyTorch RELEASE.md, "Release Compatibility Matrix"):
+# 2.13: stable CUDA 12.6 and 13.0, experimental 13.2.
+TORCH_CUDA_BUILDS = {"2.13.0": {"cu126", "cu130", "cu132"}}
+
+
+def _torch_cuda_mismatches(text: str) -> list[str]:
+    """Why the Dockerfile's CUDA base image and the CUDA build of torch it installs disagree (empty: they agree)."""
+    instructions = _instructions(text)
+    args = dict(arg.split("=", 1) for op, arg in instructions if op == "ARG" and "=" in arg)
+    problems = []
+    image = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-.*", args.get("CUDA_IMAGE", ""))
+    variant = args.get("TORCH_CUDA", "")
+    if not image:
+        problems.append(f"CUDA_IMAGE {args.get('CUDA_IMAGE')!r} is not an nvidia/cuda:X.Y.Z image")
+    elif variant != f"cu{image.group(1)}{image.group(2)}":
+        problems.append(f"base image CUDA {image.group(1)}.{image.group(2)} but torch build {variant!r}")
+    version = args.get("TORCH_VERSION", "")
+    if variant not in TORCH_CUDA_BUILDS.get(version, set()):
+        problems.append(f"torch {version} has no {variant!r} build (known: {sorted(TORCH_CUDA_BUILDS.get(version, []))})")
+    installs = [arg for op, arg in instructions if op == "RUN" and re.search(r"pip install .*torch==", arg)]
+    if not installs or not all('"torch==${TORCH_VERSION}+${TORCH_CUDA}"' in arg and "${TORCH_INDEX_URL}" in arg
+                               for arg in installs):
+        problems.append("torch is not installed as torch==${TORCH_VERSION}+${TORCH_CUDA} from ${TORCH_INDEX_URL}")
+    if "${TORCH_CUDA}" not in args.get("TORCH_INDEX_URL", ""):
+        problems.append(f"TORCH_INDEX_URL {args.get('TORCH_INDEX_URL')!r} does not serve the ${{TORCH_CUDA}} build")
+    return problems
+
+
+def test_base_image_cuda_is_the_cuda_build_of_torch():
+    text = DOCKERFILE.read_text()
+    assert _torch_cuda_mismatches(text) == []
+    pinned = re.search(r'"torch==([^"]+)"', (REPO_ROOT / "pyproject.toml").read_text()).group(1)
+    args = dict(arg.split("=", 1) for op, arg in _instructions(text) if op == "ARG" and "=" in arg)
+    assert args["TORCH_VERSION"] == pinned, "the image installs the torch version pyproject pins"
+
+
+def test_cuda_mismatch_check_can_fail():
+    text = DOCKERFILE.read_text()
+    image = next(arg for op, arg in _instructions(text) if op == "ARG" and arg.startswith("CUDA_IMAGE="))
+    old_base = text.replace(image, "CUDA_IMAGE=nvidia/cuda:12.1.1-cudnn8-runtime-ubuntu22.04")
+    assert any("base image CUDA 12.1" in p for p in _torch_cuda_mismatches(old_base))
+    no_cu121 = old_base.replace("TORCH_CUDA=cu130", "TORCH_CUDA=cu121")
+    assert any("has no 'cu121' build" in p for p in _torch_cuda_mismatches(no_cu121))
+    unpinned = text.replace('"torch==${TORCH_VERSION}+${TORCH_CUDA}"', '"torch==${TORCH_VERSION}"')
+    assert _torch_cuda_mismatches(unpinned)
+
+
+def test_documented_cuda_variants_match_and_name_the_minimum_driver():
+    """Every CUDA_IMAGE/TORCH_CUDA build-arg pair in the docs and Dockerfile comments is itself consistent."""
+    deployment = (REPO_ROOT / "docs" / "deployment.md").read_text()
+    pairs = re.findall(r"CUDA_IMAGE=nvidia/cuda:(\d+)\.(\d+)\.\d+\S*\s+(?:\\\s+)?--build-arg TORCH_CUDA=(cu\d+)",
+                       deployment + DOCKERFILE.read_text())
+    assert len(pairs) >= 2, pairs
+    for major, minor, variant in pairs:
+        assert variant == f"cu{major}{minor}"
+    assert "580.65.06" in deployment, "docs/deployment.md names the minimum driver for CUDA 13.0"
 
 
 def test_runtime_stage_runs_as_1001_with_no_build_tools():

