@@ -285,3 +285,22 @@ def test_the_gpu_recipe_through_dagster(pipeline_env, tiny_model_dir):
     assert 0 < first["padding_efficiency"] <= 1 and first["peak_memory_gib"] > 0
     assert first["conversations"]["kept"] > 0
     assert again["resumed_from_step"] == 2 and again["steps_this_run"] == 0 and again["sha256"] == first["sha256"]
+
+
+def test_mfu_follows_the_lora_flops_formula_for_the_trained_data(tiny_model_dir):
+    """MFU is reported only where a device peak is known (GPUs); its arithmetic is checked here with a given peak."""
+    from pixtrain_dagster.core.throughput import lora_flops_per_token, segment_attention_length
+    from pixtrain_dagster.core.training import _mfu_function, _setup_data, _setup_model
+
+    settings = LoraTrainingSettings(max_seq_len=256, precision="32-true")
+    model, tokenizer = _setup_model(tiny_model_dir, settings, "cpu", "32-true")
+    rows = load_conversations(SAMPLE_DATASET)
+    data = _setup_data(tokenizer, settings, rows[:20], rows[40:42])
+    assert _mfu_function(model, data, None, 1)(1000.0) is None  # CPU: no peak, no MFU
+    kept = [c for c in data.train.rows for c in c.segments]
+    lengths = [len(c.input_ids) for c in kept]
+    assert data.attention_length == pytest.approx(segment_attention_length(lengths))
+    assert data.head_fraction == pytest.approx(sum(c.loss_tokens for c in kept) / sum(lengths))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    flops = lora_flops_per_token(model.get_base_model().config, trainable, data.attention_length, data.head_fraction)
+    assert _mfu_function(model, data, 989e12, 2)(5000.0) == pytest.approx(5000.0 * flops / (2 * 989e12))

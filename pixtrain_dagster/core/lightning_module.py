@@ -117,6 +117,7 @@ class LoraFineTuning(L.LightningModule):
         self._unread_grad_norms: list[torch.Tensor] = []
         self._trainable: list[torch.nn.Parameter] = []
         self.prefetcher: PrefetchedBatches | None = None
+        self.mfu: float | None = None  # set at log intervals on GPUs with a known peak (core/throughput.py)
 
     @property
     def padding_efficiency(self) -> float:

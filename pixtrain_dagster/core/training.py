@@ -91,7 +91,8 @@ class _Throughput:
 
 
 def _make_progress_callback(store: ArtifactStore, fingerprint: str, settings: LoraTrainingSettings,
-                            published: list[ArtifactRef], on_checkpoint: CheckpointHook | None):
+                            published: list[ArtifactRef], on_checkpoint: CheckpointHook | None,
+                            model_flops: Callable[[float], float | None] = lambda rate: None):
     import lightning as L
 
     class ProgressAndCheckpoints(L.Callback):
@@ -127,6 +128,9 @@ def _make_progress_callback(store: ArtifactStore, fingerprint: str, settings: Lo
                       "train/lr": lr, "train/padding_efficiency": pl_module.padding_efficiency}
             if rate is not None:
                 values["train/tokens_per_second"] = rate
+                pl_module.mfu = model_flops(rate)  # read by the metrics callback too
+                if pl_module.mfu is not None:
+                    values["train/mfu"] = pl_module.mfu
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=step)
             log.info("step %d/%d  loss %.4f  grad-norm %.3f  lr %.2e  %s", step, trainer.max_steps,
@@ -173,12 +177,15 @@ class _PreparedData:
     train: Any  # StepIndexedBatches
     validation: list[dict[str, Any]]
     counts: dict[str, int]
+    attention_length: float  # token-weighted mean conversation length: the attention context for FLOPs
+    head_fraction: float  # labelled tokens / input tokens: the share of positions the output layer sees
 
 
 def _setup_data(tokenizer: Any, settings: LoraTrainingSettings, train_conversations: Sequence[list[dict[str, str]]],
                 validation_conversations: Sequence[list[dict[str, str]]], rank: int = 0) -> _PreparedData:
     """Tokenise (too-long conversations keep their newest turns), pack, and index the batches by step."""
     from .settings import VARLEN_ATTENTION
+    from .throughput import segment_attention_length
     from .tokenization import StepIndexedBatches, fixed_batches, pack_rows, tokenize_conversations
 
     train = tokenize_conversations(tokenizer, train_conversations, settings.max_seq_len)
@@ -195,8 +202,10 @@ def _setup_data(tokenizer: Any, settings: LoraTrainingSettings, train_conversati
         world_size=settings.world_size, rank=rank,
     )
     validation_rows = pack_rows(validation.conversations, settings.max_seq_len, pack=False)
+    lengths = [len(c.input_ids) for c in train.conversations]
     return _PreparedData(batches, fixed_batches(validation_rows, settings.micro_batch_size, tokenizer.pad_token_id),
-                         train.counts())
+                         train.counts(), segment_attention_length(lengths) if lengths else 0.0,
+                         sum(c.loss_tokens for c in train.conversations) / max(1, sum(lengths)))
 
 
 def _setup_model(base_snapshot_dir: Path, settings: LoraTrainingSettings, device: str, precision: str):
@@ -333,6 +342,30 @@ def _publish_adapter(store: ArtifactStore, peft_model: Any, tokenizer: Any, summ
         return store.publish(folder, f"adapters/{fingerprint}", extra=summary, replace=True)
 
 
+def _device_peak_flops(device: str, local_rank: int) -> float | None:
+    from .throughput import peak_flops
+
+    if device != "cuda":
+        return None  # CPUs: no dense-bf16 peak worth quoting, so no MFU
+    import torch
+
+    return peak_flops(torch.cuda.get_device_name(local_rank))
+
+
+def _mfu_function(peft_model: Any, data: _PreparedData, peak_per_device: float | None, world_size: int
+                  ) -> Callable[[float], float | None]:
+    """tokens/s (all ranks) -> model FLOPs utilisation, or None where the device's peak is unknown.
+    Formula and peak table: core/throughput.py."""
+    from .throughput import lora_flops_per_token, mfu
+
+    if peak_per_device is None or not data.attention_length:
+        return lambda rate: None
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    flops = lora_flops_per_token(peft_model.get_base_model().config, trainable, data.attention_length,
+                                 data.head_fraction)
+    return lambda rate: mfu(rate, flops, peak_per_device * world_size)
+
+
 def _peak_memory_bytes(device: str) -> int:
     import torch
 
@@ -404,7 +437,9 @@ def train_lora_adapter(
     published: list[ArtifactRef] = (
         [checkpoint_store.ref(k) for k in checkpoint_store.list(checkpoint_prefix(fingerprint))] if resume else []
     )
-    progress = _make_progress_callback(checkpoint_store, fingerprint, settings, published, on_checkpoint)
+    utilisation = _mfu_function(peft_model, data, _device_peak_flops(device, local_rank), settings.world_size)
+    progress = _make_progress_callback(checkpoint_store, fingerprint, settings, published, on_checkpoint,
+                                       utilisation)
 
     with tempfile.TemporaryDirectory(prefix="pixtrain-train-") as workdir:
         logger = _wandb_logger(runtime, fingerprint, settings, Path(workdir))
@@ -457,6 +492,7 @@ def train_lora_adapter(
         padding_efficiency=module.padding_efficiency,
         peak_memory_bytes=_peak_memory_bytes(device),
         data_wait_seconds=module.prefetcher.wait_seconds if module.prefetcher else 0.0,
+        mfu=utilisation(rate) if rate else None,
         conversations=data.counts,
         world_size=trainer.world_size,
         strategy=settings.resolved_strategy,
