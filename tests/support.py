@@ -20,3 +20,30 @@ def tiny_run_config(tiny_model_dir: Path, **training_overrides) -> dict:
         "adapter_evaluation": {"config": {"sample_replies": 1, "max_new_tokens": 8}},
         "bias_report": {"config": {"max_new_tokens": 8, "bootstrap_resamples": 200}},
     }}
+
+
+# The training half of the graph: enough to exercise lora_training through Dagster.
+TRAINING_ASSETS = ("base_model", "raw_conversations", "training_dataset", "lora_adapter", "training_checkpoints")
+
+
+def run_job(run_config, selection=None, raise_on_error=True):
+    """Materialise the code location's assets in-process on the current instance (``selection``: asset keys)."""
+    from dagster import AssetKey, DagsterInstance
+
+    from pixtrain_dagster.definitions import build_definitions
+
+    job = build_definitions().resolve_implicit_global_asset_job_def()
+    keys = [AssetKey(k) if isinstance(k, str) else k for k in selection] if selection else None
+    return job.execute_in_process(run_config=run_config, instance=DagsterInstance.get(),
+                                  asset_selection=keys, raise_on_error=raise_on_error)
+
+
+def materialized_metadata(result, key):
+    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == key]
+    return {k: v.value for k, v in event.materialization.metadata.items()}
+
+
+def run_log_messages(result) -> list[str]:
+    from dagster import DagsterInstance
+
+    return [entry.user_message for entry in DagsterInstance.get().all_logs(result.run_id)]

@@ -157,21 +157,13 @@ def test_impossible_scale_out_settings_are_refused_with_the_reason():
 def test_the_training_step_runs_several_processes_inside_its_pod(pipeline_env, tiny_model_dir):
     """devices: 2 through Dagster: the step runs torchrun --standalone with two processes (gloo on CPU), publishes
     rank 0's adapter, and records its checkpoints."""
-    from dagster import AssetKey, DagsterInstance
+    from support import TRAINING_ASSETS, materialized_metadata, run_job, run_log_messages, tiny_run_config
 
-    from pixtrain_dagster.definitions import build_definitions
-    from support import tiny_run_config
-
-    job = build_definitions().resolve_implicit_global_asset_job_def()
-    selection = [AssetKey(k) for k in ("base_model", "raw_conversations", "training_dataset", "lora_adapter",
-                                       "training_checkpoints")]
-    config = tiny_run_config(tiny_model_dir, devices=2, max_steps=2, lora_dropout=0.0)
-    result = job.execute_in_process(run_config=config, instance=DagsterInstance.get(), asset_selection=selection)
+    result = run_job(tiny_run_config(tiny_model_dir, devices=2, max_steps=2, lora_dropout=0.0), TRAINING_ASSETS)
     assert result.success
-    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == "lora_adapter"]
-    metadata = {k: v.value for k, v in event.materialization.metadata.items()}
+    metadata = materialized_metadata(result, "lora_adapter")
     assert metadata["steps"] == 2 and metadata["tokens_per_second"] > 0
-    logs = [entry.user_message for entry in DagsterInstance.get().all_logs(result.run_id)]
+    logs = run_log_messages(result)
     assert any("launching 2 training processes" in m for m in logs)
     assert any("[rank 1]" in m for m in logs)  # the second process's output reached the run's log
     store = ArtifactStore(pipeline_env["artifact_root"])

@@ -263,23 +263,12 @@ def test_liger_kernel_and_unknown_settings_fail_clearly_on_cpu(tmp_path, tiny_mo
 def test_the_gpu_recipe_through_dagster(pipeline_env, tiny_model_dir):
     """The lora_training step as Dagster runs it, with the GPU recipe's settings, on CPU; then resumes through
     Dagster with nothing left to train."""
-    from dagster import AssetKey, DagsterInstance
+    from support import TRAINING_ASSETS, materialized_metadata, run_job, tiny_run_config
 
-    from pixtrain_dagster.definitions import build_definitions
-    from support import tiny_run_config
-
-    job = build_definitions().resolve_implicit_global_asset_job_def()
-    selection = [AssetKey(k) for k in ("base_model", "raw_conversations", "training_dataset", "lora_adapter",
-                                       "training_checkpoints")]
     config = tiny_run_config(tiny_model_dir, precision="bf16-mixed", gradient_clip_norm=0.05, max_steps=2)
-    results = [job.execute_in_process(run_config=config, instance=DagsterInstance.get(), asset_selection=selection)
-               for _ in range(2)]
-    metadata = []
-    for result in results:
-        assert result.success
-        [event] = [e for e in result.get_asset_materialization_events()
-                   if e.asset_key.to_user_string() == "lora_adapter"]
-        metadata.append({k: v.value for k, v in event.materialization.metadata.items()})
+    results = [run_job(config, TRAINING_ASSETS) for _ in range(2)]
+    assert all(result.success for result in results)
+    metadata = [materialized_metadata(result, "lora_adapter") for result in results]
     first, again = metadata
     assert first["precision"] == "bf16-mixed" and first["steps_this_run"] == 2 and first["tokens_per_second"] > 0
     assert 0 < first["padding_efficiency"] <= 1 and first["peak_memory_gib"] > 0

@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from dagster import AssetKey, DagsterInstance
-
 from fake_kube import FakeCluster
 from pixtrain_dagster.core.artifacts import ArtifactStore
 from pixtrain_dagster.trainjob import KubeApis
@@ -69,22 +67,15 @@ def cluster(monkeypatch):
 
 
 def test_a_two_node_run_goes_through_a_trainjob_and_publishes_like_one_pod(pipeline_env, tiny_model_dir, cluster):
-    from pixtrain_dagster.definitions import build_definitions
-    from support import tiny_run_config
+    from support import TRAINING_ASSETS, materialized_metadata, run_job, run_log_messages, tiny_run_config
 
-    job = build_definitions().resolve_implicit_global_asset_job_def()
-    selection = [AssetKey(k) for k in ("base_model", "raw_conversations", "training_dataset", "lora_adapter",
-                                       "training_checkpoints")]
-    config = tiny_run_config(tiny_model_dir, num_nodes=2, max_steps=2, lora_dropout=0.0)
-    result = job.execute_in_process(run_config=config, instance=DagsterInstance.get(), asset_selection=selection)
+    result = run_job(tiny_run_config(tiny_model_dir, num_nodes=2, max_steps=2, lora_dropout=0.0), TRAINING_ASSETS)
     assert result.success
     ((namespace, name),) = cluster.trainjobs
     assert cluster.trainjobs[(namespace, name)]["spec"]["trainer"]["numNodes"] == 2
     assert [p.returncode for p in cluster.on_poll.processes] == [0, 0]
-    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == "lora_adapter"]
-    metadata = {k: v.value for k, v in event.materialization.metadata.items()}
+    metadata = materialized_metadata(result, "lora_adapter")
     assert metadata["steps"] == 2
     store = ArtifactStore(pipeline_env["artifact_root"])
     assert store.exists(store.key_of(metadata["uri"]))
-    logs = [entry.user_message for entry in DagsterInstance.get().all_logs(result.run_id)]
-    assert any("rank 0 started" in m for m in logs)  # rank 0's log reached the run
+    assert any("rank 0 started" in m for m in run_log_messages(result))  # rank 0's log reached the run

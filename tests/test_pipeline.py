@@ -13,25 +13,11 @@ from dagster._serdes import serialize_value
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from support import REPO_ROOT, tiny_run_config
+from support import REPO_ROOT, materialized_metadata, run_job, tiny_run_config
 from pixtrain_dagster.core.artifacts import ArtifactStore
 
 ALL_KEYS = {"base_model", "raw_conversations", "training_dataset", "lora_adapter", "training_checkpoints",
             "adapter_evaluation", "bias_report", "promoted_adapter"}
-
-
-def run_job(run_config, selection=None, raise_on_error=True):
-    from pixtrain_dagster.definitions import build_definitions
-
-    defs = build_definitions()
-    job = defs.resolve_implicit_global_asset_job_def()
-    return job.execute_in_process(run_config=run_config, instance=DagsterInstance.get(),
-                                  asset_selection=selection, raise_on_error=raise_on_error)
-
-
-def materialized_metadata(result, key):
-    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == key]
-    return {k: v.value for k, v in event.materialization.metadata.items()}
 
 
 SECRET = "hf_do-not-leak-1f9a2b7c"

@@ -66,7 +66,8 @@ def test_new_changed_and_unchanged_files(pipeline_env):
 
 
 def test_run_key_is_the_dataset_version_raw_conversations_records(pipeline_env, tiny_model_dir):
-    from test_pipeline import materialized_metadata, run_job, _keys
+    from support import materialized_metadata, run_job
+    from test_pipeline import _keys
 
     request, _ = evaluate(None, DagsterInstance.ephemeral())
     result = run_job(tiny_run_config(tiny_model_dir), selection=_keys("raw_conversations"))
