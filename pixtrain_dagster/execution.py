@@ -302,6 +302,11 @@ def _secret_env(settings: ExecutionSettings, names: tuple[str, ...]) -> list[dic
             for name in dict.fromkeys(names)]
 
 
+def secret_env_refs(settings: ExecutionSettings, names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``env`` entries referencing the Secrets of ``names`` (python-client form), for pods built outside op tags."""
+    return _secret_env(settings, names)
+
+
 def step_env(settings: ExecutionSettings) -> list[dict[str, Any]]:
     """Environment of every step pod (writable paths, read-only inputs, Secrets by reference), in
     python-client form. Also the environment of Kubeflow TrainJob pods (pixtrain_dagster/trainjob.py)."""

@@ -37,6 +37,8 @@ from .execution import (
     SHM_PATH,
     ExecutionSettings,
     ExecutionSettingsError,
+    WANDB_API_KEY_ENV,
+    secret_env_refs,
     step_env,
     step_volumes,
 )
@@ -215,7 +217,10 @@ def build_trainjob(
     volumes, mounts = step_volumes(settings)
     volumes = [*volumes, {"name": "dshm", "empty_dir": {"medium": "Memory", "size_limit": settings.gpu_shm_size}}]
     mounts = [*mounts, {"name": "dshm", "mount_path": SHM_PATH}]
-    env = [*step_env(settings), {"name": "PYTORCH_CUDA_ALLOC_CONF", "value": settings.pytorch_cuda_alloc_conf}]
+    # The training processes log to W&B; they never touch the metadata database (the launching step does), so
+    # they get the W&B key and nothing else (least privilege, as the step pods).
+    env = [*step_env(settings), {"name": "PYTORCH_CUDA_ALLOC_CONF", "value": settings.pytorch_cuda_alloc_conf},
+           *secret_env_refs(settings, (WANDB_API_KEY_ENV,))]
     amounts = {"cpu": settings.gpu_cpu, "memory": settings.gpu_memory, "nvidia.com/gpu": str(gpus_per_node)}
 
     pod_labels = {TRAINJOB_POD_LABEL: "true", TRAINJOB_NAME_LABEL: name, "pixtrain/step-kind": "gpu"}

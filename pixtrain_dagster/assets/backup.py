@@ -24,7 +24,7 @@ from dagster import (
 from pydantic import Field
 
 from ..core.backup import BACKUP_URI_ENV, BackupError, run_backup, write_metric_textfile
-from ..execution import step_pod_tags
+from ..execution import METADATA_DB_PASSWORD_ENV, step_pod_tags
 from ..resources import ArtifactStoreResource, TrainingMetadataResource
 
 METRICS_FILE_ENV = "PIXTRAIN_BACKUP_METRICS_FILE"
@@ -41,7 +41,9 @@ class ArtifactBackupConfig(Config):
 
 @asset(
     group_name="operations",
-    op_tags=step_pod_tags("cpu"),
+    # It records each backup in the audit trail: the metadata database password, nothing else (the object
+    # store's credentials come from the pod's workload identity or the backup Secret, docs/runbook.md).
+    op_tags=step_pod_tags("cpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
     code_version="1",
     retry_policy=RetryPolicy(max_retries=2, delay=60),
     description="Verified copy of every published artifact and pointer at the backup location.",

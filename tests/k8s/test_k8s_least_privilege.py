@@ -28,6 +28,7 @@ STEP_SECRETS = {
     "adapter_evaluation": {"PIXTRAIN_DB_PASSWORD"},
     "bias_report": {"PIXTRAIN_DB_PASSWORD"},
     "promoted_adapter": {"PIXTRAIN_DB_PASSWORD"},
+    "artifact_backup": {"PIXTRAIN_DB_PASSWORD"},  # records each backup in the audit trail
 }
 # Dagster's own event storage: every step process writes its events there (set by the run launcher).
 EVERY_STEP = {"DAGSTER_PG_PASSWORD"}

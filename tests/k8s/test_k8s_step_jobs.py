@@ -24,7 +24,7 @@ from .pod_security import violations
 
 # Which steps need GPUs. Every step of the pipeline must be listed: a new asset forces a decision here.
 GPU_STEPS = {"lora_training", "adapter_evaluation", "bias_report"}
-CPU_STEPS = {"base_model", "raw_conversations", "training_dataset", "promoted_adapter"}
+CPU_STEPS = {"base_model", "raw_conversations", "training_dataset", "promoted_adapter", "artifact_backup"}
 EXPECTED_SECRET_REFS = {
     "HF_TOKEN": ("pixtrain-hf-token", "HF_TOKEN"),
     "WANDB_API_KEY": ("pixtrain-wandb", "WANDB_API_KEY"),

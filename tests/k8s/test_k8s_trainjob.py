@@ -133,17 +133,21 @@ def test_trainjob_pods_are_shaped_like_the_single_node_gpu_step_pod(k8s_step_job
     def volumes(spec):
         return {v["name"]: {k: x for k, x in v.items() if k != "name"} for v in spec["volumes"]}
 
-    assert volumes(pod) == volumes(step)
+    # The same volumes, except the metadata database's CA: training pods never talk to the database (the
+    # launching step records the run), so they get neither its CA nor its password.
+    database_only_volumes = {"db-ca"}
+    assert volumes(pod) == {k: v for k, v in volumes(step).items() if k not in database_only_volumes}
     assert {m["mountPath"]: m for m in container["volumeMounts"]} == {
-        m["mountPath"]: m for m in step_container["volumeMounts"]}
+        m["mountPath"]: m for m in step_container["volumeMounts"] if m["name"] not in database_only_volumes}
 
     # Same variables and Secret references, except what dagster-k8s itself adds for Dagster's own processes
-    # (the training processes run no Dagster code) and the PIXTRAIN_* ConfigMap, loaded with envFrom in step
-    # pods (a TrainJob container has no envFrom; the request file carries the settings).
+    # (the training processes run no Dagster code), the step's metrics port (the step pod serves /metrics), the
+    # database password, and the PIXTRAIN_* ConfigMap, loaded with envFrom in step pods (a TrainJob container
+    # has no envFrom; the request file carries the settings).
     step_env = {e["name"]: e for e in step_container["env"]}
     env = {e["name"]: e for e in container["env"]}
     dagster_only = {n for n in step_env if n.startswith("DAGSTER_")}
-    assert set(env) == set(step_env) - dagster_only
+    assert set(env) == set(step_env) - dagster_only - {"PIXTRAIN_DB_PASSWORD", "PIXTRAIN_METRICS_PORT"}
     assert all(env[n] == step_env[n] for n in env)
 
 
@@ -152,11 +156,8 @@ def test_secrets_go_by_reference_only():
     text = json.dumps(manifest)
     assert not [v for v in SECRET_CANARIES.values() if v in text]
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in manifest["spec"]["trainer"]["env"] if "valueFrom" in e}
-    assert refs == {
-        "HF_TOKEN": {"name": "pixtrain-hf-token", "key": "HF_TOKEN"},
-        "WANDB_API_KEY": {"name": "pixtrain-wandb", "key": "WANDB_API_KEY"},
-        "PIXTRAIN_DB_PASSWORD": {"name": "pixtrain-metadata-db", "key": "password"},
-    }
+    # Least privilege: the training processes log to W&B and need nothing else (no hub token, no database).
+    assert refs == {"WANDB_API_KEY": {"name": "pixtrain-wandb", "key": "WANDB_API_KEY"}}
 
 
 def test_pods_carry_the_labels_the_network_policy_selects():

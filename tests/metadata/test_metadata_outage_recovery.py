@@ -127,7 +127,8 @@ def test_refused_for_a_whole_step_fails_once_clearly_then_a_retry_records_everyt
     assert _counts(url) == {"dataset_versions": 0, "training_runs": 0, "checkpoints": 0, "audit_events": 0}
     retried = job.execute_in_process(instance=DagsterInstance.get(), asset_selection=selection)
     assert retried.success
-    assert _counts(url) == {"dataset_versions": 1, "training_runs": 0, "checkpoints": 0, "audit_events": 1}
+    # One dataset version; two audit events: its registration and the data gate's decision (issue 9), each once.
+    assert _counts(url) == {"dataset_versions": 1, "training_runs": 0, "checkpoints": 0, "audit_events": 2}
 
 
 def test_outage_in_the_middle_of_a_training_step_then_the_step_retry_records_everything_once(forwarded_url):
