@@ -50,5 +50,7 @@ def test_training_evaluation_and_bias_steps_serve_metrics_while_they_run(pipelin
         stop.set()
         poller.join(timeout=5)
     assert result.success
-    assert seen.get("lora_training") == 4  # TINY_TRAINING_CONFIG trains 4 steps; the last one was scraped
+    # TINY_TRAINING_CONFIG trains 4 steps; the server stops well under a second after the last one, so a scrape
+    # every 0.2 s on a loaded 2-core machine may miss step 4 (CI once saw 3): any training step proves the point.
+    assert 1 <= seen.get("lora_training", -1) <= 4
     assert {"adapter_evaluation", "bias_report"} <= set(seen)
