@@ -47,3 +47,17 @@ def run_log_messages(result) -> list[str]:
     from dagster import DagsterInstance
 
     return [entry.user_message for entry in DagsterInstance.get().all_logs(result.run_id)]
+
+
+def closed_schema(node):
+    """A JSON schema with ``additionalProperties: false`` on every object that lists its properties (except
+    Kubernetes' preserve-unknown-fields), so a misspelt field fails as the API server would reject it."""
+    if isinstance(node, dict):
+        node = {k: closed_schema(v) for k, v in node.items()}
+        if ("properties" in node and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")):
+            node["additionalProperties"] = False
+        return node
+    if isinstance(node, list):
+        return [closed_schema(v) for v in node]
+    return node

@@ -25,19 +25,9 @@ import yaml
 
 from .k8s_support import REPO_ROOT
 
+from support import closed_schema
+
 CRD_FILE_NAME = "trainer.kubeflow.org_trainjobs.yaml"
-
-
-def _close(node: Any) -> Any:
-    if isinstance(node, dict):
-        node = {k: _close(v) for k, v in node.items()}
-        if ("properties" in node and "additionalProperties" not in node
-                and not node.get("x-kubernetes-preserve-unknown-fields")):
-            node["additionalProperties"] = False
-        return node
-    if isinstance(node, list):
-        return [_close(v) for v in node]
-    return node
 
 
 @functools.cache
@@ -50,7 +40,7 @@ def api_models_schema() -> dict[str, Any]:
     for name in list(schema["$defs"]):
         if name in ("IoK8sApimachineryPkgApiResourceQuantity", "IoK8sApimachineryPkgUtilIntstrIntOrString"):
             schema["$defs"][name] = {"anyOf": [{"type": "string"}, {"type": "integer"}]}
-    return _close(schema)
+    return closed_schema(schema)
 
 
 def crd_path() -> Path | None:
@@ -68,7 +58,7 @@ def crd_schema(path: Path) -> dict[str, Any]:
     crd = yaml.safe_load(path.read_text())
     assert crd["spec"]["group"] == "trainer.kubeflow.org" and crd["spec"]["names"]["kind"] == "TrainJob", path
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
-    return _close(version["schema"]["openAPIV3Schema"])
+    return closed_schema(version["schema"]["openAPIV3Schema"])
 
 
 def _leaves(error):

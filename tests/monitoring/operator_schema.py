@@ -34,6 +34,8 @@ import yaml
 
 from .prom_support import REPO_ROOT
 
+from support import closed_schema
+
 MODELS_PACKAGE = "cloudcoil-models-prometheus-operator"
 PLURALS = {"PodMonitor": "podmonitors", "PrometheusRule": "prometheusrules"}
 CRDS_DIR_ENV = "PIXTRAIN_PROMETHEUS_CRDS_DIR"
@@ -66,24 +68,12 @@ def crd_file_name(kind: str) -> str:
     return f"monitoring.coreos.com_{PLURALS[kind]}.yaml"
 
 
-def _close(node: Any) -> Any:
-    if isinstance(node, dict):
-        node = {k: _close(v) for k, v in node.items()}
-        if ("properties" in node and "additionalProperties" not in node
-                and not node.get("x-kubernetes-preserve-unknown-fields")):
-            node["additionalProperties"] = False
-        return node
-    if isinstance(node, list):
-        return [_close(v) for v in node]
-    return node
-
-
 @functools.cache
 def crd_schema(path: Path, kind: str) -> dict[str, Any]:
     crd = yaml.safe_load(path.read_text())
     assert crd["spec"]["group"] == "monitoring.coreos.com" and crd["spec"]["names"]["kind"] == kind, path
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    schema = _close(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+    schema = closed_schema(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
     # metadata is validated by the API server itself, not by the CRD schema
     schema["properties"]["metadata"] = {"type": "object"}
     return schema
