@@ -8,10 +8,10 @@ import os
 
 from dagster import Definitions
 
-from .assets import ALL_ASSETS
+from .assets import ALL_ASSET_CHECKS, ALL_ASSETS
 from .assets.backup import artifact_backup, artifact_backup_job, artifact_backup_schedule
 from .execution import executor_from_env
-from .jobs import train_adapter_job
+from .jobs import recheck_gates_job, train_adapter_job
 from .resources import (
     ArtifactPointerIOManager,
     ArtifactStoreResource,
@@ -29,7 +29,8 @@ def build_definitions() -> Definitions:
     artifact_store = ArtifactStoreResource.from_env()
     return Definitions(
         assets=[*ALL_ASSETS, artifact_backup],
-        jobs=[train_adapter_job, artifact_backup_job],
+        asset_checks=ALL_ASSET_CHECKS,
+        jobs=[train_adapter_job, recheck_gates_job, artifact_backup_job],
         sensors=[new_training_data, downstream_automation, alert_on_failure, *MONITORING_SENSORS],
         schedules=[retraining_schedule, artifact_backup_schedule],
         resources={

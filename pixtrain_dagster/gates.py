@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from dagster import AssetExecutionContext, Failure
+from dagster import AssetCheckExecutionContext, AssetExecutionContext, Failure
 from dagster._core.errors import DagsterInvalidPropertyError
 
 from .core.gate_policy import GatePolicy, GatePolicyError, policy_override_in_tag
@@ -14,7 +14,7 @@ from .core.gate_policy import GatePolicy, GatePolicyError, policy_override_in_ta
 K8S_CONFIG_TAG = "dagster-k8s/config"
 
 
-def deployed_policy(context: AssetExecutionContext | None = None) -> GatePolicy:
+def deployed_policy(context: AssetExecutionContext | AssetCheckExecutionContext | None = None) -> GatePolicy:
     """The deployed gate policy of this step's process; fails when the run's tags try to replace it."""
     if context is not None and policy_override_in_tag(_run_tags(context).get(K8S_CONFIG_TAG)):
         raise Failure(description=(
@@ -24,7 +24,8 @@ def deployed_policy(context: AssetExecutionContext | None = None) -> GatePolicy:
     return GatePolicy.from_env()
 
 
-def _run_tags(context: AssetExecutionContext) -> Mapping[str, str]:
+def _run_tags(context: AssetExecutionContext | AssetCheckExecutionContext) -> Mapping[str, str]:
+    context = getattr(context, "op_execution_context", context)  # an asset check's context wraps the op's
     try:
         return context.run.tags
     except DagsterInvalidPropertyError:  # a directly invoked asset (tests) has no run, hence no pod tags

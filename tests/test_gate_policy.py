@@ -104,11 +104,11 @@ def test_bias_report_config_cannot_loosen_the_bias_gate(field):
 def _materialize_data(pipeline_env, run_config=None, tags=None):
     from dagster import DagsterInstance, materialize
 
-    from pixtrain_dagster.assets.data import raw_conversations, training_dataset
+    from pixtrain_dagster.assets.data import raw_conversations, training_dataset, training_dataset_checks
     from pixtrain_dagster.definitions import build_definitions
 
     resources = build_definitions().resources
-    return materialize([raw_conversations, training_dataset], resources=resources, run_config=run_config or {},
+    return materialize([raw_conversations, training_dataset, training_dataset_checks], resources=resources, run_config=run_config or {},
                        tags=tags, instance=DagsterInstance.get(), raise_on_error=False)
 
 

@@ -3,15 +3,17 @@
 import json
 
 from dagster import (
+    AssetCheckExecutionContext,
     AssetCheckResult,
-    AssetCheckSpec,
     AssetExecutionContext,
+    AssetIn,
     AssetKey,
     AutomationCondition,
     Config,
     MetadataValue,
     Output,
     asset,
+    asset_check,
 )
 from pydantic import Field
 
@@ -85,10 +87,6 @@ def _previous_report(context: AssetExecutionContext, store) -> dict | None:
     retry_policy=gpu_step_retry_policy(),
     code_version="1",
     automation_condition=AutomationCondition.eager(),
-    check_specs=[AssetCheckSpec(
-        "bias_gate", asset="bias_report", blocking=True,
-        description="No group under the four-fifths ratio; no significant regression against the base model.",
-    )],
 )
 def bias_report(
     context: AssetExecutionContext,
@@ -141,16 +139,10 @@ def bias_report(
                  "probe_set_sha256": report["probe_set"]["sha256"]},
         passed=bool(verdict["passed"] and external_passed),
     )
-    record_gate_decision(
-        training_metadata.get_store(), who, gate="bias_gate", passed=bool(verdict["passed"] and external_passed),
-        thresholds={**settings.thresholds.to_dict(), "max_templates": settings.max_templates},
-        policy=policy, artifact_uri=lora_adapter.get("uri"), artifact_sha256=lora_adapter["sha256"],
-        extra={"report_uri": ref.uri, "external_service_passed": external_passed},
-    )
     value = {"key": store.key_of(ref.uri), **ref.to_dict(), "adapter_sha256": lora_adapter["sha256"],
              "verdict": verdict, "probe_set_sha256": report["probe_set"]["sha256"],
              "max_templates": settings.max_templates}
-    yield Output(
+    return Output(
         value,
         metadata={
             "verdict": verdict["status"],
@@ -162,10 +154,67 @@ def bias_report(
             "external_assessment": MetadataValue.json(report.get("external_assessment") or {"configured": False}),
         },
     )
-    yield AssetCheckResult(
-        check_name="bias_gate",
-        passed=bool(verdict["passed"] and external_passed),
-        metadata={"summary": verdict["summary"],
-                  "failures": MetadataValue.json([f["message"] for f in verdict["failures"]]),
+
+
+def gate_thresholds(recorded: dict, policy: GatePolicy) -> BiasThresholds:
+    """The thresholds the report was scored under, each made at least as strict as the policy deployed now."""
+    return BiasThresholds(
+        min_ratio=policy.stricter("bias_min_ratio", recorded["min_ratio"]),
+        max_regression=policy.stricter("bias_max_regression", recorded["max_regression"]),
+        metrics=tuple(dict.fromkeys([*policy.bias_gated_metrics, *recorded["metrics"]])),
+        require_significance=bool(recorded["require_significance"] and policy.bias_require_significance),
+        fail_on_previous_regression=bool(recorded["fail_on_previous_regression"]
+                                         or policy.bias_fail_on_previous_regression),
+    )
+
+
+@asset_check(
+    asset=bias_report,
+    name="bias_gate",
+    blocking=True,
+    additional_ins={"lora_adapter": AssetIn("lora_adapter")},
+    op_tags=step_pod_tags("cpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
+    description="No group under the four-fifths ratio; no significant regression against the base model; a "
+                "configured bias service agrees; scored on exactly the current adapter.",
+)
+def bias_gate(
+    context: AssetCheckExecutionContext,
+    bias_report: dict,
+    lora_adapter: dict,
+    artifact_store: ArtifactStoreResource,
+    training_metadata: TrainingMetadataResource,
+) -> AssetCheckResult:
+    """The promotion gate's bias half: the verdict re-computed from the published report (no model is loaded),
+    so it runs alone in seconds (UI: Checks > Execute), e.g. after the deployed thresholds were tightened."""
+    from ..core.bias import evaluate_verdict
+
+    store = artifact_store.store()
+    report = json.loads((store.local_path(bias_report["key"]) / "bias_report.json").read_text())
+    policy = deployed_policy(context)
+    thresholds = gate_thresholds(report["verdict"]["thresholds"], policy)
+    verdict = evaluate_verdict(report, thresholds)
+    problems = [failure["message"] for failure in verdict["failures"]]
+    # Fail closed: a configured service must have answered {"passed": true}.
+    external = report.get("external_assessment")
+    external_passed = external is None or external.get("passed") is True
+    if not external_passed:
+        problems.append("the bias detection service did not pass this adapter")
+    if report["adapter_sha256"] != lora_adapter["sha256"]:
+        problems.append("the report is of a different adapter (retrained since); materialise bias_report again")
+    templates = bias_report.get("max_templates")
+    if templates is not None and templates < policy.bias_min_templates:
+        problems.append(f"the report scored {templates} probe templates; the deployed policy needs at least "
+                        f"{policy.bias_min_templates}: materialise bias_report again")
+    record_gate_decision(
+        training_metadata.get_store(), step_identity(context), gate="bias_gate", passed=not problems,
+        thresholds={**thresholds.to_dict(), "max_templates": templates}, policy=policy,
+        artifact_uri=lora_adapter.get("uri"), artifact_sha256=lora_adapter["sha256"],
+        extra={"report_uri": bias_report["uri"], "external_service_passed": external_passed},
+    )
+    return AssetCheckResult(
+        passed=not problems,
+        metadata={"summary": verdict["summary"], "failures": MetadataValue.json(problems),
+                  "warnings": MetadataValue.int(len(verdict["warnings"])),
                   "external_service_passed": external_passed},
     )
+

@@ -4,14 +4,17 @@
 import json
 
 from dagster import (
+    AssetCheckExecutionContext,
     AssetCheckResult,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetIn,
     Config,
     DataVersion,
     MetadataValue,
     Output,
     asset,
+    multi_asset_check,
 )
 from pydantic import Field
 
@@ -91,14 +94,6 @@ def raw_conversations(context: AssetExecutionContext, artifact_store: ArtifactSt
     group_name="data",
     op_tags=step_pod_tags("cpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
     code_version="1",
-    check_specs=[
-        AssetCheckSpec("schema_valid", asset="training_dataset", blocking=True,
-                       description="Every published record has valid roles, order and content."),
-        AssetCheckSpec("no_phi_left", asset="training_dataset", blocking=True,
-                       description="An independent detector (not the scrubber) finds no identifier in the published splits."),
-        AssetCheckSpec("enough_rows", asset="training_dataset", blocking=True,
-                       description="At least min_train_records training rows and one validation row."),
-    ],
 )
 def training_dataset(
     context: AssetExecutionContext,
@@ -109,7 +104,7 @@ def training_dataset(
 ):
     """Validated, PHI-scrubbed, de-duplicated conversations with a deterministic train/validation split.
 
-    The checks re-read what was published, so they verify the artifact itself, not this step's memory.
+    Its blocking checks (``training_dataset_checks`` below) read the published splits, not this step's memory.
     """
     policy = deployed_policy(context)
     thresholds = resolve_or_fail(lambda: {
@@ -148,7 +143,7 @@ def training_dataset(
     validation = load_conversations(published / "validation.jsonl")
     value = {"key": key, **ref.to_dict(), "version": ref.sha256, "raw_version": raw_conversations["version"],
              "train_records": len(train), "validation_records": len(validation), "report": report}
-    yield Output(
+    return Output(
         value,
         data_version=DataVersion(ref.sha256),
         metadata={
@@ -163,26 +158,77 @@ def training_dataset(
             "uri": MetadataValue.path(ref.uri),
         },
     )
-    problems = [
-        f"{split} record {index + 1}: {problem}"
-        for split, rows in (("train", train), ("validation", validation))
-        for index, messages in enumerate(rows)
-        if (problem := validation_problem(messages, config.max_message_chars))
-    ]
-    yield AssetCheckResult(check_name="schema_valid", passed=not problems,
-                           metadata={"invalid_records": len(problems), "first_problems": problems[:5]})
-    leftover = residual_phi(train + validation)
-    yield AssetCheckResult(check_name="no_phi_left", passed=not leftover,
-                           metadata={"matches_by_kind": MetadataValue.json(dict(leftover))})
-    enough = len(train) >= thresholds["min_train_records"] and len(validation) >= 1
+
+
+@multi_asset_check(
+    specs=[
+        AssetCheckSpec("schema_valid", asset="training_dataset", blocking=True,
+                       description="Every published record has valid roles, order and content."),
+        AssetCheckSpec("no_phi_left", asset="training_dataset", blocking=True,
+                       description="An independent detector (not the scrubber) finds no identifier in the published "
+                                   "splits."),
+        AssetCheckSpec("enough_rows", asset="training_dataset", blocking=True,
+                       description="At least min_train_records training rows and one validation row."),
+    ],
+    can_subset=True,
+    name="training_dataset_checks",
+    ins={"training_dataset": AssetIn("training_dataset")},
+    op_tags=step_pod_tags("cpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
+)
+def training_dataset_checks(
+    context: AssetCheckExecutionContext,
+    training_dataset: dict,
+    artifact_store: ArtifactStoreResource,
+    training_metadata: TrainingMetadataResource,
+):
+    """The dataset gate, on the latest published dataset: runs after every materialisation and alone (UI:
+    Checks > Execute), so a changed rule or a tightened deployed policy re-checks a dataset without curating again.
+
+    Reads the splits through the manifest (a changed file fails here) and the curation settings recorded beside
+    them; the threshold is the one recorded or the deployed one, whichever is stricter.
+    """
+    dataset = training_dataset  # the pointer of the latest materialisation (this run's or an earlier one)
+    store = artifact_store.store()
+    published = store.local_path(dataset["key"])  # verifies every file against the manifest
+    curation = json.loads((published / "curation_report.json").read_text())["config"]
+    policy = deployed_policy(context)
+    # The run's own threshold was checked against the policy when the dataset was curated; re-checked here
+    # against the policy deployed now.
+    minimum = policy.stricter("min_train_records", curation["min_train_records"])
+    thresholds = {"min_train_records": minimum}
+    train = load_conversations(published / "train.jsonl")
+    validation = load_conversations(published / "validation.jsonl")
+    selected = {key.name for key in context.selected_asset_check_keys}
+    outcomes: dict[str, bool] = {}
+    results = []
+    if "schema_valid" in selected:
+        problems = [
+            f"{split} record {index + 1}: {problem}"
+            for split, rows in (("train", train), ("validation", validation))
+            for index, messages in enumerate(rows)
+            if (problem := validation_problem(messages, curation["max_message_chars"]))
+        ]
+        outcomes["schema_valid"] = not problems
+        results.append(AssetCheckResult(
+            check_name="schema_valid", passed=not problems,
+            metadata={"invalid_records": len(problems), "first_problems": problems[:5]}))
+    if "no_phi_left" in selected:
+        leftover = residual_phi(train + validation)  # counts by kind only: never the text
+        outcomes["no_phi_left"] = not leftover
+        results.append(AssetCheckResult(check_name="no_phi_left", passed=not leftover,
+                                        metadata={"matches_by_kind": MetadataValue.json(dict(leftover))}))
+    if "enough_rows" in selected:
+        enough = len(train) >= thresholds["min_train_records"] and len(validation) >= 1
+        outcomes["enough_rows"] = enough
+        results.append(AssetCheckResult(
+            check_name="enough_rows", passed=enough,
+            metadata={"train_records": len(train), "validation_records": len(validation),
+                      "min_train_records": thresholds["min_train_records"]}))
     record_gate_decision(
-        training_metadata.get_store(), who, gate="training_dataset_checks", passed=bool(enough and not problems
-                                                                                           and not leftover),
-        thresholds=thresholds, policy=policy, artifact_uri=ref.uri, artifact_sha256=ref.sha256,
-        extra={"checks": {"schema_valid": not problems, "no_phi_left": not leftover, "enough_rows": enough}},
+        training_metadata.get_store(), step_identity(context), gate="training_dataset_checks",
+        passed=all(outcomes.values()),
+        thresholds={**thresholds, "max_invalid_fraction": curation["max_invalid_fraction"]}, policy=policy,
+        artifact_uri=dataset["uri"], artifact_sha256=dataset["sha256"], extra={"checks": outcomes},
     )
-    yield AssetCheckResult(
-        check_name="enough_rows", passed=enough,
-        metadata={"train_records": len(train), "validation_records": len(validation),
-                  "min_train_records": thresholds["min_train_records"]},
-    )
+    yield from results
+

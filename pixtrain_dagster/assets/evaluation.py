@@ -5,14 +5,16 @@ import json
 import math
 
 from dagster import (
+    AssetCheckExecutionContext,
     AssetCheckResult,
-    AssetCheckSpec,
     AssetExecutionContext,
+    AssetIn,
     AutomationCondition,
     Config,
     MetadataValue,
     Output,
     asset,
+    asset_check,
 )
 from pydantic import Field
 
@@ -46,11 +48,6 @@ class AdapterEvaluationConfig(Config):
     retry_policy=gpu_step_retry_policy(),
     code_version="1",
     automation_condition=AutomationCondition.eager(),
-    check_specs=[AssetCheckSpec(
-        "training_sanity", asset="adapter_evaluation", blocking=True,
-        description="Finite, decreasing training loss; held-out perplexity not worse than the base model's "
-                    "by more than max_perplexity_increase.",
-    )],
 )
 def adapter_evaluation(
     context: AssetExecutionContext,
@@ -100,11 +97,6 @@ def adapter_evaluation(
                  "base_perplexity": result.base.perplexity, "adapter_perplexity": result.adapter.perplexity},
         passed=not sanity["problems"], eval_dataset_hash=training_dataset["sha256"],
     )
-    record_gate_decision(
-        training_metadata.get_store(), who, gate="training_sanity", passed=not sanity["problems"],
-        thresholds=sanity["thresholds"], policy=policy, artifact_uri=lora_adapter.get("uri"),
-        artifact_sha256=lora_adapter["sha256"],
-    )
     markdown = result.to_markdown()
     numbers_only = type(result)(base=result.base, adapter=result.adapter, samples=[]).to_markdown()
     with store.stage() as folder:
@@ -112,7 +104,7 @@ def adapter_evaluation(
         (folder / "evaluation.md").write_text(f"# Adapter evaluation\n\n{markdown}\n")
         ref = store.publish(folder, f"evaluations/{lora_adapter['sha256'][:16]}", replace=True)
     value = {"key": store.key_of(ref.uri), **ref.to_dict(), **summary, "sample_count": len(result.samples)}
-    yield Output(
+    return Output(
         value,
         metadata={
             "base_validation_loss": MetadataValue.float(result.base.loss),
@@ -127,9 +119,6 @@ def adapter_evaluation(
             "uri": MetadataValue.path(ref.uri),
         },
     )
-    yield AssetCheckResult(check_name="training_sanity", passed=not sanity["problems"],
-                           metadata={k: MetadataValue.json(v) if isinstance(v, (list, dict)) else v
-                                     for k, v in sanity.items()})
 
 
 def training_sanity(train_losses: list[float], base_perplexity: float, adapter_perplexity: float,
@@ -149,3 +138,41 @@ def training_sanity(train_losses: list[float], base_perplexity: float, adapter_p
                         f"by more than {max_perplexity_increase:.0%} (limit {limit:.3f})")
     return {"problems": problems, "base_perplexity": base_perplexity, "adapter_perplexity": adapter_perplexity,
             "perplexity_limit": limit}
+
+
+@asset_check(
+    asset=adapter_evaluation,
+    name="training_sanity",
+    blocking=True,
+    additional_ins={"lora_adapter": AssetIn("lora_adapter")},
+    op_tags=step_pod_tags("cpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
+    description="Finite, decreasing training loss; held-out perplexity not worse than the base model's by more than "
+                "max_perplexity_increase; evaluated on exactly the current adapter.",
+)
+def training_sanity_check(
+    context: AssetCheckExecutionContext,
+    adapter_evaluation: dict,
+    lora_adapter: dict,
+    artifact_store: ArtifactStoreResource,
+    training_metadata: TrainingMetadataResource,
+) -> AssetCheckResult:
+    """The promotion gate's training half, re-read from the published evaluation; runs alone too (UI: Checks >
+    Execute), e.g. after the deployed margin was tightened."""
+    store = artifact_store.store()
+    report = json.loads((store.local_path(adapter_evaluation["key"]) / "evaluation.json").read_text())
+    policy = deployed_policy(context)
+    # The margin the evaluation ran with (already no looser than the policy then), or the deployed one if stricter now.
+    margin = policy.stricter("max_perplexity_increase", report["training_sanity"]["thresholds"]["max_perplexity_increase"])
+    sanity = training_sanity(lora_adapter["train_losses"], report["base"]["perplexity"],
+                             report["adapter"]["perplexity"], margin)
+    if report["adapter_sha256"] != lora_adapter["sha256"]:
+        sanity["problems"].append("the evaluation is of a different adapter (retrained since); materialise "
+                                  "adapter_evaluation again")
+    record_gate_decision(
+        training_metadata.get_store(), step_identity(context), gate="training_sanity", passed=not sanity["problems"],
+        thresholds={"max_perplexity_increase": margin}, policy=policy, artifact_uri=lora_adapter.get("uri"),
+        artifact_sha256=lora_adapter["sha256"],
+    )
+    return AssetCheckResult(passed=not sanity["problems"],
+                            metadata={**{k: MetadataValue.json(v) if isinstance(v, (list, dict)) else v
+                                         for k, v in sanity.items()}, "max_perplexity_increase": margin})

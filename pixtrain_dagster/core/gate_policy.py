@@ -140,6 +140,13 @@ class GatePolicy:
             raise self._looser(field or name, requested, deployed, "at least", env, key)
         return requested
 
+    def stricter(self, name: str, recorded: float | int) -> float | int:
+        """For re-checking a published artifact: the threshold it was gated with, or the deployed one when the
+        policy was tightened since."""
+        _env, _key, direction = _NUMERIC[name]
+        deployed = getattr(self, name)
+        return min(recorded, deployed) if direction == "max" else max(recorded, deployed)
+
     def require_significance(self, requested: bool | None, *, field: str = "require_significance") -> bool:
         deployed = self.bias_require_significance
         if requested is None:

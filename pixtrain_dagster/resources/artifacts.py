@@ -4,10 +4,17 @@
 import os
 from typing import Any
 
-from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, OutputContext, ResourceDependency
+from dagster import (
+    ConfigurableIOManager,
+    ConfigurableResource,
+    Failure,
+    InputContext,
+    OutputContext,
+    ResourceDependency,
+)
 from pydantic import Field
 
-from ..core.artifacts import ArtifactStore
+from ..core.artifacts import ArtifactError, ArtifactStore
 
 DEFAULT_ARTIFACT_ROOT = ".pixtrain/artifacts"
 
@@ -63,4 +70,11 @@ class ArtifactPointerIOManager(ConfigurableIOManager):
         self.artifact_store.store().put_json(self._key(context.asset_key.path), obj)
 
     def load_input(self, context: InputContext) -> Any:
-        return self.artifact_store.store().get_json(self._key(context.asset_key.path))
+        key = self._key(context.asset_key.path)
+        try:
+            return self.artifact_store.store().get_json(key)
+        except ArtifactError as error:
+            if not isinstance(error.__cause__, FileNotFoundError):
+                raise
+            raise Failure(description=f"{context.asset_key.to_user_string()} has not been materialised yet "
+                                      f"({error}); materialise it first") from error

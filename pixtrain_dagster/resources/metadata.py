@@ -8,7 +8,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from dagster import AssetExecutionContext, ConfigurableResource, InitResourceContext, OpExecutionContext
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetExecutionContext,
+    ConfigurableResource,
+    InitResourceContext,
+    OpExecutionContext,
+)
 from pydantic import Field, PrivateAttr
 
 if TYPE_CHECKING:  # the store pulls in SQLAlchemy and Alembic; import them only when a step needs the store
@@ -119,12 +125,13 @@ class StepIdentity(NamedTuple):
     actor: str
 
 
-def step_identity(context: AssetExecutionContext | OpExecutionContext) -> StepIdentity:
+def step_identity(context: AssetExecutionContext | AssetCheckExecutionContext | OpExecutionContext) -> StepIdentity:
     """(Dagster run id, step key, retry number, actor) of the running step, for the store's calls.
 
     The actor is the user who launched the run when Dagster knows it (tag ``dagster/user``), else ``dagster``
     (schedules, sensors, CLI).
     """
+    context = getattr(context, "op_execution_context", context)  # an asset check's context wraps the op's
     run = context.run
     return StepIdentity(
         run_id=context.run_id,
