@@ -8,8 +8,8 @@ import os
 
 from dagster import Definitions
 
-from .assets import ALL_ASSET_CHECKS, ALL_ASSETS
-from .assets.backup import artifact_backup, artifact_backup_job, artifact_backup_schedule
+from .assets import ALL_ASSET_CHECKS, ALL_ASSETS, OPERATIONS_ASSETS
+from .assets.backup import artifact_backup_job, artifact_backup_schedule
 from .execution import executor_from_env
 from .jobs import recheck_gates_job, train_adapter_job
 from .resources import (
@@ -28,7 +28,7 @@ def build_definitions() -> Definitions:
     """Definitions wired from the environment (artifact roots, executor); tests call it after setting env vars."""
     artifact_store = ArtifactStoreResource.from_env()
     return Definitions(
-        assets=[*ALL_ASSETS, artifact_backup],
+        assets=[*ALL_ASSETS, *OPERATIONS_ASSETS],
         asset_checks=ALL_ASSET_CHECKS,
         jobs=[train_adapter_job, recheck_gates_job, artifact_backup_job],
         sensors=[new_training_data, downstream_automation, alert_on_failure, *MONITORING_SENSORS],

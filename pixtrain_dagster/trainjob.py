@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .core.backoff import Backoff
 from .execution import (
     CONTAINER_SECURITY_CONTEXT,
     POD_SECURITY_CONTEXT,
@@ -49,8 +50,7 @@ TRAINER_GROUP = "trainer.kubeflow.org"
 TRAINER_VERSION = "v1alpha1"
 TRAINJOB_PLURAL = "trainjobs"
 TRAINJOB_API_VERSION = f"{TRAINER_GROUP}/{TRAINER_VERSION}"
-# Version of Kubeflow Trainer this manifest is written and tested against (tests/k8s/test_k8s_trainjob.py).
-TRAINER_RELEASE = "v2.3.0"
+# Written and tested (tests/k8s/test_k8s_trainjob.py) against Kubeflow Trainer v2.3.0.
 DEFAULT_RUNTIME = "torch-distributed"  # ClusterTrainingRuntime installed with Kubeflow Trainer
 # The torch runtime's replicated job and its trainer container are both called "node".
 REPLICATED_JOB = "node"
@@ -382,13 +382,8 @@ class KubeApis:
     core: CoreV1Api
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounds for retrying transient API failures (429, 5xx, connection errors); 4xx are never retried."""
-
-    attempts: int = 5
-    first_delay_s: float = 1.0
-    max_delay_s: float = 30.0
+# Transient Kubernetes API failures (429, 5xx, connection errors); 4xx answers are never retried.
+TRANSIENT_API_ERRORS = Backoff(max_attempts=5, initial_delay_s=1.0, max_delay_s=30.0)
 
 
 def _status_of(error: BaseException) -> int | None:
@@ -420,7 +415,7 @@ class Launcher:
         poll_seconds: float = 10.0,
         timeout_s: float | None = None,
         should_cancel: Callable[[], bool] = lambda: False,
-        retry: RetryPolicy = RetryPolicy(),
+        retry: Backoff = TRANSIENT_API_ERRORS,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -437,8 +432,8 @@ class Launcher:
     # -- API calls with bounded retries --
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        delay = self.retry.first_delay_s
-        for attempt in range(1, self.retry.attempts + 1):
+        delays = self.retry.delays()
+        for attempt in range(1, self.retry.max_attempts + 1):
             try:
                 return fn(*args, **kwargs)
             except Exception as error:  # noqa: BLE001 - classified below
@@ -448,15 +443,15 @@ class Launcher:
                         raise  # not an API answer (a bug, a bad argument): keep its own type and traceback
                     body = getattr(error, "body", "") or error
                     raise TrainJobError(f"{what} {self.name}: Kubernetes API answered {status}: {body}") from error
-                if attempt == self.retry.attempts:
+                delay = next(delays, None)
+                if delay is None:
                     raise TrainJobError(
                         f"{what} {self.name}: still failing after {attempt} attempts "
                         f"(last: {status or type(error).__name__}: {error})"
                     ) from error
                 self.log.warning(f"{what} {self.name}: transient API error ({status or type(error).__name__}); "
-                                 f"retry {attempt}/{self.retry.attempts - 1} in {delay:.0f}s")
+                                 f"retry {attempt}/{self.retry.max_attempts - 1} in {delay:.0f}s")
                 self.sleep(delay)
-                delay = min(delay * 2, self.retry.max_delay_s)
         raise AssertionError("unreachable")
 
     def _transition(self, phase: Phase, message: str = "") -> None:
@@ -591,7 +586,7 @@ def run_trainjob(
     poll_seconds: float = 10.0,
     timeout_s: float | None = None,
     should_cancel: Callable[[], bool] = lambda: False,
-    retry: RetryPolicy = RetryPolicy(),
+    retry: Backoff = TRANSIENT_API_ERRORS,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> TrainJobOutcome:
@@ -601,7 +596,7 @@ def run_trainjob(
     as they come; pod problems (OOMKilled, ImagePullBackOff, Evicted, NodeLost, ...) are logged once each
     and returned in ``outcome.problems`` on failure. The TrainJob is deleted unless it succeeded, and also
     when this function is interrupted (Dagster run terminated: the step process is interrupted) or raises.
-    API calls are retried on 429/5xx/connection errors up to ``retry.attempts`` times; a 4xx (e.g. the
+    API calls are retried on 429/5xx/connection errors up to ``retry.max_attempts`` times; a 4xx (e.g. the
     admission webhook rejecting the manifest) raises ``TrainJobError`` at once.
     """
     return Launcher(api, manifest, namespace, log, poll_seconds=poll_seconds, timeout_s=timeout_s,

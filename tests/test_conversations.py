@@ -5,7 +5,7 @@ import json
 import pytest
 
 from pixtrain_dagster.core.conversations import DatasetError, curate, read_jsonl, residual_phi, validation_problem
-from pixtrain_dagster.core.phi import find_phi, scrub_text
+from pixtrain_dagster.core.phi import detect, scrub_text
 from pixtrain_dagster.core.phi_check import find_residual_phi
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
@@ -92,7 +92,7 @@ def test_validation_reasons(messages, reason):
 def test_each_phi_kind_is_replaced_by_its_placeholder(text, kind):
     result = scrub_text(text)
     assert f"[{kind}]" in result.text and result.counts[kind] == 1
-    assert find_phi(result.text) == [] and find_residual_phi(result.text) == []
+    assert list(detect(result.text)) == [] and find_residual_phi(result.text) == []
 
 
 def test_ordinary_therapy_text_is_left_alone():

@@ -167,7 +167,7 @@ def test_the_training_step_runs_several_processes_inside_its_pod(pipeline_env, t
     assert any("launching 2 training processes" in m for m in logs)
     assert any("[rank 1]" in m for m in logs)  # the second process's output reached the run's log
     store = ArtifactStore(pipeline_env["artifact_root"])
-    assert store.exists(store.key_of(metadata["uri"]))
+    assert store.exists(store.key_of(metadata["dagster/uri"]))
 
 
 def test_fsdp_is_configured_to_shard_decoder_layers_and_save_full_state(tiny_model_dir):

@@ -53,8 +53,9 @@ def test_cuda_specific_bookkeeping(tmp_path, tiny_model_dir):
     """Pinned-memory prefetch with async copies, the CUDA RNG state in checkpoints, peak memory from the CUDA
     allocator and MFU from the device's peak: none of these exist on a CPU."""
     from pixtrain_dagster.core.artifacts import ArtifactStore
+    from pixtrain_dagster.core.checkpoints import latest_valid_checkpoint
     from pixtrain_dagster.core.conversations import load_conversations
-    from pixtrain_dagster.core.training import latest_checkpoint, train_lora_adapter
+    from pixtrain_dagster.core.training import train_lora_adapter
 
     from support import SAMPLE_DATASET
 
@@ -67,7 +68,7 @@ def test_cuda_specific_bookkeeping(tmp_path, tiny_model_dir):
         runtime=RuntimeSettings(device="cuda", wandb_mode="disabled"))
     assert result.device == "cuda" and result.precision == "bf16-mixed"
     assert 0 < result.peak_memory_bytes < torch.cuda.get_device_properties(0).total_memory
-    state = torch.load(store.local_path(latest_checkpoint(store, result.fingerprint)) / "checkpoint.ckpt",
+    state = torch.load(store.local_path(latest_valid_checkpoint(store, result.fingerprint)) / "checkpoint.ckpt",
                        map_location="cpu", weights_only=False)
     assert state["pixtrain"]["cuda_rng_state"] is not None
 

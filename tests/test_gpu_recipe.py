@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from pixtrain_dagster.core.artifacts import ArtifactStore
+from pixtrain_dagster.core.checkpoints import latest_valid_checkpoint
 from pixtrain_dagster.core.conversations import load_conversations
 from pixtrain_dagster.core.settings import LoraTrainingSettings, RuntimeSettings
-from pixtrain_dagster.core.training import latest_checkpoint, train_lora_adapter
+from pixtrain_dagster.core.training import train_lora_adapter
 
 from support import SAMPLE_DATASET
 
@@ -95,7 +96,7 @@ def test_the_gpu_recipe_trains_resumes_and_publishes_on_cpu(tmp_path, tiny_model
     store = ArtifactStore(tmp_path / "b")
     with pytest.raises(RuntimeError, match="simulated crash after step 3"):
         train(store, tiny_model_dir, conversations, extra_callbacks=[CrashAfterStep(3)])
-    assert latest_checkpoint(store, uninterrupted.fingerprint).endswith("step-000002")
+    assert latest_valid_checkpoint(store, uninterrupted.fingerprint).endswith("step-000002")
     resumed = train(store, tiny_model_dir, conversations)
     assert resumed.resumed_from_step == 2 and resumed.final_step == 4
     assert resumed.train_losses == uninterrupted.train_losses  # bit-for-bit, in bf16 autocast too

@@ -77,5 +77,5 @@ def test_a_two_node_run_goes_through_a_trainjob_and_publishes_like_one_pod(pipel
     metadata = materialized_metadata(result, "lora_adapter")
     assert metadata["steps"] == 2
     store = ArtifactStore(pipeline_env["artifact_root"])
-    assert store.exists(store.key_of(metadata["uri"]))
+    assert store.exists(store.key_of(metadata["dagster/uri"]))
     assert any("rank 0 started" in m for m in run_log_messages(result))  # rank 0's log reached the run

@@ -35,7 +35,10 @@ def test_whole_graph_materialises_in_process(pipeline_env, tiny_model_dir, monke
 
     dataset = materialized_metadata(result, "training_dataset")
     assert dataset["duplicates_dropped"] == 3 and dataset["records_with_phi"] == 79  # personas name the client
-    assert dataset["train_records"] + dataset["validation_records"] == 90
+    assert dataset["train_records"] + dataset["validation_records"] == 90 == dataset["dagster/row_count"]
+    assert [column.name for column in dataset["dagster/column_schema"].columns] == ["messages"]
+    raw = materialized_metadata(result, "raw_conversations")
+    assert raw["dagster/row_count"] == 93 and raw["dagster/uri"].startswith(str(pipeline_env["artifact_root"]))
     adapter = materialized_metadata(result, "lora_adapter")
     assert adapter["steps"] == 4 and adapter["tokens_per_second"] > 0 and adapter["trainable_parameters"] > 0
     assert adapter["wandb_run_id"] not in ("", "disabled")  # offline W&B run recorded
@@ -45,7 +48,7 @@ def test_whole_graph_materialises_in_process(pipeline_env, tiny_model_dir, monke
     assert "Perplexity ratio" in evaluation["report"] and "### Sample" not in evaluation["report"]
 
     store = ArtifactStore(pipeline_env["artifact_root"])
-    adapter_dir = store.local_path(store.key_of(adapter["uri"]))  # verifies the manifest too
+    adapter_dir = store.local_path(store.key_of(adapter["dagster/uri"]))  # verifies the manifest too
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir)
     assert model.peft_config["default"].r == 8
     # Nothing secret or half-written anywhere: artifacts, W&B files, Dagster's event log.

@@ -124,7 +124,7 @@ def test_sigkilled_training_step_is_retried_by_dagster_and_ends_byte_identical(p
     metadata = {k: v.value for k, v in materialization.metadata.items()}
     assert (metadata["resumed_from_step"], metadata["steps_this_run"], metadata["steps"]) == (2, 2, 4)
     store = ArtifactStore(pipeline_env["artifact_root"])
-    adapter_key = store.key_of(metadata["uri"])
+    adapter_key = store.key_of(metadata["dagster/uri"])
     retried_bytes = (store.local_path(adapter_key) / "adapter_model.safetensors").read_bytes()
 
     # The same training, uninterrupted and from scratch (resume=False), in-process.

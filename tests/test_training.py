@@ -10,9 +10,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from pixtrain_dagster.core.artifacts import ArtifactStore
+from pixtrain_dagster.core.checkpoints import latest_valid_checkpoint
 from pixtrain_dagster.core.conversations import load_conversations
 from pixtrain_dagster.core.settings import LoraTrainingSettings, RuntimeSettings
-from pixtrain_dagster.core.training import latest_checkpoint, train_lora_adapter
+from pixtrain_dagster.core.training import train_lora_adapter
 
 from support import SAMPLE_DATASET
 
@@ -89,7 +90,7 @@ def test_crashed_run_resumes_from_its_last_checkpoint_and_ends_like_an_uninterru
     store = ArtifactStore(tmp_path / "b")
     with pytest.raises(RuntimeError, match="simulated crash after step 3"):
         train(store, tiny_model_dir, conversations, extra_callbacks=[CrashAfterStep(3)])
-    assert latest_checkpoint(store, uninterrupted.fingerprint).endswith("step-000002")
+    assert latest_valid_checkpoint(store, uninterrupted.fingerprint).endswith("step-000002")
     assert not store.exists(f"adapters/{uninterrupted.fingerprint}")  # no adapter from a crashed run
 
     resumed = train(store, tiny_model_dir, conversations)

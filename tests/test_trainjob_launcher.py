@@ -8,11 +8,11 @@ import logging
 import pytest
 from kubernetes.client import ApiException
 
+from pixtrain_dagster.core.backoff import Backoff
 from pixtrain_dagster.execution import ExecutionSettings
 from pixtrain_dagster.trainjob import (
     KubeApis,
     Phase,
-    RetryPolicy,
     TrainJobError,
     build_trainjob,
     log_stamp_key,
@@ -54,7 +54,7 @@ def manifest():
 def launch(cluster: FakeCluster, manifest, **kwargs):
     sleeps: list[float] = []
     log = Recorder()
-    kwargs.setdefault("retry", RetryPolicy(attempts=4, first_delay_s=1, max_delay_s=4))
+    kwargs.setdefault("retry", Backoff(max_attempts=4, initial_delay_s=1, max_delay_s=4))
     outcome = run_trainjob(KubeApis(cluster, cluster), manifest, NS, log, poll_seconds=5, sleep=sleeps.append,
                            **kwargs)
     return outcome, log, sleeps

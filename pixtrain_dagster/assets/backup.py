@@ -23,6 +23,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from ..catalog import PHI_RAW, governance_tags, owners, uri_metadata
 from ..core.backup import BACKUP_URI_ENV, BackupError, run_backup, write_metric_textfile
 from ..execution import METADATA_DB_PASSWORD_ENV, step_pod_tags
 from ..resources import ArtifactStoreResource, TrainingMetadataResource
@@ -44,7 +45,9 @@ class ArtifactBackupConfig(Config):
     # It records each backup in the audit trail: the metadata database password, nothing else (the object
     # store's credentials come from the pod's workload identity or the backup Secret, docs/runbook.md).
     op_tags=step_pod_tags("cpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
-    code_version="1",
+    kinds={"fsspec", "postgres"},  # any fsspec destination (s3://, gs://, a mounted path); audit event in Postgres
+    owners=owners(),
+    tags=governance_tags(PHI_RAW, "cpu"),  # copies everything, the raw landing snapshots included
     retry_policy=RetryPolicy(max_retries=2, delay=60),
     description="Verified copy of every published artifact and pointer at the backup location.",
     # Without a backup location (a laptop, `make demo`) the step succeeds without materialising anything.
@@ -80,6 +83,7 @@ def artifact_backup(
          "artifacts": len(result.copied) + len(result.skipped) + len(result.repaired)},
         metadata={
             "destination": result.destination,
+            **uri_metadata(result.destination),
             "copied": MetadataValue.int(len(result.copied)),
             "skipped_unchanged": MetadataValue.int(len(result.skipped)),
             "repaired": MetadataValue.int(len(result.repaired)),

@@ -17,6 +17,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from ..catalog import PHI_DERIVED, governance_tags, owners, uri_metadata
 from ..core.bias import BiasSettings, BiasThresholds
 from ..core.gate_policy import GatePolicy
 from ..execution import METADATA_DB_PASSWORD_ENV, step_pod_tags
@@ -34,7 +35,7 @@ class BiasReportConfig(Config):
                                       description="Probe templates scored; None = all.")
     generation_templates: int = Field(default=_SETTINGS.generation_templates, ge=0,
                                       description="Templates whose replies are generated (slow on CPU).")
-    max_new_tokens: int = Field(default=_SETTINGS.max_new_tokens, ge=1)
+    max_new_tokens: int = Field(default=_SETTINGS.max_new_tokens, ge=1, description="Length of each generated reply.")
     # Gate thresholds: unset = the deployed limit (PIXTRAIN_GATE_BIAS_*, core/gate_policy.py); a run may only
     # tighten them. max_templates is checked too: fewer templates than deployed weaken the gate.
     min_ratio: float | None = Field(default=None, gt=0, le=1,
@@ -47,8 +48,9 @@ class BiasReportConfig(Config):
     require_significance: bool | None = Field(
         default=None, description="Fail only when the whole 95% interval is past the threshold; True only when "
                                   "the deployment allows it.")
-    bootstrap_resamples: int = Field(default=_SETTINGS.bootstrap_resamples, ge=100)
-    seed: int = _SETTINGS.seed
+    bootstrap_resamples: int = Field(default=_SETTINGS.bootstrap_resamples, ge=100,
+                                     description="Resamples for the 95% intervals (cluster bootstrap over templates).")
+    seed: int = Field(default=_SETTINGS.seed, description="Seed of the bootstrap and of any sampling.")
 
     def to_settings(self, policy: GatePolicy | None = None) -> BiasSettings:
         """Settings with thresholds checked against ``policy`` (default: the deployed one); raises
@@ -85,8 +87,10 @@ def _previous_report(context: AssetExecutionContext, store) -> dict | None:
     op_tags=step_pod_tags("gpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
     pool=GPU_POOL,
     retry_policy=gpu_step_retry_policy(),
-    code_version="1",
     automation_condition=AutomationCondition.eager(),
+    kinds={"pytorch", "huggingface", "json"},
+    owners=owners(),
+    tags=governance_tags(PHI_DERIVED, "gpu"),  # synthetic probes, but the replies come from the adapter
 )
 def bias_report(
     context: AssetExecutionContext,
@@ -151,6 +155,7 @@ def bias_report(
             "warnings": MetadataValue.int(len(verdict["warnings"])),
             "report": MetadataValue.md(markdown),
             "report_uri": ref.uri,
+            **uri_metadata(ref.uri),
             "external_assessment": MetadataValue.json(report.get("external_assessment") or {"configured": False}),
         },
     )
@@ -174,6 +179,7 @@ def gate_thresholds(recorded: dict, policy: GatePolicy) -> BiasThresholds:
     blocking=True,
     additional_ins={"lora_adapter": AssetIn("lora_adapter")},
     op_tags=step_pod_tags("cpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
+    automation_condition=AutomationCondition.any_deps_updated(),
     description="No group under the four-fifths ratio; no significant regression against the base model; a "
                 "configured bias service agrees; scored on exactly the current adapter.",
 )

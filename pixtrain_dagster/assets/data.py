@@ -9,6 +9,7 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetIn,
+    AutomationCondition,
     Config,
     DataVersion,
     MetadataValue,
@@ -18,6 +19,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from ..catalog import CONVERSATION_SCHEMA, PHI_RAW, PHI_SCRUBBED, governance_tags, owners, table_metadata, uri_metadata
 from ..core.artifacts import build_manifest
 from ..core.conversations import (
     DatasetError,
@@ -41,7 +43,8 @@ _CURATION = CurationSettings()
 class TrainingDatasetConfig(Config):
     validation_fraction: float = Field(default=_CURATION.validation_fraction, gt=0.0, lt=1.0,
                                        description="Held out for evaluation and the training_sanity gate.")
-    max_message_chars: int = Field(default=_CURATION.max_message_chars, gt=0)
+    max_message_chars: int = Field(default=_CURATION.max_message_chars, gt=0,
+                                   description="Longer messages make a record invalid (reason too_long).")
     # Gate thresholds: unset = the deployed limit (PIXTRAIN_GATE_*, core/gate_policy.py); only tighter accepted.
     max_invalid_fraction: float | None = Field(
         default=None, ge=0.0, le=1.0,
@@ -51,10 +54,17 @@ class TrainingDatasetConfig(Config):
     min_train_records: int | None = Field(
         default=None, ge=1,
         description="enough_rows: unset = PIXTRAIN_GATE_MIN_TRAIN_RECORDS; only larger values are accepted.")
-    split_seed: int = _CURATION.split_seed
+    split_seed: int = Field(default=_CURATION.split_seed,
+                            description="Seed of the train/validation split; same seed and data, same split.")
 
 
-@asset(group_name="data", op_tags=step_pod_tags("cpu"), code_version="1")
+@asset(
+    group_name="data",
+    op_tags=step_pod_tags("cpu"),
+    kinds={"json"},
+    owners=owners(),
+    tags=governance_tags(PHI_RAW, "cpu"),
+)
 def raw_conversations(context: AssetExecutionContext, artifact_store: ArtifactStoreResource) -> Output[dict]:
     """An immutable snapshot of every chat JSONL file in the landing location; its content hash is the version.
 
@@ -82,10 +92,10 @@ def raw_conversations(context: AssetExecutionContext, artifact_store: ArtifactSt
         data_version=DataVersion(ref.sha256),
         metadata={
             "dataset_version": ref.sha256,
-            "records": MetadataValue.int(records),
+            **table_metadata(records),
             "files": MetadataValue.json(names),
             "landing": landing.root,
-            "uri": MetadataValue.path(ref.uri),
+            **uri_metadata(ref.uri),
         },
     )
 
@@ -93,7 +103,10 @@ def raw_conversations(context: AssetExecutionContext, artifact_store: ArtifactSt
 @asset(
     group_name="data",
     op_tags=step_pod_tags("cpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
-    code_version="1",
+    kinds={"json", "postgres"},  # the splits as JSONL; each version is recorded in the training metadata database
+    owners=owners(),
+    tags=governance_tags(PHI_SCRUBBED, "cpu"),
+    metadata={"dagster/column_schema": CONVERSATION_SCHEMA},
 )
 def training_dataset(
     context: AssetExecutionContext,
@@ -149,25 +162,30 @@ def training_dataset(
         metadata={
             "dataset_version": ref.sha256,
             "raw_version": raw_conversations["version"],
+            **table_metadata(len(train) + len(validation), CONVERSATION_SCHEMA),
             "train_records": MetadataValue.int(len(train)),
             "validation_records": MetadataValue.int(len(validation)),
             "duplicates_dropped": MetadataValue.int(report["duplicates_dropped"]),
             "dropped_by_reason": MetadataValue.json(report["dropped_by_reason"]),
             "phi_replacements": MetadataValue.json(report["phi_replacements"]),
             "records_with_phi": MetadataValue.int(report["records_with_phi"]),
-            "uri": MetadataValue.path(ref.uri),
+            **uri_metadata(ref.uri),
         },
     )
 
 
+# Requested with the asset by automation, or after a run that updated the asset without its checks.
+_WITH_ITS_ASSET = AutomationCondition.any_deps_updated()
+
+
 @multi_asset_check(
     specs=[
-        AssetCheckSpec("schema_valid", asset="training_dataset", blocking=True,
+        AssetCheckSpec("schema_valid", asset="training_dataset", blocking=True, automation_condition=_WITH_ITS_ASSET,
                        description="Every published record has valid roles, order and content."),
-        AssetCheckSpec("no_phi_left", asset="training_dataset", blocking=True,
+        AssetCheckSpec("no_phi_left", asset="training_dataset", blocking=True, automation_condition=_WITH_ITS_ASSET,
                        description="An independent detector (not the scrubber) finds no identifier in the published "
                                    "splits."),
-        AssetCheckSpec("enough_rows", asset="training_dataset", blocking=True,
+        AssetCheckSpec("enough_rows", asset="training_dataset", blocking=True, automation_condition=_WITH_ITS_ASSET,
                        description="At least min_train_records training rows and one validation row."),
     ],
     can_subset=True,

@@ -18,6 +18,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from ..catalog import PHI_SCRUBBED, governance_tags, owners, uri_metadata
 from ..core.settings import EvaluationSettings
 from ..execution import METADATA_DB_PASSWORD_ENV, step_pod_tags
 from ..gates import deployed_policy, record_gate_decision, resolve_or_fail
@@ -29,10 +30,11 @@ _DEFAULTS = EvaluationSettings()
 
 
 class AdapterEvaluationConfig(Config):
-    max_seq_len: int = Field(default=_DEFAULTS.max_seq_len, ge=16)
-    batch_size: int = Field(default=_DEFAULTS.batch_size, ge=1)
+    max_seq_len: int = Field(default=_DEFAULTS.max_seq_len, ge=16,
+                             description="Tokens per scored conversation; whole turns that do not fit are dropped.")
+    batch_size: int = Field(default=_DEFAULTS.batch_size, ge=1, description="Conversations per forward pass.")
     sample_replies: int = Field(default=_DEFAULTS.sample_replies, ge=0, description="Replies shown in the report.")
-    max_new_tokens: int = Field(default=_DEFAULTS.max_new_tokens, ge=1)
+    max_new_tokens: int = Field(default=_DEFAULTS.max_new_tokens, ge=1, description="Length of each sample reply.")
     max_perplexity_increase: float | None = Field(
         default=None, ge=0,
         description="training_sanity fails when adapter perplexity exceeds base perplexity by more than this "
@@ -46,8 +48,10 @@ class AdapterEvaluationConfig(Config):
     op_tags=step_pod_tags("gpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
     pool=GPU_POOL,
     retry_policy=gpu_step_retry_policy(),
-    code_version="1",
     automation_condition=AutomationCondition.eager(),
+    kinds={"pytorch", "huggingface", "postgres"},  # metrics also go to the training metadata database
+    owners=owners(),
+    tags=governance_tags(PHI_SCRUBBED, "gpu"),  # the artifact holds sample replies to held-out (scrubbed) prompts
 )
 def adapter_evaluation(
     context: AssetExecutionContext,
@@ -116,7 +120,7 @@ def adapter_evaluation(
             "sample_replies": MetadataValue.md(
                 f"{len(result.samples)} sample replies are in `{ref.uri}/evaluation.md` (not shown here: they "
                 "are client text)."),
-            "uri": MetadataValue.path(ref.uri),
+            **uri_metadata(ref.uri),
         },
     )
 
@@ -146,6 +150,7 @@ def training_sanity(train_losses: list[float], base_perplexity: float, adapter_p
     blocking=True,
     additional_ins={"lora_adapter": AssetIn("lora_adapter")},
     op_tags=step_pod_tags("cpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
+    automation_condition=AutomationCondition.any_deps_updated(),
     description="Finite, decreasing training loss; held-out perplexity not worse than the base model's by more than "
                 "max_perplexity_increase; evaluated on exactly the current adapter.",
 )

@@ -9,6 +9,7 @@ from dagster import AssetExecutionContext, Config, DataVersion, MetadataValue, O
 from pydantic import Field
 
 from ..core.settings import PACKAGED_SMOLLM2
+from ..catalog import PHI_NONE, governance_tags, owners, uri_metadata
 from ..execution import HF_TOKEN_ENV, step_pod_tags
 from ..resources import ArtifactStoreResource, ModelHubResource
 
@@ -22,7 +23,13 @@ class BaseModelConfig(Config):
     )
 
 
-@asset(group_name="models", op_tags=step_pod_tags("cpu", secrets=(HF_TOKEN_ENV,)), code_version="1")
+@asset(
+    group_name="models",
+    op_tags=step_pod_tags("cpu", secrets=(HF_TOKEN_ENV,)),
+    kinds={"huggingface", "pytorch", "safetensors"},
+    owners=owners(),
+    tags=governance_tags(PHI_NONE, "cpu"),
+)
 def base_model(
     context: AssetExecutionContext,
     config: BaseModelConfig,
@@ -58,7 +65,7 @@ def base_model(
             "parameter_count": MetadataValue.int(info["parameter_count"]),
             "dtype": info["dtype"],
             "sha256": ref.sha256,
-            "uri": MetadataValue.path(ref.uri),
+            **uri_metadata(ref.uri),
             "size_bytes": MetadataValue.int(ref.size_bytes),
             "reused_existing_snapshot": reused,
         },

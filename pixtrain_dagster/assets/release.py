@@ -4,6 +4,7 @@ import json
 
 from dagster import AssetExecutionContext, AutomationCondition, Failure, MetadataValue, Output, asset
 
+from ..catalog import PHI_DERIVED, governance_tags, owners, uri_metadata
 from ..core.gate_policy import GatePolicy, GatePolicyError
 from ..execution import METADATA_DB_PASSWORD_ENV, step_pod_tags
 from ..gates import deployed_policy
@@ -112,7 +113,9 @@ def model_card(lora_adapter: dict, adapter_evaluation: dict, bias: dict, limitat
 @asset(
     group_name="release",
     op_tags=step_pod_tags("cpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
-    code_version="1",
+    kinds={"huggingface", "postgres"},  # a PEFT folder with its model card; the promotion is an audit event
+    owners=owners(),
+    tags=governance_tags(PHI_DERIVED, "cpu"),
     automation_condition=AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed(),
 )
 def promoted_adapter(
@@ -166,7 +169,7 @@ def promoted_adapter(
     store.put_json(CURRENT_POINTER, promotion)  # atomic switch: readers see the old or the new adapter
     return Output(promotion, metadata={
         "adapter_sha256": lora_adapter["sha256"],
-        "uri": MetadataValue.path(ref.uri),
+        **uri_metadata(ref.uri),
         "model_card": MetadataValue.md(card),
         "trigger": promotion["trigger"],
     })

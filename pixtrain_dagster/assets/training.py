@@ -7,6 +7,7 @@ from typing import Literal
 from dagster import AssetExecutionContext, AssetOut, Config, DataVersion, MetadataValue, Output, multi_asset
 from pydantic import Field
 
+from ..catalog import PHI_DERIVED, governance_tags, owners, uri_metadata
 from ..core.settings import LoraTrainingSettings
 from ..execution import METADATA_DB_PASSWORD_ENV, WANDB_API_KEY_ENV, step_pod_tags
 from ..provenance import code_version, git_commit
@@ -22,21 +23,27 @@ class LoraTrainingConfig(Config):
 
     max_steps: int = Field(default=_DEFAULTS.max_steps, ge=1, description="Optimizer steps.")
     micro_batch_size: int = Field(default=_DEFAULTS.micro_batch_size, ge=1, description="Rows per forward pass.")
-    gradient_accumulation_steps: int = Field(default=_DEFAULTS.gradient_accumulation_steps, ge=1)
+    gradient_accumulation_steps: int = Field(default=_DEFAULTS.gradient_accumulation_steps, ge=1,
+                                             description="Micro-batches per optimizer step.")
     max_seq_len: int = Field(default=_DEFAULTS.max_seq_len, ge=16, description="Tokens per packed row.")
-    learning_rate: float = Field(default=_DEFAULTS.learning_rate, gt=0)
-    weight_decay: float = Field(default=_DEFAULTS.weight_decay, ge=0)
-    warmup_steps: int = Field(default=_DEFAULTS.warmup_steps, ge=0)
-    gradient_clip_norm: float = Field(default=_DEFAULTS.gradient_clip_norm, gt=0)
+    learning_rate: float = Field(default=_DEFAULTS.learning_rate, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(default=_DEFAULTS.weight_decay, ge=0, description="AdamW weight decay (LoRA weights).")
+    warmup_steps: int = Field(default=_DEFAULTS.warmup_steps, ge=0,
+                              description="Linear warm-up steps before the cosine decay.")
+    gradient_clip_norm: float = Field(default=_DEFAULTS.gradient_clip_norm, gt=0,
+                                      description="Global gradient-norm clipping limit.")
     lora_r: int = Field(default=_DEFAULTS.lora_r, ge=1, description="LoRA rank.")
-    lora_alpha: int = Field(default=_DEFAULTS.lora_alpha, ge=1)
-    lora_dropout: float = Field(default=_DEFAULTS.lora_dropout, ge=0, lt=1)
+    lora_alpha: int = Field(default=_DEFAULTS.lora_alpha, ge=1, description="LoRA scaling numerator (scale alpha/r).")
+    lora_dropout: float = Field(default=_DEFAULTS.lora_dropout, ge=0, lt=1, description="Dropout on the LoRA input.")
     lora_target_modules: list[str] = Field(default=list(_DEFAULTS.lora_target_modules), min_length=1,
                                            description="Module names to adapt, or [all-linear].")
-    pack_sequences: bool = _DEFAULTS.pack_sequences
-    checkpoint_every_n_steps: int = Field(default=_DEFAULTS.checkpoint_every_n_steps, ge=1)
-    validate_every_n_steps: int = Field(default=_DEFAULTS.validate_every_n_steps, ge=0)
-    seed: int = _DEFAULTS.seed
+    pack_sequences: bool = Field(default=_DEFAULTS.pack_sequences,
+                                 description="Pack several conversations per row (no cross-attention between them).")
+    checkpoint_every_n_steps: int = Field(default=_DEFAULTS.checkpoint_every_n_steps, ge=1,
+                                          description="Optimizer steps between checkpoints (resume points).")
+    validate_every_n_steps: int = Field(default=_DEFAULTS.validate_every_n_steps, ge=0,
+                                        description="Validation loss every N optimizer steps; 0 = only once, after training.")
+    seed: int = Field(default=_DEFAULTS.seed, description="Seed of initialisation, shuffling and dropout.")
     precision: Literal["auto", "bf16-mixed", "bf16-true", "32-true"] = Field(
         default=_DEFAULTS.precision, description="auto: bf16-mixed on a GPU (bf16 base, fp32 LoRA), 32-true on CPU.")
     attn_implementation: str = Field(
@@ -68,10 +75,12 @@ class LoraTrainingConfig(Config):
 
 @multi_asset(
     outs={
-        "lora_adapter": AssetOut(group_name="training", code_version="1",
-                                 description="The trained LoRA adapter in PEFT format, with the tokenizer."),
-        "training_checkpoints": AssetOut(group_name="training", code_version="1",
-                                         description="Checkpoints of the run; re-materialising resumes from the newest."),
+        "lora_adapter": AssetOut(
+            group_name="training", description="The trained LoRA adapter in PEFT format, with the tokenizer.",
+            kinds={"pytorch", "pytorchlightning", "wandb"}, owners=owners(), tags=governance_tags(PHI_DERIVED, "gpu")),
+        "training_checkpoints": AssetOut(
+            group_name="training", description="Checkpoints of the run; re-materialising resumes from the newest.",
+            kinds={"pytorch", "pytorchlightning"}, owners=owners(), tags=governance_tags(PHI_DERIVED, "gpu")),
     },
     name="lora_training",
     op_tags=step_pod_tags("gpu", secrets=(WANDB_API_KEY_ENV, METADATA_DB_PASSWORD_ENV)),
@@ -208,7 +217,7 @@ def lora_training(
             "data_wait_seconds": MetadataValue.float(round(result.data_wait_seconds, 3)),
             "mfu": MetadataValue.float(round(result.mfu, 4)) if result.mfu is not None else "unknown peak",
             "conversations": MetadataValue.json(result.conversations or {}),
-            "uri": MetadataValue.path(result.adapter.uri),
+            **uri_metadata(result.adapter.uri),
             "sha256": result.adapter.sha256,
             "wandb_run_id": result.wandb_run_id or "disabled",
             "wandb_dir": result.wandb_dir or "disabled",
@@ -222,7 +231,7 @@ def lora_training(
         metadata={
             **common,
             "count": MetadataValue.int(len(checkpoints)),
-            "latest_uri": MetadataValue.path(checkpoints[-1]["uri"]) if checkpoints else "none",
+            **(uri_metadata(checkpoints[-1]["uri"]) if checkpoints else {}),  # the newest checkpoint
             "checkpoints": MetadataValue.json(checkpoints),
         },
     )

@@ -373,8 +373,3 @@ def scrub_text(text: str) -> ScrubResult:
         cursor = end
     pieces.append(text[cursor:])
     return ScrubResult(text="".join(pieces), counts=counts)
-
-
-def find_phi(text: str) -> list[tuple[str, int, int]]:
-    """(kind, start, end) of every identifier the scrubber would replace; positions only, never the text."""
-    return [(f.kind, f.start, f.end) for f in detect(text)]

@@ -64,11 +64,6 @@ def checkpoint_prefix(fingerprint: str) -> str:
     return f"checkpoints/{fingerprint}"
 
 
-def latest_checkpoint(store: ArtifactStore, fingerprint: str) -> str | None:
-    keys = store.list(checkpoint_prefix(fingerprint))
-    return keys[-1] if keys else None  # zero-padded step numbers sort in step order
-
-
 class _Throughput:
     """Tokens per second from the end of this run's first optimizer step (compilation, warm-up and loading
     excluded) to its last; measured where the step's values were just read from the device, so the clock agrees

@@ -4,12 +4,12 @@ Plain Python (SQLAlchemy Core + Alembic, no Dagster) so any pod, script or audit
 PostgreSQL through psycopg 3 in production; an embedded SQLite file when no database URL is configured.
 """
 
+from pixtrain_dagster.core.backoff import Backoff
 from pixtrain_dagster.metadata.store import (
     DEFAULT_STARTUP_RETRY,
     DEFAULT_WRITE_RETRY,
     MetadataStoreError,
     MetadataStoreUnavailable,
-    RetryPolicy,
     TrainingMetadataStore,
     UnknownTrainingRun,
     lineage_statement,
@@ -27,7 +27,7 @@ __all__ = [
     "DEFAULT_WRITE_RETRY",
     "MetadataStoreError",
     "MetadataStoreUnavailable",
-    "RetryPolicy",
+    "Backoff",
     "TrainingMetadataStore",
     "UnknownTrainingRun",
     "database_url_from_env",

@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from pixtrain_dagster.core.backoff import Backoff
 from pixtrain_dagster.metadata import schema
 from pixtrain_dagster.metadata.urls import describe_database, normalize_database_url
 
@@ -51,29 +52,10 @@ class UnknownTrainingRun(MetadataStoreError, LookupError):
     """A checkpoint or result was recorded for a (run id, step key) that start_training_run never saw."""
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded retries with exponential backoff: attempt n waits min(initial * 2**(n-1), max) before it."""
-
-    max_attempts: int = 6
-    initial_backoff_s: float = 0.5
-    max_backoff_s: float = 8.0
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
-
-    def backoffs(self) -> Iterator[float]:
-        delay = self.initial_backoff_s
-        for _ in range(self.max_attempts - 1):
-            yield min(delay, self.max_backoff_s)
-            delay *= 2
-
-
 # Writes mid-run ride out a server restart or failover (backoff total ~15 s plus reconnects).
-DEFAULT_WRITE_RETRY = RetryPolicy(max_attempts=6, initial_backoff_s=0.5, max_backoff_s=8.0)
+DEFAULT_WRITE_RETRY = Backoff(max_attempts=6, initial_delay_s=0.5, max_delay_s=8.0)
 # At start, a database that is not there should fail the step quickly and clearly, not after a minute.
-DEFAULT_STARTUP_RETRY = RetryPolicy(max_attempts=3, initial_backoff_s=0.5, max_backoff_s=2.0)
+DEFAULT_STARTUP_RETRY = Backoff(max_attempts=3, initial_delay_s=0.5, max_delay_s=2.0)
 
 
 def utc_now() -> datetime:
@@ -87,8 +69,8 @@ class TrainingMetadataStore:
         self,
         engine: Engine,
         *,
-        write_retry: RetryPolicy = DEFAULT_WRITE_RETRY,
-        startup_retry: RetryPolicy = DEFAULT_STARTUP_RETRY,
+        write_retry: Backoff = DEFAULT_WRITE_RETRY,
+        startup_retry: Backoff = DEFAULT_STARTUP_RETRY,
     ) -> None:
         self.engine = engine
         self.write_retry = write_retry
@@ -105,8 +87,8 @@ class TrainingMetadataStore:
         sqlite_path: str | Path | None = None,
         connect_timeout_s: int = 5,
         statement_timeout_s: int = 60,
-        write_retry: RetryPolicy = DEFAULT_WRITE_RETRY,
-        startup_retry: RetryPolicy = DEFAULT_STARTUP_RETRY,
+        write_retry: Backoff = DEFAULT_WRITE_RETRY,
+        startup_retry: Backoff = DEFAULT_STARTUP_RETRY,
     ) -> TrainingMetadataStore:
         """A store on ``url`` (postgresql://... runs on psycopg 3), or on the SQLite file ``sqlite_path`` when
         ``url`` is None or empty. Connects lazily: call :meth:`migrate` (or :meth:`ping`) to fail fast.
@@ -495,11 +477,11 @@ class TrainingMetadataStore:
 
     # ------------------------------------------------------------------------------------------------ internals
 
-    def _transact(self, operation: str, work: Callable[[Connection], T], retry: RetryPolicy | None = None) -> T:
+    def _transact(self, operation: str, work: Callable[[Connection], T], retry: Backoff | None = None) -> T:
         """Run ``work`` in one transaction, retrying it on a fresh connection when the connection fails."""
         retry = retry or self.write_retry
         started = time.monotonic()
-        backoffs = retry.backoffs()
+        backoffs = retry.delays()
         attempt = 0
         while True:
             attempt += 1

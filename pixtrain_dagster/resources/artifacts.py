@@ -59,7 +59,8 @@ class ArtifactPointerIOManager(ConfigurableIOManager):
     live next to the artifacts they point at, on the same shared storage.
     """
 
-    artifact_store: ResourceDependency[ArtifactStoreResource]
+    artifact_store: ResourceDependency[ArtifactStoreResource] = Field(
+        description="Where the pointers are kept: beside the artifacts, on the same storage.")
 
     def _key(self, asset_key_path: list[str]) -> str:
         return "dagster/assets/" + "/".join(asset_key_path) + ".json"

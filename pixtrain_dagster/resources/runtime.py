@@ -17,7 +17,7 @@ class TrainingRuntimeResource(ConfigurableResource):
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = Field(
         default="auto", description="auto: online when WANDB_API_KEY is set, else offline (files only)."
     )
-    wandb_project: str = "pixtrain"
+    wandb_project: str = Field(default="pixtrain", description="W&B project the training runs log to.")
     wandb_dir: str | None = Field(default=None, description="Defaults to WANDB_DIR, else .pixtrain/wandb.")
 
     def settings(self) -> RuntimeSettings:

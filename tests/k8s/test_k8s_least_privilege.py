@@ -29,6 +29,10 @@ STEP_SECRETS = {
     "bias_report": {"PIXTRAIN_DB_PASSWORD"},
     "promoted_adapter": {"PIXTRAIN_DB_PASSWORD"},
     "artifact_backup": {"PIXTRAIN_DB_PASSWORD"},  # records each backup in the audit trail
+    # The blocking checks record each gate decision in the audit trail.
+    "training_dataset_checks": {"PIXTRAIN_DB_PASSWORD"},
+    "adapter_evaluation_training_sanity": {"PIXTRAIN_DB_PASSWORD"},
+    "bias_report_bias_gate": {"PIXTRAIN_DB_PASSWORD"},
 }
 # Dagster's own event storage: every step process writes its events there (set by the run launcher).
 EVERY_STEP = {"DAGSTER_PG_PASSWORD"}

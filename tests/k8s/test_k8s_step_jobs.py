@@ -24,7 +24,9 @@ from .pod_security import violations
 
 # Which steps need GPUs. Every step of the pipeline must be listed: a new asset forces a decision here.
 GPU_STEPS = {"lora_training", "adapter_evaluation", "bias_report"}
-CPU_STEPS = {"base_model", "raw_conversations", "training_dataset", "promoted_adapter", "artifact_backup"}
+CPU_STEPS = {"base_model", "raw_conversations", "training_dataset", "promoted_adapter", "artifact_backup",
+             # the gates read published artifacts (the bias gate re-scores a stored report): no GPU
+             "training_dataset_checks", "adapter_evaluation_training_sanity", "bias_report_bias_gate"}
 EXPECTED_SECRET_REFS = {
     "HF_TOKEN": ("pixtrain-hf-token", "HF_TOKEN"),
     "WANDB_API_KEY": ("pixtrain-wandb", "WANDB_API_KEY"),

@@ -15,7 +15,8 @@ from dagster import AssetKey, DagsterEventType, DagsterInstance
 from sqlalchemy.engine import URL
 
 from pixtrain_dagster.metadata import TrainingMetadataStore
-from pixtrain_dagster.metadata.store import MetadataStoreUnavailable, RetryPolicy
+from pixtrain_dagster.core.backoff import Backoff
+from pixtrain_dagster.metadata.store import MetadataStoreUnavailable
 
 from . import metadata_samples
 
@@ -136,7 +137,7 @@ def test_outage_in_the_middle_of_a_training_step_then_the_step_retry_records_eve
     Dagster step retry (same run id and step key, attempt 1) replays every write: nothing twice, nothing lost."""
     forwarder, url = forwarded_url
     forwarder.up()
-    fast = RetryPolicy(max_attempts=4, initial_backoff_s=0.2, max_backoff_s=0.5)
+    fast = Backoff(max_attempts=4, initial_delay_s=0.2, max_delay_s=0.5)
     store = TrainingMetadataStore.from_url(url, connect_timeout_s=2, write_retry=fast, startup_retry=fast)
     store.migrate()
     store.record_dataset_version(metadata_samples.DATASET_HASH, source_uri="file:///d", num_rows_raw=3,

@@ -81,7 +81,7 @@ def test_whole_pipeline_on_postgres_records_dagster_runs_and_training_lineage(
     assert len(first_run) == 1, lineage
     [row] = first_run
     assert row["status"] == "succeeded"
-    assert row["adapter_uri"] == str(adapter["uri"])
+    assert row["adapter_uri"] == str(adapter["dagster/uri"])
     assert row["base_model_sha256"] == base_model["sha256"]
     assert len(row["checkpoints"]) == 2  # max_steps 4, a checkpoint every 2 steps
     assert row["evaluations"], "adapter_evaluation recorded nothing"

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from pixtrain_dagster.metadata import (
     MetadataStoreUnavailable,
-    RetryPolicy,
+    Backoff,
     TrainingMetadataStore,
     normalize_database_url,
 )
@@ -21,7 +21,7 @@ from pixtrain_dagster.metadata import (
 from .metadata_samples import sha256_of
 
 PASSWORD = "pw-must-not-leak-7f3a"
-FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.05, max_backoff_s=0.2)
+FAST_RETRY = Backoff(max_attempts=4, initial_delay_s=0.05, max_delay_s=0.2)
 
 
 def _backend_pid(conn) -> int:
@@ -167,7 +167,7 @@ def test_server_that_accepts_but_never_answers_is_bounded_by_connect_timeout():
         store = TrainingMetadataStore.from_url(
             f"postgresql://pixtrain:{PASSWORD}@127.0.0.1:{port}/metadata",
             connect_timeout_s=2,
-            startup_retry=RetryPolicy(max_attempts=1),
+            startup_retry=Backoff(max_attempts=1),
         )
         started = time.monotonic()
         with pytest.raises(MetadataStoreUnavailable) as raised:
