@@ -88,6 +88,7 @@ class _Throughput:
 def _make_progress_callback(store: ArtifactStore, fingerprint: str, settings: LoraTrainingSettings,
                             published: list[ArtifactRef], on_checkpoint: CheckpointHook | None,
                             model_flops: Callable[[float], float | None] = lambda rate: None):
+    """The callback that publishes a checkpoint every ``checkpoint_every_n_steps`` and logs loss, throughput, MFU."""
     import lightning as L
 
     class ProgressAndCheckpoints(L.Callback):
@@ -151,6 +152,7 @@ def _make_progress_callback(store: ArtifactStore, fingerprint: str, settings: Lo
 
 
 def _wandb_logger(runtime: RuntimeSettings, fingerprint: str, settings: LoraTrainingSettings, workdir: Path):
+    """W&B logger (offline unless an API key is set), or None when W&B is disabled."""
     if runtime.wandb_mode == "disabled":
         return None
     from lightning.pytorch.loggers import WandbLogger
@@ -237,6 +239,7 @@ def _setup_model(base_snapshot_dir: Path, settings: LoraTrainingSettings, device
 
 
 def _apply_liger_kernels(model: Any, device: str) -> None:
+    """Swap RMSNorm, RoPE and SwiGLU for Liger's Triton kernels (CUDA only; liger-kernel installed)."""
     if device != "cuda":
         raise ValueError("use_liger_kernel needs a CUDA GPU (Liger's kernels are Triton); turn it off on CPU")
     try:
@@ -269,6 +272,7 @@ def _strategy(settings: LoraTrainingSettings, model_layer_class: type | None):
 
 def _setup_trainer(settings: LoraTrainingSettings, device: str, precision: str, logger: Any, callbacks: list[Any],
                    workdir: str, model_layer_class: type | None = None):
+    """The Lightning Trainer: step-based (max_steps), our own clipping and checkpoints, the chosen strategy."""
     import lightning as L
 
     return L.Trainer(
@@ -325,6 +329,7 @@ def _trainable_state(trainer: Any, peft_model: Any) -> dict[str, Any] | None:
 
 def _publish_adapter(store: ArtifactStore, peft_model: Any, tokenizer: Any, summary: dict[str, Any],
                      base_model_name: str, fingerprint: str, lora_state: dict[str, Any] | None = None) -> ArtifactRef:
+    """Write the adapter (PEFT format, tokenizer, training summary) and publish it atomically with its manifest."""
     with store.stage() as folder:
         # Name the base by its store key, not this machine's path: the same inputs then give the same adapter bytes.
         config = peft_model.peft_config["default"]
@@ -386,6 +391,50 @@ def _resume_point(checkpoint_store: ArtifactStore, fingerprint: str, resume: boo
     return key, path, state["global_step"], state["pixtrain"]["input_tokens"]
 
 
+@dataclass(frozen=True)
+class _Placement:
+    device: str  # cuda, mps or cpu
+    precision: str
+    rank: int
+    local_rank: int
+    load_on: str  # where the base weights are loaded: FSDP loads on the CPU and shards from there
+
+
+def _setup_device(settings: LoraTrainingSettings, runtime: RuntimeSettings) -> _Placement:
+    """The device, precision and ranks of this process; refuses FSDP without CUDA before any loading."""
+    import torch
+
+    from .models import pick_device
+
+    device = pick_device(runtime.device)
+    rank, local_rank = process_rank(settings)
+    if settings.resolved_strategy == "fsdp" and device != "cuda":
+        raise ValueError("strategy fsdp needs CUDA GPUs (Lightning's FSDP refuses a CPU accelerator); use strategy "
+                         "ddp (or auto) on CPU")
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        torch.cuda.reset_peak_memory_stats()
+    load_on = "cpu" if settings.resolved_strategy == "fsdp" else (f"cuda:{local_rank}" if device == "cuda" else device)
+    return _Placement(device, settings.resolved_precision(device), rank, local_rank, load_on)
+
+
+def _fit(trainer, module, progress, logger, resume_path: Path | None, start_step: int
+         ) -> tuple[float, str | None, str | None]:
+    """Fit (resuming from ``resume_path``), save the final step, validate; (fit seconds, W&B run id, W&B dir)."""
+    started = time.perf_counter()
+    trainer.fit(module, ckpt_path=str(resume_path) if resume_path else None, weights_only=True)
+    fit_seconds = time.perf_counter() - started
+    module.flush_step_metrics()
+    if progress.last_saved_step != trainer.global_step and trainer.global_step > start_step:
+        progress.save(trainer)  # the final step, so re-materialising with the same inputs does no work
+    trainer.validate(module, verbose=False)
+    wandb_run_id = wandb_dir = None
+    if logger is not None and trainer.is_global_zero:
+        wandb_run_id, wandb_dir = logger.experiment.id, str(logger.experiment.dir)
+        logger.experiment.finish()
+    return fit_seconds, wandb_run_id, wandb_dir
+
+
 def train_lora_adapter(
     *,
     store: ArtifactStore,
@@ -403,28 +452,23 @@ def train_lora_adapter(
     on_invalid_checkpoint: Callable[[Any], None] | None = None,
     extra_callbacks: Sequence[Any] = (),
 ) -> TrainingResult:
+    """Train a LoRA adapter: device, model, data, resume point, trainer, fit, publish (rank 0 publishes).
+
+    Every process runs this same function: the single-process step, each torchrun worker and each TrainJob
+    pod (``distributed.py``). Re-running with the same inputs and settings resumes from the newest valid
+    checkpoint of the same fingerprint; ``on_checkpoint`` is called as each checkpoint is published.
+    """
     import lightning as L
-    import torch
 
     from .lightning_module import LoraFineTuning
-    from .models import pick_device
 
     fingerprint = settings.fingerprint(base_model_sha256, dataset_sha256)
     checkpoint_store = checkpoint_store or store
     L.seed_everything(settings.seed, workers=True, verbose=False)
-    device = pick_device(runtime.device)
-    precision = settings.resolved_precision(device)
-    rank, local_rank = process_rank(settings)
-    if settings.resolved_strategy == "fsdp" and device != "cuda":
-        raise ValueError("strategy fsdp needs CUDA GPUs (Lightning's FSDP refuses a CPU accelerator); use strategy "
-                         "ddp (or auto) on CPU")
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-        torch.cuda.reset_peak_memory_stats()
-
-    load_on = "cpu" if settings.resolved_strategy == "fsdp" else (f"cuda:{local_rank}" if device == "cuda" else device)
-    peft_model, tokenizer = _setup_model(base_snapshot_dir, settings, load_on, precision)
-    data = _setup_data(tokenizer, settings, train_conversations, validation_conversations, rank)
+    place = _setup_device(settings, runtime)
+    device, precision, local_rank = place.device, place.precision, place.local_rank
+    peft_model, tokenizer = _setup_model(base_snapshot_dir, settings, place.load_on, precision)
+    data = _setup_data(tokenizer, settings, train_conversations, validation_conversations, place.rank)
     module = LoraFineTuning(peft_model, settings, data.train, data.validation, pin_memory=device == "cuda")
 
     resume_key, resume_path, start_step, tokens_before = _resume_point(checkpoint_store, fingerprint, resume,
@@ -442,17 +486,7 @@ def train_lora_adapter(
                                  _decoder_layer_class(peft_model))
         if resume_key:
             log.info("resuming %s from step %d (%s)", fingerprint, start_step, resume_key)
-        started = time.perf_counter()
-        trainer.fit(module, ckpt_path=str(resume_path) if resume_path else None, weights_only=True)
-        fit_seconds = time.perf_counter() - started
-        module.flush_step_metrics()
-        if progress.last_saved_step != trainer.global_step and trainer.global_step > start_step:
-            progress.save(trainer)  # the final step, so re-materialising with the same inputs does no work
-        trainer.validate(module, verbose=False)
-        wandb_run_id = wandb_dir = None
-        if logger is not None and trainer.is_global_zero:
-            wandb_run_id, wandb_dir = logger.experiment.id, str(logger.experiment.dir)
-            logger.experiment.finish()
+        fit_seconds, wandb_run_id, wandb_dir = _fit(trainer, module, progress, logger, resume_path, start_step)
 
     steps_this_run = trainer.global_step - start_step
     summary = {"fingerprint": fingerprint, "base_model_sha256": base_model_sha256, "dataset_sha256": dataset_sha256,
