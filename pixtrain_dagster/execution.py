@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from dagster import ExecutorDefinition, in_process_executor, multiprocess_executor
+from dagster import ExecutorDefinition, Field, Permissive, in_process_executor, multiprocess_executor
 
 StepKind = Literal["gpu", "cpu"]
 
@@ -89,6 +89,7 @@ K8S_CONFIG_TAG = "dagster-k8s/config"
 # Marks GPU steps (op tag) and GPU runs (run tag). The executors limit concurrent GPU steps within a run by
 # the op tag; the QueuedRunCoordinator (k8s/dagster-values.yaml) limits concurrent GPU runs by the run tag.
 GPU_TAG_KEY = "pixtrain/gpu"
+GPU_RESOURCE = "nvidia.com/gpu"  # the NVIDIA device plugin's extended resource
 GPU_RUN_TAGS: Mapping[str, str] = {GPU_TAG_KEY: "true"}
 
 # Secrets a step may ask for (op tags, ``step_pod_tags(kind, secrets=...)``): each step pod gets only the ones its
@@ -250,7 +251,7 @@ def _resources(cpu: str, memory: str, gpus: int = 0) -> dict[str, Any]:
     # it did not cause. GPUs are extended resources, which must have requests == limits anyway.
     amounts = {"cpu": cpu, "memory": memory}
     if gpus:
-        amounts["nvidia.com/gpu"] = str(gpus)
+        amounts[GPU_RESOURCE] = str(gpus)
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
@@ -417,9 +418,20 @@ def executor_from_env(environ: Mapping[str, str] | None = None) -> ExecutorDefin
         settings = _settings_for(environ)
         return multiprocess_executor.configured({"tag_concurrency_limits": _gpu_step_limit(settings)})
     if choice == "k8s":
-        from dagster_k8s import k8s_job_executor  # only here: importing it costs ~1.6 s
+        from .k8s_executor import run_sized_k8s_executor  # only here: importing dagster_k8s costs ~1.6 s
 
-        return k8s_job_executor.configured(k8s_executor_config(_settings_for(environ)))
+        settings = _settings_for(environ)
+        deployment = k8s_executor_config(settings)
+
+        def with_run_overrides(run_config: dict[str, Any]) -> dict[str, Any]:
+            # Everything comes from the deployment; a run may only add per-step pod overrides.
+            return {**deployment, "per_step_k8s_config": run_config.get("per_step_k8s_config") or {}}
+
+        return run_sized_k8s_executor(settings).configured(with_run_overrides, config_schema={
+            "per_step_k8s_config": Field(
+                Permissive(), is_required=False, default_value={},
+                description="{op name: dagster-k8s/config} merged last into that step's pod (docs/scale-out.md)."),
+        })
     raise ExecutionSettingsError(
         f"{EXECUTOR_ENV_VAR}={raw!r} is not a known executor; use one of: {', '.join(EXECUTOR_CHOICES)}"
     )

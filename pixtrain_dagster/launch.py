@@ -77,9 +77,9 @@ def _check_visible_gpus(request: TrainingRequest, processes: int) -> None:
     visible = torch.cuda.device_count()
     if visible < processes:
         raise ValueError(
-            f"devices: {processes} but this pod sees {visible} GPU(s); give the lora_training pod {processes} GPUs "
-            "(execution.gpu.count in the chart, or per run: execution.config.per_step_k8s_config.lora_training."
-            "container_config.resources.limits nvidia.com/gpu; docs/scale-out.md) or lower devices")
+            f"devices: {processes} but this pod sees {visible} GPU(s); under the k8s executor the pod gets `devices` "
+            "GPUs unless execution.config.per_step_k8s_config.lora_training overrides nvidia.com/gpu (remove or "
+            "raise that override; docs/scale-out.md), or lower devices")
 
 
 def _kill_group(process: subprocess.Popen) -> None:

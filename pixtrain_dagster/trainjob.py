@@ -123,9 +123,8 @@ def trainjob_launcher_k8s_config(
     (the launcher service account, bound only to the TrainJob Role), the label that opens kube-API egress,
     and no GPU (the training runs in the TrainJob's pods). ``merge_behavior: SHALLOW`` makes each key here
     replace the GPU step tag's value instead of deep-merging into it (a deep merge would keep
-    ``nvidia.com/gpu``); give it as run config ``per_step_k8s_config: {lora_training: ...}`` of the k8s
-    executor for runs with ``num_nodes > 1``. Keys not named here (security contexts, volumes, env, the
-    executor's settings) keep their step values.
+    ``nvidia.com/gpu``); the k8s executor applies it to runs with ``num_nodes > 1`` (k8s_executor.py). Keys not
+    named here (security contexts, volumes, env, the executor's settings) keep their step values.
     """
     ts = trainjob_settings or TrainJobSettings()
     amounts = {"cpu": settings.cpu_cpu, "memory": settings.cpu_memory}

@@ -29,7 +29,12 @@ def dagster_values() -> dict:
 
 @pytest.fixture(scope="session")
 def k8s_step_jobs(dagster_values):
-    """{step key: (V1Job, namespace)} for every step of the train_adapter job, as the k8s executor builds them.
+    """{step key: (V1Job, namespace)} for every step of the train_adapter job, as the k8s executor builds them."""
+    return step_jobs_for_run(dagster_values)
+
+
+def step_jobs_for_run(dagster_values: dict, run_config: dict | None = None) -> dict:
+    """{step key: (V1Job, namespace)} for every step of a train_adapter run with ``run_config``.
 
     The code location is loaded with PIXTRAIN_EXECUTOR=k8s (as the pixtrain-execution-env ConfigMap sets it),
     on an instance whose K8sRunLauncher is configured from k8s/dagster-values.yaml.
@@ -53,7 +58,7 @@ def k8s_step_jobs(dagster_values):
                     "run_launcher": {"module": "dagster_k8s", "class": "K8sRunLauncher", "config": launcher_config}
                 }
             ) as instance:
-                _executor, jobs = build_step_jobs(job, job.executor_def, instance)
+                _executor, jobs = build_step_jobs(job, job.executor_def, instance, run_config=run_config)
     finally:
         execution.load_settings.cache_clear()
     return jobs

@@ -130,12 +130,13 @@ def run_launcher_config_from_chart_values(values: dict[str, Any], namespace: str
     }
 
 
-def build_step_jobs(job_def, executor_def, instance, image: str = "registry.example.com/pixtrain:test"):
+def build_step_jobs(job_def, executor_def, instance, image: str = "registry.example.com/pixtrain:test",
+                    run_config: dict | None = None):
     """The V1Job the k8s executor submits for every step of ``job_def``, keyed by step key.
 
     Runs dagster-k8s's own code path (executor init, container-context merge of run launcher + executor
     config + op tags, construct_dagster_k8s_job) with a MagicMock batch API, as dagster's test_executor.py
-    does; nothing reaches a cluster.
+    does; nothing reaches a cluster. ``run_config``: the run's config (its ``execution.config`` goes to the executor).
     """
     from dagster._core.definitions.job_base import InMemoryJob
     from dagster._core.definitions.reconstruct import ReconstructableRepository
@@ -150,7 +151,8 @@ def build_step_jobs(job_def, executor_def, instance, image: str = "registry.exam
     from dagster_k8s.client import DagsterKubernetesClient
 
     in_memory_job = InMemoryJob(job_def)
-    mapped = executor_def.apply_config_mapping({})
+    run_config = run_config or {}
+    mapped = executor_def.apply_config_mapping({"config": (run_config.get("execution") or {}).get("config") or {}})
     assert mapped.success, mapped.errors
     with mock.patch("kubernetes.config.load_incluster_config"):
         executor = executor_def.executor_creation_fn(
@@ -176,7 +178,8 @@ def build_step_jobs(job_def, executor_def, instance, image: str = "registry.exam
     job_origin = job_origin._replace(
         repository_origin=job_origin.repository_origin._replace(container_image=image)
     )
-    run = create_run_for_test(instance, job_name=job_def.name, job_code_origin=job_origin, run_id=str(uuid.uuid4()))
+    run = create_run_for_test(instance, job_name=job_def.name, job_code_origin=job_origin, run_id=str(uuid.uuid4()),
+                              run_config=run_config)
     plan = create_execution_plan(job_def)
     plan_context = PlanOrchestrationContext(
         plan_data=PlanData(
