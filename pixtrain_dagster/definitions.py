@@ -8,6 +8,7 @@ import os
 
 from dagster import Definitions
 
+from . import warning_filters
 from .assets import ALL_ASSET_CHECKS, ALL_ASSETS, OPERATIONS_ASSETS
 from .assets.backup import artifact_backup_job, artifact_backup_schedule
 from .execution import executor_from_env
@@ -26,6 +27,9 @@ from .monitoring.pipeline import MONITORING_SENSORS  # Pushgateway pushes; idle 
 
 def build_definitions() -> Definitions:
     """Definitions wired from the environment (artifact roots, executor); tests call it after setting env vars."""
+    # Runs at import (``defs`` below), so in every process that runs our code: CLI, code server, step
+    # subprocesses and pods.
+    warning_filters.install()
     artifact_store = ArtifactStoreResource.from_env()
     return Definitions(
         assets=[*ALL_ASSETS, *OPERATIONS_ASSETS],

@@ -42,8 +42,11 @@ def run_torchrun_in_pod(request: TrainingRequest, processes: int, log: Callable[
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                    "-m", "pixtrain_dagster.core.distributed", "--request", str(request_file)]
         log(f"launching {processes} training processes: torchrun --standalone --nproc-per-node={processes}")
+        # torchrun's own default (one OpenMP thread per process: the GPUs do the math), set here so it doesn't
+        # print a banner saying it chose it; an OMP_NUM_THREADS in the environment still wins.
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or "1"}
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   start_new_session=True)
+                                   start_new_session=True, env=env)
         previous = signal.getsignal(signal.SIGTERM)
 
         def stop(signum, frame):
@@ -62,6 +65,7 @@ def run_torchrun_in_pod(request: TrainingRequest, processes: int, log: Callable[
             _kill_group(process)
             raise
         finally:
+            process.stdout.close()
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)
         if code != 0:
@@ -118,7 +122,7 @@ def run_trainjob_for_step(context, request: TrainingRequest, settings: LoraTrain
                          f"root {request.artifact_root} is not a filesystem path; mount the volume (PVC) instead")
     op_context = getattr(context, "op_execution_context", context)
     request_file = (Path(store.root) / "trainjob-requests"
-                    / f"{context.run_id}-{op_context.op.name}-{op_context.retry_number}.json")
+                    / f"{context.run.run_id}-{op_context.op.name}-{op_context.retry_number}.json")
     request_file.parent.mkdir(parents=True, exist_ok=True)
     staged = request_file.with_name(f".{request_file.name}.tmp")
     staged.write_text(request.to_json())

@@ -44,7 +44,7 @@ def kube_apis_in_cluster() -> KubeApis:
 def _run_is_cancelling(context) -> bool:
     from dagster import DagsterRunStatus
 
-    run = context.instance.get_run_by_id(context.run_id)
+    run = context.instance.get_run_by_id(context.run.run_id)
     return run is not None and run.status in (DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED)
 
 
@@ -85,14 +85,14 @@ def launch_multinode_training(
     settings = ExecutionSettings.from_env(env)
     op_context = getattr(context, "op_execution_context", context)  # asset or op context
     manifest = build_trainjob(
-        name=trainjob_name(context.run_id, op_context.op.name, op_context.retry_number),
+        name=trainjob_name(context.run.run_id, op_context.op.name, op_context.retry_number),
         request_uri=request_uri,
         num_nodes=num_nodes,
         gpus_per_node=gpus_per_node,
         image=step_image(context, settings, env),
         settings=settings,
         trainjob_settings=TrainJobSettings.from_env(env),
-        labels={"dagster/run-id": context.run_id},
+        labels={"dagster/run-id": context.run.run_id},
     )
     outcome = run_trainjob(
         apis or kube_apis_in_cluster(),

@@ -73,10 +73,11 @@ def artifact_backup(
         write_metric_textfile(metrics_file, result.finished_at)
     training_metadata.get_store().append_audit_event(
         "artifacts_backed_up", actor=context.run.tags.get("dagster/user") or "dagster",
-        artifact_uri=result.destination, run_id=context.run_id, step_key=str(context.op_handle),
+        artifact_uri=result.destination, run_id=context.run.run_id,
+        step_key=str(context.op_execution_context.op_handle),
         details={"copied": len(result.copied), "skipped": len(result.skipped), "repaired": len(result.repaired),
                  "documents": len(result.documents_copied), "bytes": result.bytes_copied},
-        idempotency_key=f"artifacts_backed_up:{context.run_id}:{context.retry_number}",
+        idempotency_key=f"artifacts_backed_up:{context.run.run_id}:{context.retry_number}",
     )
     yield Output(
         {"destination": result.destination, "finished_at": result.finished_at,

@@ -156,7 +156,7 @@ def promoted_adapter(
         (folder / "README.md").write_text(card)
         ref = store.publish(folder, f"promoted/{lora_adapter['sha256'][:16]}", replace=True)
     promotion = {"key": store.key_of(ref.uri), **ref.to_dict(), "adapter_sha256": lora_adapter["sha256"],
-                 "run_id": context.run_id, "trigger": run_trigger(context.run.tags)}
+                 "run_id": context.run.run_id, "trigger": run_trigger(context.run.tags)}
     who = step_identity(context)
     training_metadata.get_store().append_audit_event(
         "adapter_promoted", actor=who.actor, artifact_uri=ref.uri, artifact_sha256=lora_adapter["sha256"],

@@ -20,6 +20,7 @@ from typing import Any
 
 from .artifacts import ArtifactRef, ArtifactStore
 from .settings import LoraTrainingSettings, RuntimeSettings
+from .warning_filters import install_library_filters
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--request", required=True, type=Path, help="training request JSON (written by the step)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '0')}] %(levelname)s %(message)s")
+    # Lightning prints through a console handler of its own; propagating to the root handler too doubled each line.
+    logging.getLogger("lightning").propagate = False
+    install_library_filters()  # train_lora_adapter installs them too; here they also cover loading and imports
     run(args.request)
 
 

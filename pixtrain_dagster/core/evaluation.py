@@ -118,7 +118,9 @@ def evaluate_adapter(
 
     from .models import load_snapshot
     from .tokenization import fixed_batches, pack_rows, tokenize_conversations
+    from .warning_filters import install_library_filters
 
+    install_library_filters()
     model, tokenizer = load_snapshot(base_snapshot_dir, device=device, for_training=False)
     rows = pack_rows(tokenize_conversations(tokenizer, validation_conversations, settings.max_seq_len).conversations,
                      settings.max_seq_len, pack=False)

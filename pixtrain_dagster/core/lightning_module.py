@@ -192,7 +192,8 @@ class LoraFineTuning(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self._val_token_count:
             self.last_validation_loss = float(self._val_loss_sum) / self._val_token_count
-            self.log("val/loss", self.last_validation_loss)
+            # Every rank validates the whole set, so the mean over ranks is this same value (no-op on one process).
+            self.log("val/loss", self.last_validation_loss, sync_dist=True)
 
     # ---- optimisation -------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -136,7 +136,8 @@ def _make_progress_callback(store: ArtifactStore, fingerprint: str, settings: Lo
         def save(self, trainer) -> None:
             step = trainer.global_step
             with store.stage() as folder:
-                trainer.save_checkpoint(folder / "checkpoint.ckpt")  # every rank calls it; rank 0 writes
+                # Every rank calls it; rank 0 writes. Full state (optimizer, scheduler, loops): resuming needs it.
+                trainer.save_checkpoint(folder / "checkpoint.ckpt", weights_only=False)
                 self.last_saved_step = step
                 if not trainer.is_global_zero:
                     return  # only rank 0 publishes (and records) checkpoints
@@ -159,7 +160,7 @@ def _wandb_logger(runtime: RuntimeSettings, fingerprint: str, settings: LoraTrai
 
     save_dir = Path(runtime.wandb_dir) if runtime.wandb_dir else workdir
     save_dir.mkdir(parents=True, exist_ok=True)
-    return WandbLogger(
+    logger = WandbLogger(
         project=runtime.wandb_project,
         name=f"lora-{fingerprint}",
         save_dir=str(save_dir),
@@ -167,6 +168,10 @@ def _wandb_logger(runtime: RuntimeSettings, fingerprint: str, settings: LoraTrai
         config=asdict(settings),
         tags=["pixtrain", "lora"],
     )
+    # Lightning always passes wandb.init(anonymous=None), which wandb warns "has no effect"; we never use
+    # anonymous mode, so leave the argument out.
+    getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+    return logger
 
 
 @dataclass
@@ -229,7 +234,8 @@ def _setup_model(base_snapshot_dir: Path, settings: LoraTrainingSettings, device
         raise ValueError(f"LoRA target modules {settings.lora_targets} do not fit this model: {error}") from None
     if settings.gradient_checkpointing:
         # Non-reentrant: works with a frozen base (no input that requires grad) and replays dropout exactly.
-        peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.get_base_model().activation_checkpointing_enable(  # transformers 5's name for it
+            activation_checkpointing_kwargs={"use_reentrant": False})
     if settings.compile_model:
         # Each decoder layer compiled in place: one graph reused by every layer, and state-dict keys unchanged
         # (torch.compile of the LightningModule crashes inside self.log; a wrapper would rename the keys).
@@ -336,7 +342,9 @@ def _publish_adapter(store: ArtifactStore, peft_model: Any, tokenizer: Any, summ
         config.base_model_name_or_path = base_model_name
         if isinstance(config.target_modules, set):  # a set saves in hash order, which varies per process
             config.target_modules = sorted(config.target_modules)
-        peft_model.save_pretrained(folder, state_dict=lora_state)
+        # The vocabulary is never resized, so no embedding weights to save; saying so also keeps PEFT from looking
+        # up the base (named by its store key, not a hub id) on the model hub to find out.
+        peft_model.save_pretrained(folder, state_dict=lora_state, save_embedding_layers=False)
         tokenizer.save_pretrained(folder)
         (folder / "training_summary.json").write_text(json.dumps(summary, indent=2))
         return store.publish(folder, f"adapters/{fingerprint}", extra=summary, replace=True)
@@ -461,7 +469,9 @@ def train_lora_adapter(
     import lightning as L
 
     from .lightning_module import LoraFineTuning
+    from .warning_filters import install_library_filters
 
+    install_library_filters()
     fingerprint = settings.fingerprint(base_model_sha256, dataset_sha256)
     checkpoint_store = checkpoint_store or store
     L.seed_everything(settings.seed, workers=True, verbose=False)

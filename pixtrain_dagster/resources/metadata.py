@@ -134,8 +134,8 @@ def step_identity(context: AssetExecutionContext | AssetCheckExecutionContext | 
     context = getattr(context, "op_execution_context", context)  # an asset check's context wraps the op's
     run = context.run
     return StepIdentity(
-        run_id=context.run_id,
-        step_key=str(context.op_handle),
+        run_id=run.run_id,
+        step_key=str(context.op_execution_context.op_handle),  # an op context returns itself here
         attempt=context.retry_number,
         actor=run.tags.get("dagster/user") or "dagster",
     )

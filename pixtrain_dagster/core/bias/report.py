@@ -45,7 +45,9 @@ def run_bias_report(
     from peft import PeftModel
 
     from ..models import load_snapshot
+    from ..warning_filters import install_library_filters
 
+    install_library_filters()
     settings = settings or BiasSettings()
     started = time.perf_counter()
     probes = load_probe_set(settings.max_templates)
