@@ -7,7 +7,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export PIXTRAIN_ARTIFACT_ROOT ?= $(CURDIR)/.pixtrain/artifacts
 export WANDB_DIR ?= $(CURDIR)/.pixtrain/wandb
 
-.PHONY: demo test dev seed venv tools clean
+.PHONY: demo test lint format dev seed venv tools clean
 
 # `dagster asset materialize` and `dagster dev` work unchanged but warn, before our code loads, that the `dg` CLI
 # (dagster-dg-cli, not installed) supersedes them: that one warning is silenced for the two commands run here.
@@ -44,8 +44,18 @@ demo: venv $(DAGSTER_HOME)/dagster.yaml seed
 dev: venv $(DAGSTER_HOME)/dagster.yaml seed
 	PYTHONWARNINGS='$(DAGSTER_CLI_WARNINGS)' $(BIN)/dagster dev -m pixtrain_dagster.definitions
 
-test: venv tools
+# Lint and format check first (ruff, configured in pyproject.toml): a violation fails the run in seconds.
+test: venv tools lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Rewrites files: sorts imports, applies the safe fixes, formats.
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf .pixtrain .dagster_home .tools

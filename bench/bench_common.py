@@ -102,8 +102,9 @@ class StepTimes:
 
     def window(self) -> dict[str, float]:
         if len(self.times) <= self.warmup:
-            raise RuntimeError(f"only {len(self.times)} optimizer steps ran; need more than the {self.warmup} "
-                               "warm-up steps to measure")
+            raise RuntimeError(
+                f"only {len(self.times)} optimizer steps ran; need more than the {self.warmup} warm-up steps to measure"
+            )
         first = self.warmup - 1  # index of the end of the last warm-up step (-1: from the first recorded time)
         start_time = self.times[first] if first >= 0 else None
         if start_time is None:
@@ -162,13 +163,15 @@ def lenient_packing_probe(notes: list[str]):
 
 def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
     """Rows as a fixed-width table; columns are (key, header, format)."""
-    cells = [[("{:" + fmt + "}").format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in columns]
-             for row in rows]
+    cells = [
+        [("{:" + fmt + "}").format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in columns]
+        for row in rows
+    ]
     headers = [header for _, header, _ in columns]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
     for c in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)))
 
 
 def write_json(path: Path | None, payload: Any) -> None:

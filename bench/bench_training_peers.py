@@ -66,12 +66,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lora-alpha", type=int, default=16)
     parser.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--lenient-packing-probe", action="store_true",
-                        help="train packed even where the core's load-time packing probe refuses (noted in results)")
+    parser.add_argument(
+        "--lenient-packing-probe",
+        action="store_true",
+        help="train packed even where the core's load-time packing probe refuses (noted in results)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--report", type=Path, nargs="+",
-                        help="print the table of earlier --json outputs together (no training)")
+    parser.add_argument(
+        "--report", type=Path, nargs="+", help="print the table of earlier --json outputs together (no training)"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny Llama, 2 steps: only checks that every path runs")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -94,10 +98,17 @@ def run_core(args, snapshot: Path, conversations, precision: str, device: str, s
     total_steps = args.warmup + args.steps
     settings, missing = settings_with(
         LoraTrainingSettings(),
-        max_steps=total_steps, micro_batch_size=args.batch, gradient_accumulation_steps=1, max_seq_len=args.max_len,
-        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_target_modules=tuple(args.lora_targets),
-        pack_sequences=True, checkpoint_every_n_steps=total_steps + 1,  # no checkpoint inside the measured steps
-        seed=args.seed, precision=precision,
+        max_steps=total_steps,
+        micro_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        max_seq_len=args.max_len,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_target_modules=tuple(args.lora_targets),
+        pack_sequences=True,
+        checkpoint_every_n_steps=total_steps + 1,  # no checkpoint inside the measured steps
+        seed=args.seed,
+        precision=precision,
     )
     if "precision" in missing:
         implied = "bf16-mixed" if device == "cuda" else "32-true"
@@ -113,10 +124,16 @@ def run_core(args, snapshot: Path, conversations, precision: str, device: str, s
     notes: list[str] = []
     with lenient_packing_probe(notes) if args.lenient_packing_probe else contextlib.nullcontext():
         train_lora_adapter(
-            store=ArtifactStore(scratch / f"core-store-{precision}"), base_snapshot_dir=snapshot,
-            base_model_sha256="bench", dataset_sha256="bench", train_conversations=conversations,
-            validation_conversations=conversations[:2], settings=settings,
-            runtime=RuntimeSettings(device=device, wandb_mode="disabled"), resume=False, extra_callbacks=[Timer()],
+            store=ArtifactStore(scratch / f"core-store-{precision}"),
+            base_snapshot_dir=snapshot,
+            base_model_sha256="bench",
+            dataset_sha256="bench",
+            train_conversations=conversations,
+            validation_conversations=conversations[:2],
+            settings=settings,
+            runtime=RuntimeSettings(device=device, wandb_mode="disabled"),
+            resume=False,
+            extra_callbacks=[Timer()],
         )
     return {**timer.window(), **({"notes": "; ".join(notes)} if notes else {})}
 
@@ -132,8 +149,13 @@ def _peft_model(args, snapshot: Path, device: str):
     model = AutoModelForCausalLM.from_pretrained(snapshot, dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False
     model.train()
-    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.05,
-                      target_modules=list(args.lora_targets), task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=0.05,
+        target_modules=list(args.lora_targets),
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora).to(device), tokenizer
 
 
@@ -146,13 +168,26 @@ def _training_arguments(args, precision: str, device: str, scratch: Path, cls=No
     if precision == "bf16-true":
         raise ValueError("bf16-true has no Trainer equivalent (it keeps fp32 master weights)")
     return (cls or TrainingArguments)(
-        output_dir=str(scratch / "trainer-out"), max_steps=args.warmup + args.steps,
-        per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
-        learning_rate=defaults.learning_rate, weight_decay=defaults.weight_decay, warmup_steps=defaults.warmup_steps,
-        lr_scheduler_type="cosine", max_grad_norm=defaults.gradient_clip_norm, optim="adamw_torch_fused",
-        bf16=precision == "bf16-mixed", use_cpu=device == "cpu", seed=args.seed, data_seed=args.seed,
-        dataloader_num_workers=0, save_strategy="no", report_to="none", logging_steps=10_000,
-        disable_tqdm=True, **extra,
+        output_dir=str(scratch / "trainer-out"),
+        max_steps=args.warmup + args.steps,
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        learning_rate=defaults.learning_rate,
+        weight_decay=defaults.weight_decay,
+        warmup_steps=defaults.warmup_steps,
+        lr_scheduler_type="cosine",
+        max_grad_norm=defaults.gradient_clip_norm,
+        optim="adamw_torch_fused",
+        bf16=precision == "bf16-mixed",
+        use_cpu=device == "cpu",
+        seed=args.seed,
+        data_seed=args.seed,
+        dataloader_num_workers=0,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=10_000,
+        disable_tqdm=True,
+        **extra,
     )
 
 
@@ -218,10 +253,19 @@ def run_trl_sft(args, snapshot: Path, conversations, precision: str, device: str
     dataset = Dataset.from_list(rows)  # pre-tokenised: SFTTrainer keeps our input_ids and labels, then packs
     timer = StepTimes(args.warmup, sync_cuda=device == "cuda")
     timed, step_end = _timed_trainer(SFTTrainer, timer)
-    config = _training_arguments(args, precision, device, scratch, cls=SFTConfig, packing=True, padding_free=True,
-                                 max_length=args.max_len, packing_strategy="bfd", dataset_num_proc=None)
-    trainer = timed(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                    callbacks=[step_end])
+    config = _training_arguments(
+        args,
+        precision,
+        device,
+        scratch,
+        cls=SFTConfig,
+        packing=True,
+        padding_free=True,
+        max_length=args.max_len,
+        packing_strategy="bfd",
+        dataset_num_proc=None,
+    )
+    trainer = timed(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[step_end])
     trainer.train()
     return timer.window()
 
@@ -233,8 +277,14 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     """The table, with each system's rate relative to the core's at the same precision."""
     precisions = list(dict.fromkeys(r["precision"] for r in results))
     for precision in precisions:
-        core = next((r for r in results if r["system"] == "core" and r["precision"] == precision
-                     and "real_tokens_per_second" in r), None)
+        core = next(
+            (
+                r
+                for r in results
+                if r["system"] == "core" and r["precision"] == precision and "real_tokens_per_second" in r
+            ),
+            None,
+        )
         for row in results:
             if row["precision"] == precision and core and "real_tokens_per_second" in row:
                 row["core_speedup"] = core["real_tokens_per_second"] / row["real_tokens_per_second"]
@@ -242,32 +292,54 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     if args.report:
         print(f"results of {', '.join(str(p) for p in args.report)}")
     else:
-        print(f"\nmodel {'tiny Llama (smoke)' if args.smoke else args.snapshot or 'SmolLM2-135M-Instruct'}, batch "
-              f"{args.batch}, max length {args.max_len}, LoRA r={args.lora_r} alpha={args.lora_alpha} "
-              f"{'/'.join(args.lora_targets)}, {args.steps} measured steps after {args.warmup} warm-up, "
-              f"torch threads {args.threads or 'default'}")
-    print_table(results, [("system", "system", "s"), ("precision", "precision", "s"), ("steps", "steps", "d"),
-                          ("real_tokens", "real tokens", "d"), ("seconds", "seconds", ".1f"),
-                          ("real_tokens_per_second", "real tok/s", ".1f"),
-                          ("real_tokens_per_cpu_second", "real tok/CPU-s", ".1f"),
-                          ("padding_efficiency", "padding eff.", ".2f"), ("core_speedup", "core x (wall)", ".2f"),
-                          ("core_speedup_cpu", "core x (CPU-s)", ".2f")])
+        print(
+            f"\nmodel {'tiny Llama (smoke)' if args.smoke else args.snapshot or 'SmolLM2-135M-Instruct'}, batch "
+            f"{args.batch}, max length {args.max_len}, LoRA r={args.lora_r} alpha={args.lora_alpha} "
+            f"{'/'.join(args.lora_targets)}, {args.steps} measured steps after {args.warmup} warm-up, "
+            f"torch threads {args.threads or 'default'}"
+        )
+    print_table(
+        results,
+        [
+            ("system", "system", "s"),
+            ("precision", "precision", "s"),
+            ("steps", "steps", "d"),
+            ("real_tokens", "real tokens", "d"),
+            ("seconds", "seconds", ".1f"),
+            ("real_tokens_per_second", "real tok/s", ".1f"),
+            ("real_tokens_per_cpu_second", "real tok/CPU-s", ".1f"),
+            ("padding_efficiency", "padding eff.", ".2f"),
+            ("core_speedup", "core x (wall)", ".2f"),
+            ("core_speedup_cpu", "core x (CPU-s)", ".2f"),
+        ],
+    )
     for row in results:
         for key in ("skipped", "notes"):
             if row.get(key):
                 print(f"{key} {row['system']} {row['precision']}: {row[key]}")
     for precision in precisions:
-        core = next((r for r in results if r["system"] == "core" and r["precision"] == precision
-                     and "real_tokens_per_second" in r), None)
-        peers = [r for r in results if r["system"] != "core" and r["precision"] == precision
-                 and "real_tokens_per_second" in r]
+        core = next(
+            (
+                r
+                for r in results
+                if r["system"] == "core" and r["precision"] == precision and "real_tokens_per_second" in r
+            ),
+            None,
+        )
+        peers = [
+            r
+            for r in results
+            if r["system"] != "core" and r["precision"] == precision and "real_tokens_per_second" in r
+        ]
         if core and peers:
             best = max(peers, key=lambda r: r["real_tokens_per_cpu_second"])
-            print(f"{precision}: core {core['real_tokens_per_second']:.1f} real tok/s "
-                  f"({core['real_tokens_per_cpu_second']:.1f} per CPU-second) = "
-                  f"{core['real_tokens_per_cpu_second'] / best['real_tokens_per_cpu_second']:.2f}x the better peer "
-                  f"per CPU-second ({best['system']}), "
-                  f"{core['real_tokens_per_second'] / best['real_tokens_per_second']:.2f}x by wall clock")
+            print(
+                f"{precision}: core {core['real_tokens_per_second']:.1f} real tok/s "
+                f"({core['real_tokens_per_cpu_second']:.1f} per CPU-second) = "
+                f"{core['real_tokens_per_cpu_second'] / best['real_tokens_per_cpu_second']:.2f}x the better peer "
+                f"per CPU-second ({best['system']}), "
+                f"{core['real_tokens_per_second'] / best['real_tokens_per_second']:.2f}x by wall clock"
+            )
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -302,8 +374,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 print(f"--- {system} {precision} on {device}", flush=True)
                 row: dict[str, Any] = {"system": system, "precision": precision, "device": device}
                 try:
-                    row.update(RUNNERS[system](args, snapshot, conversations, precision, device,
-                                               scratch / f"{system}-{precision}"))
+                    row.update(
+                        RUNNERS[system](
+                            args, snapshot, conversations, precision, device, scratch / f"{system}-{precision}"
+                        )
+                    )
                 except ValueError as error:  # a combination a system does not offer
                     row["skipped"] = str(error)
                 print(f"result: {json.dumps(row, default=str)}", flush=True)

@@ -38,20 +38,30 @@ def main() -> None:
         for packed in (True, False):
             if args.only and args.only != ("packed" if packed else "padded"):
                 continue
-            settings = LoraTrainingSettings(max_steps=args.steps, pack_sequences=packed,
-                                            checkpoint_every_n_steps=args.steps, max_seq_len=args.max_seq_len,
-                                            micro_batch_size=args.micro_batch_size)
+            settings = LoraTrainingSettings(
+                max_steps=args.steps,
+                pack_sequences=packed,
+                checkpoint_every_n_steps=args.steps,
+                max_seq_len=args.max_seq_len,
+                micro_batch_size=args.micro_batch_size,
+            )
             result = train_lora_adapter(
-                store=ArtifactStore(Path(tmp) / f"store-{packed}"), base_snapshot_dir=snapshot,
-                base_model_sha256="bench", dataset_sha256="bench", train_conversations=conversations[:-10],
-                validation_conversations=conversations[-10:], settings=settings,
+                store=ArtifactStore(Path(tmp) / f"store-{packed}"),
+                base_snapshot_dir=snapshot,
+                base_model_sha256="bench",
+                dataset_sha256="bench",
+                train_conversations=conversations[:-10],
+                validation_conversations=conversations[-10:],
+                settings=settings,
                 runtime=RuntimeSettings(device="auto", wandb_mode="disabled"),
             )
-            print(f"{'packed' if packed else 'padded'}: {result.tokens_per_second:.1f} tokens/s, "
-                  f"{result.trained_tokens / result.wall_seconds:.1f} assistant tokens/s, "
-                  f"{args.steps} steps in {result.wall_seconds:.1f} s on {result.device} "
-                  f"(micro batch {settings.micro_batch_size} x {settings.gradient_accumulation_steps}, "
-                  f"{settings.max_seq_len} tokens)")
+            print(
+                f"{'packed' if packed else 'padded'}: {result.tokens_per_second:.1f} tokens/s, "
+                f"{result.trained_tokens / result.wall_seconds:.1f} assistant tokens/s, "
+                f"{args.steps} steps in {result.wall_seconds:.1f} s on {result.device} "
+                f"(micro batch {settings.micro_batch_size} x {settings.gradient_accumulation_steps}, "
+                f"{settings.max_seq_len} tokens)"
+            )
 
 
 if __name__ == "__main__":

@@ -56,12 +56,17 @@ def governance_tags(phi: str, compute: str) -> dict[str, str]:
     return {"phi": phi, "compute": compute}
 
 
-CONVERSATION_SCHEMA = TableSchema(columns=[
-    TableColumn("messages", "list<struct<role: string, content: string>>",
-                description="An optional system message, then user/assistant turns alternating from the user and "
-                            "ending with the assistant's reply (the text learnt); identifiers replaced by "
-                            "placeholders such as [NAME]."),
-])
+CONVERSATION_SCHEMA = TableSchema(
+    columns=[
+        TableColumn(
+            "messages",
+            "list<struct<role: string, content: string>>",
+            description="An optional system message, then user/assistant turns alternating from the user and "
+            "ending with the assistant's reply (the text learnt); identifiers replaced by "
+            "placeholders such as [NAME].",
+        ),
+    ]
+)
 
 
 def uri_metadata(uri: str) -> dict[str, Any]:
@@ -78,6 +83,7 @@ def table_metadata(row_count: int, column_schema: TableSchema | None = None) -> 
 
 
 # ---- code versions ---------------------------------------------------------------------------------------------
+
 
 def code_version_of(fn: Callable[..., Any]) -> str:
     """A version that changes when the code ``fn`` runs changes: its own source, the Config classes in its
@@ -97,8 +103,9 @@ def code_version_of(fn: Callable[..., Any]) -> str:
     return digest.hexdigest()[:16]
 
 
-_IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+(\.*[\w.]*)[ \t]+import[ \t]+(\([^)]*\)|[^\n#]+)|import[ \t]+([\w., \t]+))",
-                     re.MULTILINE)
+_IMPORT = re.compile(
+    r"^[ \t]*(?:from[ \t]+(\.*[\w.]*)[ \t]+import[ \t]+(\([^)]*\)|[^\n#]+)|import[ \t]+([\w., \t]+))", re.MULTILINE
+)
 
 
 def _normalised(source: str) -> str:
@@ -180,6 +187,7 @@ def with_code_versions(assets: Sequence[AssetsDefinition]) -> list[AssetsDefinit
 
 # ---- links to the code -----------------------------------------------------------------------------------------
 
+
 def with_code_links(assets: Iterable[AssetsDefinition]) -> list[AssetsDefinition]:
     """Source references on every asset: local file and line; with PIXTRAIN_GIT_URL set (the image's build
     args), links to that file at PIXTRAIN_GIT_COMMIT (else ``main``) on GitHub or GitLab."""
@@ -191,9 +199,12 @@ def with_code_links(assets: Iterable[AssetsDefinition]) -> list[AssetsDefinition
         git_url = os.environ.get(GIT_URL_ENV)
         if git_url:
             linked = link_code_references_to_git(
-                linked, git_url=git_url, git_branch=os.environ.get(GIT_COMMIT_ENV) or "main",
+                linked,
+                git_url=git_url,
+                git_branch=os.environ.get(GIT_COMMIT_ENV) or "main",
                 file_path_mapping=AnchorBasedFilePathMapping(
                     local_file_anchor=PACKAGE_DIR / "__init__.py",
-                    file_anchor_path_in_repository=f"{PACKAGE}/__init__.py"),
+                    file_anchor_path_in_repository=f"{PACKAGE}/__init__.py",
+                ),
             )
     return list(linked)

@@ -44,18 +44,31 @@ def summary() -> int:
     training = adapter["training"]
     print("\npixtrain-dagster: latest results")
     print(f"  LoRA adapter       {adapter['uri']}  (sha256 {adapter['sha256'][:16]})")
-    print(f"  checkpoints        {len(checkpoints['checkpoints'])}, newest {checkpoints['checkpoints'][-1]['uri']}"
-          if checkpoints["checkpoints"] else "  checkpoints        none")
+    print(
+        f"  checkpoints        {len(checkpoints['checkpoints'])}, newest {checkpoints['checkpoints'][-1]['uri']}"
+        if checkpoints["checkpoints"]
+        else "  checkpoints        none"
+    )
     print(f"  evaluation report  {evaluation['uri']}/evaluation.md")
-    print(f"  training           {training['final_step']} steps, train loss {training['final_train_loss']:.4f}, "
-          f"{training['tokens_per_second']:.1f} tokens/s on {training['device']}")
-    print(f"  validation         perplexity base {evaluation['base']['perplexity']:.2f} -> adapter "
-          f"{evaluation['adapter']['perplexity']:.2f}")
+    print(
+        f"  training           {training['final_step']} steps, train loss {training['final_train_loss']:.4f}, "
+        f"{training['tokens_per_second']:.1f} tokens/s on {training['device']}"
+    )
+    print(
+        f"  validation         perplexity base {evaluation['base']['perplexity']:.2f} -> adapter "
+        f"{evaluation['adapter']['perplexity']:.2f}"
+    )
     for label, key, describe in (
-        ("bias report", "dagster/assets/bias_report.json",
-         lambda v: f"{v['uri']}/bias_report.md  (gate: {v['verdict']['status']})"),
-        ("promoted adapter", "promoted/CURRENT.json",
-         lambda v: f"{v['uri']}  (model card README.md; adapter sha256 {v['adapter_sha256'][:16]})"),
+        (
+            "bias report",
+            "dagster/assets/bias_report.json",
+            lambda v: f"{v['uri']}/bias_report.md  (gate: {v['verdict']['status']})",
+        ),
+        (
+            "promoted adapter",
+            "promoted/CURRENT.json",
+            lambda v: f"{v['uri']}  (model card README.md; adapter sha256 {v['adapter_sha256'][:16]})",
+        ),
     ):
         try:
             print(f"  {label:<18} {describe(store.get_json(key))}")
@@ -80,8 +93,10 @@ def owner_database_url(environ=None):
         return database_url_from_env(env, url_env_var=OWNER_URL_ENV_VAR)
     owner = env.get("PIXTRAIN_DB_OWNER_USER", "").strip()
     if not owner or not env.get("PIXTRAIN_DB_HOST", "").strip():
-        raise SystemExit(f"db-migrate: set {OWNER_URL_ENV_VAR}, or PIXTRAIN_DB_HOST and PIXTRAIN_DB_OWNER_USER "
-                         "(and PIXTRAIN_DB_OWNER_PASSWORD): migrations run as the owner role, never the pipeline's")
+        raise SystemExit(
+            f"db-migrate: set {OWNER_URL_ENV_VAR}, or PIXTRAIN_DB_HOST and PIXTRAIN_DB_OWNER_USER "
+            "(and PIXTRAIN_DB_OWNER_PASSWORD): migrations run as the owner role, never the pipeline's"
+        )
     env.pop("PIXTRAIN_METADATA_DATABASE_URL", None)
     env["PIXTRAIN_DB_USER"] = owner
     env["PIXTRAIN_DB_PASSWORD"] = env.get("PIXTRAIN_DB_OWNER_PASSWORD", "")
@@ -139,15 +154,19 @@ def forget(record_hashes: list[str], terms_from: str | None, dry_run: bool, acto
     report = forget_records(resource.store(), resource.landing_store(), request, dry_run=dry_run)
     for match in report.matches:
         print(f"{'would remove' if dry_run else 'removed'} {match.location}  record {match.record_hash}")
-    print(f"landing: {report.landing_records_removed} record(s) in {len(report.landing_files_rewritten)} file(s); "
-          f"raw snapshots republished: {len(report.raw_snapshots)}; curated datasets republished: "
-          f"{len(report.curated_datasets)} ({report.curated_records_removed} record(s)); evaluation samples "
-          f"dropped: {len(report.evaluations_redacted)}" + (" (dry run: nothing changed)" if dry_run else ""))
+    print(
+        f"landing: {report.landing_records_removed} record(s) in {len(report.landing_files_rewritten)} file(s); "
+        f"raw snapshots republished: {len(report.raw_snapshots)}; curated datasets republished: "
+        f"{len(report.curated_datasets)} ({report.curated_records_removed} record(s)); evaluation samples "
+        f"dropped: {len(report.evaluations_redacted)}" + (" (dry run: nothing changed)" if dry_run else "")
+    )
     if dry_run:
         return 0
     event_key = _audit("data_deletion", _actor(actor), report.audit_details(request))
-    print(f"recorded in the audit trail ({event_key}); the new_training_data sensor will start a retraining run "
-          "on the changed landing data. Adapters trained before this remain until you retire them.")
+    print(
+        f"recorded in the audit trail ({event_key}); the new_training_data sensor will start a retraining run "
+        "on the changed landing data. Adapters trained before this remain until you retire them."
+    )
     return 0
 
 
@@ -203,15 +222,18 @@ def restore_command(args: argparse.Namespace) -> int:
         return 2
     target = ArtifactStore(args.to) if args.to else ArtifactStoreResource.from_env().store()
     try:
-        result = restore(backup_uri, target, keys=args.keys or None, prefix=args.prefix,
-                         allow_non_empty=args.allow_non_empty)
+        result = restore(
+            backup_uri, target, keys=args.keys or None, prefix=args.prefix, allow_non_empty=args.allow_non_empty
+        )
     except BackupError as error:
         print(f"restore failed: {error}", file=sys.stderr)
         return 1
     for key in [*result.restored, *result.documents_restored]:
         print(f"restored {target.uri(key)}")
-    print(f"{len(result.restored)} artifact(s) and {len(result.documents_restored)} document(s) restored into "
-          f"{target.root}; {result.files_verified} file(s) verified against their sha256")
+    print(
+        f"{len(result.restored)} artifact(s) and {len(result.documents_restored)} document(s) restored into "
+        f"{target.root}; {result.files_verified} file(s) verified against their sha256"
+    )
     return 0
 
 
@@ -240,17 +262,22 @@ def main(argv: list[str] | None = None) -> int:
     seed_parser = commands.add_parser("seed", help="copy the sample dataset into the landing location")
     seed_parser.add_argument("--force", action="store_true", help="copy even when JSONL files are already there")
     commands.add_parser("summary", help="print where the latest adapter, checkpoints and report are")
-    from .metadata.roles import DEFAULT_WRITER_ROLE, WRITER_ROLE_ENV_VAR
-
     import os
+
+    from .metadata.roles import DEFAULT_WRITER_ROLE, WRITER_ROLE_ENV_VAR
 
     writer_default = os.environ.get(WRITER_ROLE_ENV_VAR) or DEFAULT_WRITER_ROLE
     migrate_parser = commands.add_parser(
-        "db-migrate", help="as the OWNER role: upgrade the metadata schema and grant the pipeline's role")
-    migrate_parser.add_argument("--writer-role", default=writer_default,
-                                help=f"group role of the pipeline's login role (default {writer_default})")
-    migrate_parser.add_argument("--create-role", action="store_true",
-                                help="create the writer role if missing (the owner needs CREATEROLE)")
+        "db-migrate", help="as the OWNER role: upgrade the metadata schema and grant the pipeline's role"
+    )
+    migrate_parser.add_argument(
+        "--writer-role",
+        default=writer_default,
+        help=f"group role of the pipeline's login role (default {writer_default})",
+    )
+    migrate_parser.add_argument(
+        "--create-role", action="store_true", help="create the writer role if missing (the owner needs CREATEROLE)"
+    )
     setup_parser = commands.add_parser("db-setup-sql", help="print the one-time SQL a DBA runs to create the roles")
     setup_parser.add_argument("--writer-role", default=writer_default)
     setup_parser.add_argument("--login-role", default="pixtrain")
@@ -258,27 +285,40 @@ def main(argv: list[str] | None = None) -> int:
     setup_parser.add_argument("--database", default="pixtrain_metadata")
     setup_parser.add_argument("--schema", default="pixtrain")
     forget_parser = commands.add_parser(
-        "forget", help="remove a person's conversations from landing, raw snapshots and derived datasets")
-    forget_parser.add_argument("--record-hash", action="append", default=[],
-                               help="sha256 of a record's messages (repeatable; `--dry-run` lists them)")
-    forget_parser.add_argument("--terms-from", metavar="FILE",
-                               help="search terms, one per line, from FILE or - for stdin (case-insensitive)")
-    forget_parser.add_argument("--dry-run", action="store_true", help="list matches (locations, hashes); change nothing")
+        "forget", help="remove a person's conversations from landing, raw snapshots and derived datasets"
+    )
+    forget_parser.add_argument(
+        "--record-hash",
+        action="append",
+        default=[],
+        help="sha256 of a record's messages (repeatable; `--dry-run` lists them)",
+    )
+    forget_parser.add_argument(
+        "--terms-from", metavar="FILE", help="search terms, one per line, from FILE or - for stdin (case-insensitive)"
+    )
+    forget_parser.add_argument(
+        "--dry-run", action="store_true", help="list matches (locations, hashes); change nothing"
+    )
     forget_parser.add_argument("--actor", help="who asked, for the audit trail (default cli:<user>)")
     purge_parser = commands.add_parser("purge-snapshots", help="remove raw snapshots older than the retention")
-    purge_parser.add_argument("--older-than-days", type=float,
-                              help="default $PIXTRAIN_RAW_SNAPSHOT_RETENTION_DAYS, else 90")
+    purge_parser.add_argument(
+        "--older-than-days", type=float, help="default $PIXTRAIN_RAW_SNAPSHOT_RETENTION_DAYS, else 90"
+    )
     purge_parser.add_argument("--dry-run", action="store_true")
     purge_parser.add_argument("--actor")
     restore_parser = commands.add_parser(
-        "restore", help="restore artifacts (or everything) from the backup location, verifying every sha256")
-    restore_parser.add_argument("keys", nargs="*", help="artifact keys, e.g. adapters/<fingerprint> promoted/CURRENT.json")
+        "restore", help="restore artifacts (or everything) from the backup location, verifying every sha256"
+    )
+    restore_parser.add_argument(
+        "keys", nargs="*", help="artifact keys, e.g. adapters/<fingerprint> promoted/CURRENT.json"
+    )
     restore_parser.add_argument("--all", action="store_true", help="restore everything (into an empty store)")
     restore_parser.add_argument("--prefix", help="only keys under this prefix, e.g. checkpoints/<fingerprint>")
     restore_parser.add_argument("--from", dest="backup_uri", help="backup URI (default $PIXTRAIN_BACKUP_URI)")
     restore_parser.add_argument("--to", help="target store root (default $PIXTRAIN_ARTIFACT_ROOT)")
-    restore_parser.add_argument("--allow-non-empty", action="store_true",
-                                help="with --all: restore into a store that already holds artifacts")
+    restore_parser.add_argument(
+        "--allow-non-empty", action="store_true", help="with --all: restore into a store that already holds artifacts"
+    )
     restore_parser.add_argument("--list", action="store_true", help="list what the backup holds, restore nothing")
     restore_parser.add_argument("--verify", action="store_true", help="re-hash the whole backup, restore nothing")
     dump_parser = commands.add_parser("upload-db-dump", help="upload a pg_dump -Fc file to the backup location")

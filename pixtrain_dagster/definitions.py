@@ -13,6 +13,7 @@ from .assets import ALL_ASSET_CHECKS, ALL_ASSETS, OPERATIONS_ASSETS
 from .assets.backup import artifact_backup_job, artifact_backup_schedule
 from .execution import executor_from_env
 from .jobs import recheck_gates_job, train_adapter_job
+from .monitoring.pipeline import MONITORING_SENSORS  # Pushgateway pushes; idle without PIXTRAIN_PUSHGATEWAY_URL
 from .resources import (
     ArtifactPointerIOManager,
     ArtifactStoreResource,
@@ -22,7 +23,6 @@ from .resources import (
     TrainingRuntimeResource,
 )
 from .sensors import alert_on_failure, downstream_automation, new_training_data, retraining_schedule
-from .monitoring.pipeline import MONITORING_SENSORS  # Pushgateway pushes; idle without PIXTRAIN_PUSHGATEWAY_URL
 
 
 def build_definitions() -> Definitions:

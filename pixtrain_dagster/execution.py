@@ -142,9 +142,7 @@ def _env(environ: Mapping[str, str], name: str, default: str) -> str:
 def _quantity(environ: Mapping[str, str], name: str, default: str) -> str:
     value = _env(environ, name, default)
     if not _QUANTITY.match(value):
-        raise ExecutionSettingsError(
-            f"{name}={value!r} is not a Kubernetes quantity; use e.g. '16', '500m', '64Gi'"
-        )
+        raise ExecutionSettingsError(f"{name}={value!r} is not a Kubernetes quantity; use e.g. '16', '500m', '64Gi'")
     return value
 
 
@@ -299,8 +297,10 @@ def _secret_env(settings: ExecutionSettings, names: tuple[str, ...]) -> list[dic
     unknown = [name for name in names if name not in known]
     if unknown:
         raise ValueError(f"unknown step secret(s) {unknown}; choose from {sorted(known)}")
-    return [{"name": name, "value_from": {"secret_key_ref": {"name": known[name][0], "key": known[name][1]}}}
-            for name in dict.fromkeys(names)]
+    return [
+        {"name": name, "value_from": {"secret_key_ref": {"name": known[name][0], "key": known[name][1]}}}
+        for name in dict.fromkeys(names)
+    ]
 
 
 def secret_env_refs(settings: ExecutionSettings, names: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -334,13 +334,9 @@ def _step_pod_tags_for(kind: StepKind, settings: ExecutionSettings, secrets: tup
         container["env"].append({"name": "PYTORCH_CUDA_ALLOC_CONF", "value": settings.pytorch_cuda_alloc_conf})
         container["volume_mounts"] = [{"name": "dshm", "mount_path": SHM_PATH}]
         # Memory-backed; counts against the pod's memory limit, so keep it well below gpu_memory.
-        pod_spec["volumes"] = [
-            {"name": "dshm", "empty_dir": {"medium": "Memory", "size_limit": settings.gpu_shm_size}}
-        ]
+        pod_spec["volumes"] = [{"name": "dshm", "empty_dir": {"medium": "Memory", "size_limit": settings.gpu_shm_size}}]
         pod_spec["node_selector"] = dict(settings.gpu_node_selector)
-        pod_spec["tolerations"] = [
-            {"key": settings.gpu_toleration_key, "operator": "Exists", "effect": "NoSchedule"}
-        ]
+        pod_spec["tolerations"] = [{"key": settings.gpu_toleration_key, "operator": "Exists", "effect": "NoSchedule"}]
         if settings.gpu_priority_class.lower() != "none":
             pod_spec["priority_class_name"] = settings.gpu_priority_class
     elif kind == "cpu":
@@ -362,8 +358,9 @@ def _step_pod_tags_for(kind: StepKind, settings: ExecutionSettings, secrets: tup
     return tags
 
 
-def step_pod_tags(kind: StepKind, settings: ExecutionSettings | None = None, *,
-                  secrets: tuple[str, ...] = ()) -> dict[str, Any]:
+def step_pod_tags(
+    kind: StepKind, settings: ExecutionSettings | None = None, *, secrets: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Op tags giving a step its pod shape under the k8s executor, with only the ``secrets`` it needs.
 
     Use as ``@asset(op_tags=step_pod_tags("gpu", secrets=(WANDB_API_KEY_ENV,)))``. Locally only the
@@ -427,11 +424,17 @@ def executor_from_env(environ: Mapping[str, str] | None = None) -> ExecutorDefin
             # Everything comes from the deployment; a run may only add per-step pod overrides.
             return {**deployment, "per_step_k8s_config": run_config.get("per_step_k8s_config") or {}}
 
-        return run_sized_k8s_executor(settings).configured(with_run_overrides, config_schema={
-            "per_step_k8s_config": Field(
-                Permissive(), is_required=False, default_value={},
-                description="{op name: dagster-k8s/config} merged last into that step's pod (docs/scale-out.md)."),
-        })
+        return run_sized_k8s_executor(settings).configured(
+            with_run_overrides,
+            config_schema={
+                "per_step_k8s_config": Field(
+                    Permissive(),
+                    is_required=False,
+                    default_value={},
+                    description="{op name: dagster-k8s/config} merged last into that step's pod (docs/scale-out.md).",
+                ),
+            },
+        )
     raise ExecutionSettingsError(
         f"{EXECUTOR_ENV_VAR}={raw!r} is not a known executor; use one of: {', '.join(EXECUTOR_CHOICES)}"
     )

@@ -17,10 +17,12 @@ K8S_CONFIG_TAG = "dagster-k8s/config"
 def deployed_policy(context: AssetExecutionContext | AssetCheckExecutionContext | None = None) -> GatePolicy:
     """The deployed gate policy of this step's process; fails when the run's tags try to replace it."""
     if context is not None and policy_override_in_tag(_run_tags(context).get(K8S_CONFIG_TAG)):
-        raise Failure(description=(
-            f"run tag {K8S_CONFIG_TAG} sets PIXTRAIN_GATE_* variables; gate limits come from the deployment only. "
-            "Remove them from the tag; to change a limit, change gatePolicy in k8s/pixtrain-infra values."
-        ))
+        raise Failure(
+            description=(
+                f"run tag {K8S_CONFIG_TAG} sets PIXTRAIN_GATE_* variables; gate limits come from the deployment only. "
+                "Remove them from the tag; to change a limit, change gatePolicy in k8s/pixtrain-infra values."
+            )
+        )
     return GatePolicy.from_env()
 
 
@@ -62,6 +64,11 @@ def record_gate_decision(
         run_id=who.run_id,
         step_key=who.step_key,
         idempotency_key=f"gate_decision:{gate}:{artifact_sha256}:{who.run_id}:{who.step_key}:{who.attempt}",
-        details={"gate": gate, "passed": bool(passed), "thresholds": dict(thresholds),
-                 "deployed_policy": policy.to_dict(), **dict(extra or {})},
+        details={
+            "gate": gate,
+            "passed": bool(passed),
+            "thresholds": dict(thresholds),
+            "deployed_policy": policy.to_dict(),
+            **dict(extra or {}),
+        },
     )

@@ -28,8 +28,9 @@ class TrainingShapeError(ValueError):
     """The run's training config asks for a pod shape that cannot exist; the message names the field."""
 
 
-def training_pod_shape(run_config: Mapping[str, Any], settings: ExecutionSettings,
-                       environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+def training_pod_shape(
+    run_config: Mapping[str, Any], settings: ExecutionSettings, environ: Mapping[str, str] | None = None
+) -> dict[str, Any] | None:
     """``dagster-k8s/config`` for this run's lora_training pod from its ``devices`` / ``num_nodes``; None when
     the run keeps the deployment's shape (neither set, or both 1 with the deployment's GPU count)."""
     import os
@@ -43,8 +44,9 @@ def training_pod_shape(run_config: Mapping[str, Any], settings: ExecutionSetting
         from .trainjob import TrainJobSettings, trainjob_launcher_k8s_config
 
         # The step pod only creates and follows the TrainJob; the GPUs are in the TrainJob's pods.
-        return trainjob_launcher_k8s_config(settings, TrainJobSettings.from_env(os.environ if environ is None
-                                                                                 else environ))
+        return trainjob_launcher_k8s_config(
+            settings, TrainJobSettings.from_env(os.environ if environ is None else environ)
+        )
     if devices is None or devices == settings.gpu_count:
         return None
     amounts = {GPU_RESOURCE: str(devices)}
@@ -67,15 +69,17 @@ class RunSizedK8sStepHandler(K8sStepHandler):
             return context
         explicit = UserDefinedDagsterK8sConfig.from_dict(self._per_step_k8s_config.get(op_name, {}))
         return context.merge(K8sContainerContext(run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(shape))).merge(
-            K8sContainerContext(run_k8s_config=explicit))  # re-applied on top: an explicit override wins
+            K8sContainerContext(run_k8s_config=explicit)
+        )  # re-applied on top: an explicit override wins
 
 
 def run_sized_k8s_executor(settings: ExecutionSettings | None = None):
     """``k8s_job_executor`` (same config schema and behaviour) whose step handler is RunSizedK8sStepHandler."""
     settings = settings or load_settings()
 
-    @executor(name="k8s", config_schema=k8s_job_executor.config_schema,
-              requirements=multiple_process_executor_requirements())
+    @executor(
+        name="k8s", config_schema=k8s_job_executor.config_schema, requirements=multiple_process_executor_requirements()
+    )
     def pixtrain_k8s_executor(init_context):
         built = k8s_job_executor.executor_creation_fn(init_context)
         # dagster-k8s builds its handler from the executor config inside that factory; rather than copy the

@@ -18,13 +18,27 @@ from .core.distributed import TrainingRequest, result_from_summary, result_path
 from .core.settings import LoraTrainingSettings, RuntimeSettings
 
 
-def training_request(*, artifact_root: str, checkpoint_root: str, base_model: dict, training_dataset: dict,
-                     settings: LoraTrainingSettings, runtime: RuntimeSettings, resume: bool) -> TrainingRequest:
+def training_request(
+    *,
+    artifact_root: str,
+    checkpoint_root: str,
+    base_model: dict,
+    training_dataset: dict,
+    settings: LoraTrainingSettings,
+    runtime: RuntimeSettings,
+    resume: bool,
+) -> TrainingRequest:
     return TrainingRequest(
-        artifact_root=artifact_root, checkpoint_root=checkpoint_root, base_snapshot_key=base_model["key"],
-        base_model_sha256=base_model["sha256"], dataset_key=training_dataset["key"],
-        dataset_sha256=training_dataset["sha256"], settings=asdict(settings), runtime=asdict(runtime),
-        resume=resume)
+        artifact_root=artifact_root,
+        checkpoint_root=checkpoint_root,
+        base_snapshot_key=base_model["key"],
+        base_model_sha256=base_model["sha256"],
+        dataset_key=training_dataset["key"],
+        dataset_sha256=training_dataset["sha256"],
+        settings=asdict(settings),
+        runtime=asdict(runtime),
+        resume=resume,
+    )
 
 
 def run_torchrun_in_pod(request: TrainingRequest, processes: int, log: Callable[[str], None]):
@@ -39,14 +53,24 @@ def run_torchrun_in_pod(request: TrainingRequest, processes: int, log: Callable[
     with tempfile.TemporaryDirectory(prefix="pixtrain-torchrun-") as folder:
         request_file = Path(folder) / "request.json"
         request_file.write_text(request.to_json())
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-                   "-m", "pixtrain_dagster.core.distributed", "--request", str(request_file)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={processes}",
+            "-m",
+            "pixtrain_dagster.core.distributed",
+            "--request",
+            str(request_file),
+        ]
         log(f"launching {processes} training processes: torchrun --standalone --nproc-per-node={processes}")
         # torchrun's own default (one OpenMP thread per process: the GPUs do the math), set here so it doesn't
         # print a banner saying it chose it; an OMP_NUM_THREADS in the environment still wins.
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or "1"}
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   start_new_session=True, env=env)
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env
+        )
         previous = signal.getsignal(signal.SIGTERM)
 
         def stop(signum, frame):
@@ -83,7 +107,8 @@ def _check_visible_gpus(request: TrainingRequest, processes: int) -> None:
         raise ValueError(
             f"devices: {processes} but this pod sees {visible} GPU(s); under the k8s executor the pod gets `devices` "
             "GPUs unless execution.config.per_step_k8s_config.lora_training overrides nvidia.com/gpu (remove or "
-            "raise that override; docs/scale-out.md), or lower devices")
+            "raise that override; docs/scale-out.md), or lower devices"
+        )
 
 
 def _kill_group(process: subprocess.Popen) -> None:
@@ -118,15 +143,21 @@ def run_trainjob_for_step(context, request: TrainingRequest, settings: LoraTrain
 
     store = ArtifactStore(request.artifact_root)
     if not store.is_local:
-        raise ValueError(f"multi-node training reads its request from the shared artifact volume, but the artifact "
-                         f"root {request.artifact_root} is not a filesystem path; mount the volume (PVC) instead")
+        raise ValueError(
+            f"multi-node training reads its request from the shared artifact volume, but the artifact "
+            f"root {request.artifact_root} is not a filesystem path; mount the volume (PVC) instead"
+        )
     op_context = getattr(context, "op_execution_context", context)
-    request_file = (Path(store.root) / "trainjob-requests"
-                    / f"{context.run.run_id}-{op_context.op.name}-{op_context.retry_number}.json")
+    request_file = (
+        Path(store.root)
+        / "trainjob-requests"
+        / f"{context.run.run_id}-{op_context.op.name}-{op_context.retry_number}.json"
+    )
     request_file.parent.mkdir(parents=True, exist_ok=True)
     staged = request_file.with_name(f".{request_file.name}.tmp")
     staged.write_text(request.to_json())
     staged.replace(request_file)
-    launch_multinode_training(context, request_uri=str(request_file), num_nodes=settings.num_nodes,
-                              gpus_per_node=settings.devices)
+    launch_multinode_training(
+        context, request_uri=str(request_file), num_nodes=settings.num_nodes, gpus_per_node=settings.devices
+    )
     return result_from_summary(json.loads(result_path(request_file).read_text()))

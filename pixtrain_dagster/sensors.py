@@ -48,8 +48,11 @@ def new_training_data(context: SensorEvaluationContext, artifact_store: Artifact
         return SkipReason("no new, changed or removed files in the landing location")
     return RunRequest(
         run_key=f"dataset-{version[:16]}",
-        tags={DATASET_VERSION_TAG: version, "pixtrain/trigger": "new_training_data",
-              "pixtrain/changed_files": ",".join(changed)[:200]},
+        tags={
+            DATASET_VERSION_TAG: version,
+            "pixtrain/trigger": "new_training_data",
+            "pixtrain/changed_files": ",".join(changed)[:200],
+        },
     )
 
 
@@ -66,7 +69,9 @@ retraining_schedule = ScheduleDefinition(
 # Downstream assets declare AutomationCondition rules (evaluation, bias report, promotion follow a new adapter);
 # this sensor evaluates them, on by default.
 downstream_automation = AutomationConditionSensorDefinition(
-    "downstream_automation", target=AssetSelection.all(), default_status=DefaultSensorStatus.RUNNING,
+    "downstream_automation",
+    target=AssetSelection.all(),
+    default_status=DefaultSensorStatus.RUNNING,
 )
 
 
@@ -83,8 +88,12 @@ def failed_checks_of_run(instance, run_id: str) -> list[str]:
 def send_alert(message: str, webhook_url: str | None) -> None:
     log.error(message)
     if webhook_url:
-        request = urllib.request.Request(webhook_url, data=json.dumps({"text": message}).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
+        request = urllib.request.Request(
+            webhook_url,
+            data=json.dumps({"text": message}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         with urllib.request.urlopen(request, timeout=10):
             pass
 
@@ -94,6 +103,7 @@ def alert_on_failure(context: RunFailureSensorContext):
     """Alerts (log, and PIXTRAIN_ALERT_WEBHOOK_URL if set) naming the failed run and any failed checks."""
     run = context.dagster_run
     failed = failed_checks_of_run(context.instance, run.run_id)
-    message = (f"pixtrain run {run.run_id} ({run.job_name}) failed: {context.failure_event.message}"
-               + (f"; failed checks: {', '.join(failed)}" if failed else ""))
+    message = f"pixtrain run {run.run_id} ({run.job_name}) failed: {context.failure_event.message}" + (
+        f"; failed checks: {', '.join(failed)}" if failed else ""
+    )
     send_alert(message, os.environ.get("PIXTRAIN_ALERT_WEBHOOK_URL") or None)

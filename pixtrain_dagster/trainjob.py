@@ -36,9 +36,9 @@ from .execution import (
     CONTAINER_SECURITY_CONTEXT,
     POD_SECURITY_CONTEXT,
     SHM_PATH,
+    WANDB_API_KEY_ENV,
     ExecutionSettings,
     ExecutionSettingsError,
-    WANDB_API_KEY_ENV,
     secret_env_refs,
     step_env,
     step_volumes,
@@ -109,8 +109,9 @@ class TrainJobSettings:
             runtime_kind=kind,
             kueue_queue=get("PIXTRAIN_TRAINJOB_KUEUE_QUEUE", ""),
             volcano_queue=get("PIXTRAIN_TRAINJOB_VOLCANO_QUEUE", ""),
-            launcher_service_account=get("PIXTRAIN_TRAINJOB_LAUNCHER_SERVICE_ACCOUNT",
-                                         DEFAULT_LAUNCHER_SERVICE_ACCOUNT),
+            launcher_service_account=get(
+                "PIXTRAIN_TRAINJOB_LAUNCHER_SERVICE_ACCOUNT", DEFAULT_LAUNCHER_SERVICE_ACCOUNT
+            ),
         )
 
 
@@ -218,8 +219,11 @@ def build_trainjob(
     mounts = [*mounts, {"name": "dshm", "mount_path": SHM_PATH}]
     # The training processes log to W&B; they never touch the metadata database (the launching step does), so
     # they get the W&B key and nothing else (least privilege, as the step pods).
-    env = [*step_env(settings), {"name": "PYTORCH_CUDA_ALLOC_CONF", "value": settings.pytorch_cuda_alloc_conf},
-           *secret_env_refs(settings, (WANDB_API_KEY_ENV,))]
+    env = [
+        *step_env(settings),
+        {"name": "PYTORCH_CUDA_ALLOC_CONF", "value": settings.pytorch_cuda_alloc_conf},
+        *secret_env_refs(settings, (WANDB_API_KEY_ENV,)),
+    ]
     amounts = {"cpu": settings.gpu_cpu, "memory": settings.gpu_memory, "nvidia.com/gpu": str(gpus_per_node)}
 
     pod_labels = {TRAINJOB_POD_LABEL: "true", TRAINJOB_NAME_LABEL: name, "pixtrain/step-kind": "gpu"}
@@ -237,8 +241,12 @@ def build_trainjob(
             }
         ],
     }
-    metadata_labels = {"app.kubernetes.io/name": "pixtrain", "app.kubernetes.io/component": "trainjob",
-                       TRAINJOB_NAME_LABEL: name, **(labels or {})}
+    metadata_labels = {
+        "app.kubernetes.io/name": "pixtrain",
+        "app.kubernetes.io/component": "trainjob",
+        TRAINJOB_NAME_LABEL: name,
+        **(labels or {}),
+    }
     metadata: dict[str, Any] = {"name": name, "namespace": settings.namespace, "labels": metadata_labels}
     if ts.kueue_queue:
         metadata_labels[KUEUE_QUEUE_LABEL] = ts.kueue_queue
@@ -314,7 +322,7 @@ def trainjob_pod_spec(manifest: Mapping[str, Any]) -> dict[str, Any]:
 # ---- the launcher -------------------------------------------------------------------------------------------
 
 
-class Phase(str, enum.Enum):
+class Phase(enum.StrEnum):
     CREATED = "created"
     PENDING = "pending"  # waiting for admission (Kueue), scheduling or image pulls
     RUNNING = "running"
@@ -448,8 +456,10 @@ class Launcher:
                         f"{what} {self.name}: still failing after {attempt} attempts "
                         f"(last: {status or type(error).__name__}: {error})"
                     ) from error
-                self.log.warning(f"{what} {self.name}: transient API error ({status or type(error).__name__}); "
-                                 f"retry {attempt}/{self.retry.max_attempts - 1} in {delay:.0f}s")
+                self.log.warning(
+                    f"{what} {self.name}: transient API error ({status or type(error).__name__}); "
+                    f"retry {attempt}/{self.retry.max_attempts - 1} in {delay:.0f}s"
+                )
                 self.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -486,8 +496,15 @@ class Launcher:
 
     def _create(self) -> None:
         try:
-            self._call("create TrainJob", self.api.custom.create_namespaced_custom_object,
-                       TRAINER_GROUP, TRAINER_VERSION, self.namespace, TRAINJOB_PLURAL, dict(self.manifest))
+            self._call(
+                "create TrainJob",
+                self.api.custom.create_namespaced_custom_object,
+                TRAINER_GROUP,
+                TRAINER_VERSION,
+                self.namespace,
+                TRAINJOB_PLURAL,
+                dict(self.manifest),
+            )
         except TrainJobError as error:
             if _status_of(error.__cause__ or error) != 409:
                 raise
@@ -497,12 +514,23 @@ class Launcher:
         self._transition(Phase.CREATED, f"{self.manifest['spec']['trainer']['numNodes']} nodes")
 
     def _get(self) -> dict[str, Any]:
-        return self._call("get TrainJob", self.api.custom.get_namespaced_custom_object,
-                          TRAINER_GROUP, TRAINER_VERSION, self.namespace, TRAINJOB_PLURAL, self.name)
+        return self._call(
+            "get TrainJob",
+            self.api.custom.get_namespaced_custom_object,
+            TRAINER_GROUP,
+            TRAINER_VERSION,
+            self.namespace,
+            TRAINJOB_PLURAL,
+            self.name,
+        )
 
     def _pods(self) -> list[Any]:
-        result = self._call("list pods of TrainJob", self.api.core.list_namespaced_pod, self.namespace,
-                            label_selector=f"{JOBSET_NAME_LABEL}={self.name}")
+        result = self._call(
+            "list pods of TrainJob",
+            self.api.core.list_namespaced_pod,
+            self.namespace,
+            label_selector=f"{JOBSET_NAME_LABEL}={self.name}",
+        )
         return list(_field(result, "items") or [])
 
     def _observe(self) -> None:
@@ -523,19 +551,25 @@ class Launcher:
         elif failed and failed.get("status") == "True":
             self.outcome.problems = problems
             reasons = "; ".join(p.describe() for p in problems) or "no pod reported a reason"
-            self._transition(Phase.FAILED, f"{failed.get('reason', 'Failed')}: {failed.get('message', '')} "
-                                           f"[{reasons}]")
+            self._transition(Phase.FAILED, f"{failed.get('reason', 'Failed')}: {failed.get('message', '')} [{reasons}]")
         elif any(_field(_field(pod, "status"), "phase") == "Running" for pod in pods):
             self._transition(Phase.RUNNING, f"{len(pods)} pods")
         else:
             suspended = conditions.get("Suspended")
-            why = "waiting for admission (suspended)" if suspended and suspended.get("status") == "True" else (
-                "waiting for pods to be scheduled and started")
+            why = (
+                "waiting for admission (suspended)"
+                if suspended and suspended.get("status") == "True"
+                else ("waiting for pods to be scheduled and started")
+            )
             self._transition(Phase.PENDING, why)
 
     def _stream_rank0_logs(self, pods: Iterable[Any]) -> None:
-        rank0 = [p for p in pods if (_labels(p).get(COMPLETION_INDEX_LABEL) == "0")
-                 and _field(_field(p, "status"), "phase") in ("Running", "Succeeded", "Failed")]
+        rank0 = [
+            p
+            for p in pods
+            if (_labels(p).get(COMPLETION_INDEX_LABEL) == "0")
+            and _field(_field(p, "status"), "phase") in ("Running", "Succeeded", "Failed")
+        ]
         if not rank0:
             return
         pod_name = _field(_field(rank0[-1], "metadata"), "name")
@@ -546,8 +580,15 @@ class Launcher:
             # Everything since the last read, with a margin; the overlap is dropped by timestamp below.
             window = {"since_seconds": int(self.clock() - self._log_read_at + self.poll_seconds) + 5}
         try:
-            text = self._call("read rank-0 log of TrainJob", self.api.core.read_namespaced_pod_log, pod_name,
-                              self.namespace, container=TRAINER_CONTAINER, timestamps=True, **window)
+            text = self._call(
+                "read rank-0 log of TrainJob",
+                self.api.core.read_namespaced_pod_log,
+                pod_name,
+                self.namespace,
+                container=TRAINER_CONTAINER,
+                timestamps=True,
+                **window,
+            )
         except TrainJobError as error:
             self.log.warning(f"could not read the rank-0 log: {error}")
             return
@@ -563,17 +604,26 @@ class Launcher:
 
     def _delete_quietly(self) -> None:
         try:
-            self._call("delete TrainJob", self.api.custom.delete_namespaced_custom_object, TRAINER_GROUP,
-                       TRAINER_VERSION, self.namespace, TRAINJOB_PLURAL, self.name,
-                       propagation_policy="Foreground")
+            self._call(
+                "delete TrainJob",
+                self.api.custom.delete_namespaced_custom_object,
+                TRAINER_GROUP,
+                TRAINER_VERSION,
+                self.namespace,
+                TRAINJOB_PLURAL,
+                self.name,
+                propagation_policy="Foreground",
+            )
             self.outcome.deleted = True
             self.log.info(f"TrainJob {self.name} deleted")
         except TrainJobError as error:
             if _status_of(error.__cause__ or error) == 404:
                 self.outcome.deleted = True
                 return
-            self.log.error(f"could not delete TrainJob {self.name}; delete it by hand "
-                           f"(kubectl -n {self.namespace} delete trainjob {self.name}): {error}")
+            self.log.error(
+                f"could not delete TrainJob {self.name}; delete it by hand "
+                f"(kubectl -n {self.namespace} delete trainjob {self.name}): {error}"
+            )
 
 
 def run_trainjob(
@@ -598,8 +648,18 @@ def run_trainjob(
     API calls are retried on 429/5xx/connection errors up to ``retry.max_attempts`` times; a 4xx (e.g. the
     admission webhook rejecting the manifest) raises ``TrainJobError`` at once.
     """
-    return Launcher(api, manifest, namespace, log, poll_seconds=poll_seconds, timeout_s=timeout_s,
-                    should_cancel=should_cancel, retry=retry, sleep=sleep, clock=clock).run()
+    return Launcher(
+        api,
+        manifest,
+        namespace,
+        log,
+        poll_seconds=poll_seconds,
+        timeout_s=timeout_s,
+        should_cancel=should_cancel,
+        retry=retry,
+        sleep=sleep,
+        clock=clock,
+    ).run()
 
 
 # ---- reading pod status (works on kubernetes-client models and on plain dicts) ------------------------------
@@ -617,8 +677,15 @@ def _labels(pod: Any) -> Mapping[str, str]:
     return _field(_field(pod, "metadata"), "labels") or {}
 
 
-_WAITING_PROBLEMS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CrashLoopBackOff",
-                     "CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+_WAITING_PROBLEMS = {
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CrashLoopBackOff",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+}
 
 
 def pod_problems(pod: Any) -> list[PodProblem]:
@@ -632,8 +699,11 @@ def pod_problems(pod: Any) -> list[PodProblem]:
         found.append(PodProblem(name, reason, _field(status, "message") or "", node=node))
     for condition in _field(status, "conditions") or []:
         if _field(condition, "type") == "DisruptionTarget" and _field(condition, "status") == "True":
-            found.append(PodProblem(name, _field(condition, "reason") or "Disrupted",
-                                    _field(condition, "message") or "", node=node))
+            found.append(
+                PodProblem(
+                    name, _field(condition, "reason") or "Disrupted", _field(condition, "message") or "", node=node
+                )
+            )
     if _field(status, "phase") == "Unknown" and not reason:
         found.append(PodProblem(name, "NodeLost", "pod status unknown: its node stopped reporting", node=node))
     for cs in [*(_field(status, "init_container_statuses") or []), *(_field(status, "container_statuses") or [])]:
@@ -641,12 +711,20 @@ def pod_problems(pod: Any) -> list[PodProblem]:
         state = _field(cs, "state") or {}
         waiting, terminated = _field(state, "waiting"), _field(state, "terminated")
         if waiting and _field(waiting, "reason") in _WAITING_PROBLEMS:
-            found.append(PodProblem(name, _field(waiting, "reason"), _field(waiting, "message") or "", cname, None,
-                                    node))
+            found.append(
+                PodProblem(name, _field(waiting, "reason"), _field(waiting, "message") or "", cname, None, node)
+            )
         if terminated and (_field(terminated, "exit_code") or 0) != 0:
-            found.append(PodProblem(name, _field(terminated, "reason") or "Error",
-                                    _field(terminated, "message") or "", cname, _field(terminated, "exit_code"),
-                                    node))
+            found.append(
+                PodProblem(
+                    name,
+                    _field(terminated, "reason") or "Error",
+                    _field(terminated, "message") or "",
+                    cname,
+                    _field(terminated, "exit_code"),
+                    node,
+                )
+            )
     return found
 
 

@@ -21,13 +21,25 @@ def install() -> None:
 
     # Output(data_version=...) is how our assets report their content hash as the data version (what lets
     # Dagster skip unchanged downstream work); the parameter has been "beta" for many releases. Ours only.
-    warnings.filterwarnings("ignore", message=r"Parameter `data_version` of initializer `Output\.__init__`",
-                            category=BetaWarning, module=r"pixtrain_dagster\.")
+    warnings.filterwarnings(
+        "ignore",
+        message=r"Parameter `data_version` of initializer `Output\.__init__`",
+        category=BetaWarning,
+        module=r"pixtrain_dagster\.",
+    )
     # `--select '*'` on the CLI: Dagster's own selection parser calls the beta AssetSelection.all(include_sources).
-    warnings.filterwarnings("ignore", message=r"Parameter `include_sources` of function `AssetSelection\.all`",
-                            category=BetaWarning, module=r"dagster\._core\.definitions\.antlr_asset_selection\.")
+    warnings.filterwarnings(
+        "ignore",
+        message=r"Parameter `include_sources` of function `AssetSelection\.all`",
+        category=BetaWarning,
+        module=r"dagster\._core\.definitions\.antlr_asset_selection\.",
+    )
     # Dagster calls its own deprecated InitResourceContext.dagster_run when it configures a nested resource (our
     # IO manager holds the artifact store resource); nothing in our code calls it.
-    warnings.filterwarnings("ignore", message=r"InitResourceContext\.dagster_run is deprecated",
-                            category=DeprecationWarning, module=r"dagster\._core\.execution\.context\.init$")
+    warnings.filterwarnings(
+        "ignore",
+        message=r"InitResourceContext\.dagster_run is deprecated",
+        category=DeprecationWarning,
+        module=r"dagster\._core\.execution\.context\.init$",
+    )
     install_library_filters()

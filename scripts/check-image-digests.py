@@ -47,8 +47,10 @@ def _containers(doc: dict) -> list[tuple[str, str]]:
     elif doc.get("kind") != "Pod":
         return []
     where = f"{doc['kind']}/{doc['metadata']['name']}"
-    return [(f"{where} container {c['name']}", str(c.get("image", "")))
-            for c in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]]
+    return [
+        (f"{where} container {c['name']}", str(c.get("image", "")))
+        for c in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+    ]
 
 
 def infra_images(rendered_text: str) -> list[tuple[str, str]]:
@@ -60,10 +62,12 @@ def dagster_images(values: dict) -> list[tuple[str, str]]:
         image = image or {}
         return where, f"{image.get('repository', '<chart default>')}:{image.get('tag', '<chart default>')}"
 
-    found = [ref("dagsterWebserver.image", values.get("dagsterWebserver", {}).get("image")),
-             ref("dagsterDaemon.image", values.get("dagsterDaemon", {}).get("image")),
-             ref("postgresql.image (check-db-ready)", values.get("postgresql", {}).get("image")),
-             ref("busybox.image (init-user-deployment)", values.get("busybox", {}).get("image"))]
+    found = [
+        ref("dagsterWebserver.image", values.get("dagsterWebserver", {}).get("image")),
+        ref("dagsterDaemon.image", values.get("dagsterDaemon", {}).get("image")),
+        ref("postgresql.image (check-db-ready)", values.get("postgresql", {}).get("image")),
+        ref("busybox.image (init-user-deployment)", values.get("busybox", {}).get("image")),
+    ]
     for index, deployment in enumerate(values.get("dagster-user-deployments", {}).get("deployments") or []):
         found.append(ref(f"dagster-user-deployments.deployments[{index}].image", deployment.get("image")))
     return found

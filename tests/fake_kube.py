@@ -81,8 +81,9 @@ class FakeCluster:
         if self.trainjobs.pop((namespace, name), None) is None:
             raise ApiException(status=404, reason="NotFound")
         self.deleted.append(name)
-        for pod in [p for p, obj in self.pods.items()
-                    if obj["metadata"]["labels"]["jobset.sigs.k8s.io/jobset-name"] == name]:
+        for pod in [
+            p for p, obj in self.pods.items() if obj["metadata"]["labels"]["jobset.sigs.k8s.io/jobset-name"] == name
+        ]:
             del self.pods[pod]
         return {"status": "Success"}
 

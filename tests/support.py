@@ -7,19 +7,27 @@ REPO_ROOT = TESTS_DIR.parent
 SAMPLE_DATASET = REPO_ROOT / "pixtrain_dagster" / "sample_data" / "conversations.jsonl"
 
 # Small, fast training settings for the tiny model, as Dagster run config.
-TINY_TRAINING_CONFIG = {"max_steps": 4, "micro_batch_size": 2, "gradient_accumulation_steps": 1,
-                        "max_seq_len": 192, "checkpoint_every_n_steps": 2, "learning_rate": 5e-3,
-                        "warmup_steps": 1}
+TINY_TRAINING_CONFIG = {
+    "max_steps": 4,
+    "micro_batch_size": 2,
+    "gradient_accumulation_steps": 1,
+    "max_seq_len": 192,
+    "checkpoint_every_n_steps": 2,
+    "learning_rate": 5e-3,
+    "warmup_steps": 1,
+}
 
 
 def tiny_run_config(tiny_model_dir: Path, **training_overrides) -> dict:
     """Run config that points base_model at the tiny model and keeps every step small."""
-    return {"ops": {
-        "base_model": {"config": {"model_ref": str(tiny_model_dir)}},
-        "lora_training": {"config": {**TINY_TRAINING_CONFIG, **training_overrides}},
-        "adapter_evaluation": {"config": {"sample_replies": 1, "max_new_tokens": 8}},
-        "bias_report": {"config": {"max_new_tokens": 8, "bootstrap_resamples": 200}},
-    }}
+    return {
+        "ops": {
+            "base_model": {"config": {"model_ref": str(tiny_model_dir)}},
+            "lora_training": {"config": {**TINY_TRAINING_CONFIG, **training_overrides}},
+            "adapter_evaluation": {"config": {"sample_replies": 1, "max_new_tokens": 8}},
+            "bias_report": {"config": {"max_new_tokens": 8, "bootstrap_resamples": 200}},
+        }
+    }
 
 
 # The training half of the graph: enough to exercise lora_training through Dagster.
@@ -34,8 +42,9 @@ def run_job(run_config, selection=None, raise_on_error=True):
 
     job = build_definitions().resolve_implicit_global_asset_job_def()
     keys = [AssetKey(k) if isinstance(k, str) else k for k in selection] if selection else None
-    return job.execute_in_process(run_config=run_config, instance=DagsterInstance.get(),
-                                  asset_selection=keys, raise_on_error=raise_on_error)
+    return job.execute_in_process(
+        run_config=run_config, instance=DagsterInstance.get(), asset_selection=keys, raise_on_error=raise_on_error
+    )
 
 
 def materialized_metadata(result, key):
@@ -54,8 +63,11 @@ def closed_schema(node):
     Kubernetes' preserve-unknown-fields), so a misspelt field fails as the API server would reject it."""
     if isinstance(node, dict):
         node = {k: closed_schema(v) for k, v in node.items()}
-        if ("properties" in node and "additionalProperties" not in node
-                and not node.get("x-kubernetes-preserve-unknown-fields")):
+        if (
+            "properties" in node
+            and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")
+        ):
             node["additionalProperties"] = False
         return node
     if isinstance(node, list):

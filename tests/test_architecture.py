@@ -29,13 +29,21 @@ def test_the_ml_core_never_imports_dagster():
     offenders = []
     for path in core.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0].startswith("dagster")]
     assert offenders == []
     # Packages too (bias/, phi_eval/): their __init__ and every module in them.
-    names = sorted(".".join(p.relative_to(core).with_suffix("").parts).removesuffix(".__init__")
-                   for p in core.rglob("*.py") if p != core / "__init__.py")
+    names = sorted(
+        ".".join(p.relative_to(core).with_suffix("").parts).removesuffix(".__init__")
+        for p in core.rglob("*.py")
+        if p != core / "__init__.py"
+    )
     modules = "; ".join(f"import pixtrain_dagster.core.{name}" for name in names)
     assert not {m for m in imported_modules_after(modules) if m.startswith("dagster")}
 
@@ -53,15 +61,24 @@ def test_launchpad_config_mirrors_the_core_training_settings():
 
 def test_definitions_validate_with_the_dagster_cli(tmp_path):
     dagster = Path(sys.executable).parent / "dagster"
-    out = subprocess.run([str(dagster), "definitions", "validate", "-m", "pixtrain_dagster.definitions"],
-                         cwd=REPO_ROOT, capture_output=True, text=True,
-                         env={**os.environ, "DAGSTER_HOME": str(tmp_path)})
+    out = subprocess.run(
+        [str(dagster), "definitions", "validate", "-m", "pixtrain_dagster.definitions"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DAGSTER_HOME": str(tmp_path)},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_sensor_started_runs_train_the_base_model_named_by_the_environment():
-    code = ("from pixtrain_dagster.assets.models import BaseModelConfig; "
-            "print(BaseModelConfig().model_ref)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True,
-                         env={**os.environ, "PIXTRAIN_BASE_MODEL": "/models/client-sim-base"})
+    code = "from pixtrain_dagster.assets.models import BaseModelConfig; print(BaseModelConfig().model_ref)"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PIXTRAIN_BASE_MODEL": "/models/client-sim-base"},
+    )
     assert out.stdout.strip() == "/models/client-sim-base"

@@ -24,8 +24,9 @@ def test_publish_writes_files_and_a_verifying_manifest(tmp_path):
     assert ref.sha256 == manifest["content_sha256"] and ref.file_count == 2 and ref.size_bytes == 9
     assert store.local_path("things/one").joinpath("sub/b.txt").read_text() == "beta"
     # The content hash depends on content only, not on when or where it was written.
-    other = ArtifactStore(tmp_path / "other").publish(make_folder(tmp_path / "src2", {"a.txt": "alpha",
-                                                                                     "sub/b.txt": "beta"}), "x")
+    other = ArtifactStore(tmp_path / "other").publish(
+        make_folder(tmp_path / "src2", {"a.txt": "alpha", "sub/b.txt": "beta"}), "x"
+    )
     assert other.sha256 == ref.sha256
 
 

@@ -6,8 +6,9 @@ import re
 
 from dagster import AssetKey, DagsterInstance
 
-from support import TRAINING_ASSETS, run_job, tiny_run_config
 from pixtrain_dagster.core.artifacts import ArtifactStore
+
+from support import TRAINING_ASSETS, run_job, tiny_run_config
 
 DATA_ASSETS = ("raw_conversations", "training_dataset")
 
@@ -39,7 +40,10 @@ def _gate_decisions(pipeline_env) -> list[dict]:
 def test_dataset_checks_rerun_alone_after_a_rule_or_policy_change(pipeline_env, monkeypatch):
     first = run_job({}, selection=DATA_ASSETS)
     assert {name: e.passed for name, e in _checks(first).items()} == {
-        "schema_valid": True, "no_phi_left": True, "enough_rows": True}
+        "schema_valid": True,
+        "no_phi_left": True,
+        "enough_rows": True,
+    }
     materialized = _latest_materialization_id("training_dataset")
 
     # A new PHI rule (here: a pattern any therapy conversation matches) re-checked on the published dataset.
@@ -74,8 +78,11 @@ def test_a_changed_published_dataset_fails_its_checks(pipeline_env):
     message = str(failure.event_specific_data.error.cause or failure.event_specific_data.error.message)
     assert "train.jsonl" in message
     # The model gates have nothing to check yet, and say so.
-    unmaterialised = " ".join(str(e.event_specific_data.error.message) + str(e.event_specific_data.error.cause)
-                              for e in recheck.all_events if e.is_step_failure and e.step_key != failure.step_key)
+    unmaterialised = " ".join(
+        str(e.event_specific_data.error.message) + str(e.event_specific_data.error.cause)
+        for e in recheck.all_events
+        if e.is_step_failure and e.step_key != failure.step_key
+    )
     assert "adapter_evaluation has not been materialised yet" in unmaterialised
 
 
@@ -87,7 +94,12 @@ def test_model_gates_rerun_alone_and_fail_when_the_adapter_changed_since(pipelin
 
     recheck = _recheck()
     assert {name: e.passed for name, e in _checks(recheck).items()} == {
-        "schema_valid": True, "no_phi_left": True, "enough_rows": True, "training_sanity": True, "bias_gate": True}
+        "schema_valid": True,
+        "no_phi_left": True,
+        "enough_rows": True,
+        "training_sanity": True,
+        "bias_gate": True,
+    }
     assert recheck.get_asset_materialization_events() == []
 
     # Retrain (another seed) without evaluating: both model gates now describe an older adapter.

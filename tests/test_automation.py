@@ -1,13 +1,22 @@
 """Declarative automation: a new adapter pulls evaluation, bias report and promotion; promotion needs passing gates."""
 
-from dagster import AssetCheckEvaluation, AssetKey, AssetMaterialization, DagsterInstance, evaluate_automation_conditions
+from dagster import (
+    AssetCheckEvaluation,
+    AssetKey,
+    AssetMaterialization,
+    DagsterInstance,
+    evaluate_automation_conditions,
+)
 
 UPSTREAM = ["base_model", "raw_conversations", "training_dataset", "lora_adapter", "training_checkpoints"]
 
 
 def requested(result) -> set[str]:
-    return {key.to_user_string() for key in map(AssetKey, ["adapter_evaluation", "bias_report", "promoted_adapter"])
-            if result.get_num_requested(key)}
+    return {
+        key.to_user_string()
+        for key in map(AssetKey, ["adapter_evaluation", "bias_report", "promoted_adapter"])
+        if result.get_num_requested(key)
+    }
 
 
 def test_new_adapter_triggers_evaluation_and_bias_report_then_promotion_only_after_passing_checks(pipeline_env):

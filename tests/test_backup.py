@@ -43,17 +43,27 @@ def s3_endpoint():
 
 @pytest.fixture
 def s3(s3_endpoint, monkeypatch, request):
-    """A fresh versioned bucket; s3fs reaches it through the standard AWS_ENDPOINT_URL, as an S3-compatible store in production."""
+    """A fresh versioned bucket; s3fs reaches it through the standard AWS_ENDPOINT_URL, as an S3-compatible store
+    in production."""
     import boto3
     import s3fs
 
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_endpoint}.items():
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3_endpoint,
+    }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     s3fs.S3FileSystem.clear_instance_cache()
-    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     bucket = f"{BUCKET}-{abs(hash(request.node.name)) % 10**8}"
     client.create_bucket(Bucket=bucket)
     client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
@@ -73,9 +83,15 @@ def _artifact(store: ArtifactStore, key: str, payload: bytes) -> None:
 def source(tmp_path) -> ArtifactStore:
     """A store holding every kind of artifact the pipeline publishes, plus things that must not be copied."""
     store = ArtifactStore(tmp_path / "artifacts")
-    for key, payload in [("datasets/d1", b"rows"), ("adapters/fp1", b"lora"), ("checkpoints/fp1/step-000002", b"ck2"),
-                         ("checkpoints/fp1/step-000004", b"ck4"), ("evaluations/e1", b"eval"),
-                         ("bias-reports/b1", b"bias"), ("promoted/adapters/fp1", b"lora")]:
+    for key, payload in [
+        ("datasets/d1", b"rows"),
+        ("adapters/fp1", b"lora"),
+        ("checkpoints/fp1/step-000002", b"ck2"),
+        ("checkpoints/fp1/step-000004", b"ck4"),
+        ("evaluations/e1", b"eval"),
+        ("bias-reports/b1", b"bias"),
+        ("promoted/adapters/fp1", b"lora"),
+    ]:
         _artifact(store, key, payload)
     store.put_json("dagster/assets/lora_adapter.json", {"key": "adapters/fp1"})
     store.put_json("promoted/CURRENT.json", {"uri": store.uri("promoted/adapters/fp1")})
@@ -86,8 +102,15 @@ def source(tmp_path) -> ArtifactStore:
     return store
 
 
-ARTIFACTS = ["adapters/fp1", "bias-reports/b1", "checkpoints/fp1/step-000002", "checkpoints/fp1/step-000004",
-             "datasets/d1", "evaluations/e1", "promoted/adapters/fp1"]
+ARTIFACTS = [
+    "adapters/fp1",
+    "bias-reports/b1",
+    "checkpoints/fp1/step-000002",
+    "checkpoints/fp1/step-000004",
+    "datasets/d1",
+    "evaluations/e1",
+    "promoted/adapters/fp1",
+]
 DOCUMENTS = ["dagster/assets/lora_adapter.json", "promoted/CURRENT.json"]
 
 

@@ -49,7 +49,11 @@ def test_gpu_benchmark_smoke_runs_on_cpu(capsys):
     results = bench.main(["--smoke", "--peak-tflops", "1"])
     out = capsys.readouterr().out
     assert [(r["model"].split()[0], r["seq_len"]) for r in results] == [
-        ("tiny-llama", 256), ("tiny-llama", 512), ("tiny-from-config", 256), ("tiny-from-config", 512)]
+        ("tiny-llama", 256),
+        ("tiny-llama", 512),
+        ("tiny-from-config", 256),
+        ("tiny-from-config", 512),
+    ]
     for row in results:
         assert "skipped" not in row, row
         assert row["real_tokens_per_second"] > 0 and row["flops_per_token"] > 0

@@ -33,13 +33,17 @@ def serve(verdict: dict):
 
 @pytest.mark.parametrize("service_passes", [True, False], ids=["service-passes", "service-fails"])
 def test_external_verdict_is_in_the_report_and_gates(service_passes, pipeline_env, tiny_model_dir, monkeypatch):
-    from test_pipeline import run_job, _keys
+    from test_pipeline import _keys, run_job
 
     server, received = serve({"passed": service_passes, "reason": "fixture verdict"})
     monkeypatch.setenv("PIXTRAIN_BIAS_SERVICE_URL", f"http://127.0.0.1:{server.server_port}")
-    result = run_job(tiny_run_config(tiny_model_dir),
-                     selection=_keys("base_model", "raw_conversations", "training_dataset", "lora_adapter",
-                                     "training_checkpoints", "bias_report"), raise_on_error=False)
+    result = run_job(
+        tiny_run_config(tiny_model_dir),
+        selection=_keys(
+            "base_model", "raw_conversations", "training_dataset", "lora_adapter", "training_checkpoints", "bias_report"
+        ),
+        raise_on_error=False,
+    )
     server.shutdown()
     [(path, payload)] = received
     assert path == "/v1/assess" and payload["probe_set"]["sha256"] and "raw" not in payload

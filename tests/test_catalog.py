@@ -11,13 +11,23 @@ import sys
 import pytest
 from dagster import Config, ConfigurableResource
 
-from support import REPO_ROOT
 from pixtrain_dagster.catalog import DEFAULT_OWNERS, PHI_LEVELS
 from pixtrain_dagster.recovery import GPU_POOL
 
+from support import REPO_ROOT
+
 # The webserver has icons for these; an asset shows up to three.
-KNOWN_KINDS = {"huggingface", "pytorch", "pytorchlightning", "wandb", "json", "postgres", "kubernetes", "safetensors",
-               "fsspec"}
+KNOWN_KINDS = {
+    "huggingface",
+    "pytorch",
+    "pytorchlightning",
+    "wandb",
+    "json",
+    "postgres",
+    "kubernetes",
+    "safetensors",
+    "fsspec",
+}
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +69,11 @@ def test_the_compute_tag_matches_where_the_step_runs(defs):
 
 
 def test_owners_come_from_the_deployment():
-    code = ("from pixtrain_dagster.definitions import defs; "
-            "print(sorted({o for k in defs.resolve_asset_graph().get_all_asset_keys() "
-            "for o in defs.resolve_asset_graph().get(k).owners}))")
+    code = (
+        "from pixtrain_dagster.definitions import defs; "
+        "print(sorted({o for k in defs.resolve_asset_graph().get_all_asset_keys() "
+        "for o in defs.resolve_asset_graph().get(k).owners}))"
+    )
     env = {**os.environ, "PIXTRAIN_ASSET_OWNERS": "team:clinical-ml, lead@example.org"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "['lead@example.org', 'team:clinical-ml']"
@@ -74,8 +86,9 @@ def test_every_config_field_is_described(defs):
             if inspect.isclass(parameter.annotation) and issubclass(parameter.annotation, Config):
                 classes.add(parameter.annotation)
     assert len([c for c in classes if issubclass(c, Config) and not issubclass(c, ConfigurableResource)]) >= 6
-    undescribed = [f"{c.__name__}.{name}" for c in classes for name, field in c.model_fields.items()
-                   if not field.description]
+    undescribed = [
+        f"{c.__name__}.{name}" for c in classes for name, field in c.model_fields.items() if not field.description
+    ]
     assert undescribed == []
 
 
@@ -89,35 +102,51 @@ def test_assets_link_to_their_source_and_to_git_when_configured(defs):
     [local] = references
     assert local.file_path == str(REPO_ROOT / "pixtrain_dagster" / "assets" / "training.py")
     lines = (REPO_ROOT / local.file_path).read_text().splitlines()
-    assert any("def lora_training(" in line for line in lines[local.line_number - 1:local.line_number + 20])
+    first_def = next(line for line in lines[local.line_number - 1 :] if line.startswith("def "))
+    assert first_def.startswith("def lora_training(")  # the reference points at the asset's decorator
 
-    code = ("import json; from pixtrain_dagster.definitions import defs; g = defs.resolve_asset_graph(); "
-            "print(json.dumps({k.to_user_string(): [r.url for r in g.get(k).metadata['dagster/code_references']"
-            ".code_references] for k in g.get_all_asset_keys()}))")
-    env = {**os.environ, "PIXTRAIN_GIT_URL": "https://github.com/pixtrain/pixtrain-dagster",
-           "PIXTRAIN_GIT_COMMIT": "0123abc"}
+    code = (
+        "import json; from pixtrain_dagster.definitions import defs; g = defs.resolve_asset_graph(); "
+        "print(json.dumps({k.to_user_string(): [r.url for r in g.get(k).metadata['dagster/code_references']"
+        ".code_references] for k in g.get_all_asset_keys()}))"
+    )
+    env = {
+        **os.environ,
+        "PIXTRAIN_GIT_URL": "https://github.com/pixtrain/pixtrain-dagster",
+        "PIXTRAIN_GIT_COMMIT": "0123abc",
+    }
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     urls = json.loads(out.stdout)
     assert urls["lora_adapter"][0].startswith(
-        "https://github.com/pixtrain/pixtrain-dagster/tree/0123abc/pixtrain_dagster/assets/training.py#L")
+        "https://github.com/pixtrain/pixtrain-dagster/tree/0123abc/pixtrain_dagster/assets/training.py#L"
+    )
     assert urls["bias_report"][0].split("#")[0].endswith("/pixtrain_dagster/assets/bias.py")
 
 
 # ---- code versions ---------------------------------------------------------------------------------------------
 
-_PRINT_VERSIONS = ("import json; from pixtrain_dagster.definitions import defs; g = defs.resolve_asset_graph(); "
-                   "print(json.dumps({k.to_user_string(): g.get(k).code_version for k in g.get_all_asset_keys()}))")
+_PRINT_VERSIONS = (
+    "import json; from pixtrain_dagster.definitions import defs; g = defs.resolve_asset_graph(); "
+    "print(json.dumps({k.to_user_string(): g.get(k).code_version for k in g.get_all_asset_keys()}))"
+)
 
 
 def _versions(package_parent) -> dict:
-    out = subprocess.run([sys.executable, "-c", _PRINT_VERSIONS], cwd=package_parent, capture_output=True,
-                         text=True, check=True, env={**os.environ, "PYTHONPATH": str(package_parent)})
+    out = subprocess.run(
+        [sys.executable, "-c", _PRINT_VERSIONS],
+        cwd=package_parent,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(package_parent)},
+    )
     return json.loads(out.stdout)
 
 
 def test_code_versions_follow_the_code_each_asset_runs(tmp_path):
-    shutil.copytree(REPO_ROOT / "pixtrain_dagster", tmp_path / "pixtrain_dagster",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO_ROOT / "pixtrain_dagster", tmp_path / "pixtrain_dagster", ignore=shutil.ignore_patterns("__pycache__")
+    )
     before = _versions(tmp_path)
     assert all(len(v) == 16 and int(v, 16) >= 0 for v in before.values())
     assert len(set(before.values())) == 8  # lora_adapter and training_checkpoints share one step
@@ -129,8 +158,9 @@ def test_code_versions_follow_the_code_each_asset_runs(tmp_path):
     assert _versions(tmp_path) == before
 
     # A behaviour change in core/evaluation.py (called lazily inside adapter_evaluation only).
-    core_evaluation.write_text(original.replace("perplexity=math.exp(min(loss, 50.0))",
-                                                "perplexity=math.exp(min(loss, 40.0))"))
+    core_evaluation.write_text(
+        original.replace("perplexity=math.exp(min(loss, 50.0))", "perplexity=math.exp(min(loss, 40.0))")
+    )
     after = _versions(tmp_path)
     changed = {key for key in before if before[key] != after[key]}
     assert "adapter_evaluation" in changed
@@ -139,7 +169,6 @@ def test_code_versions_follow_the_code_each_asset_runs(tmp_path):
 
     # The curation code: both dataset assets' module, but only training_dataset runs it.
     conversations = tmp_path / "pixtrain_dagster" / "core" / "conversations.py"
-    conversations.write_text(conversations.read_text().replace('return "empty_conversation"',
-                                                               'return "no_messages"'))
+    conversations.write_text(conversations.read_text().replace('return "empty_conversation"', 'return "no_messages"'))
     changed = {key for key, value in _versions(tmp_path).items() if before[key] != value}
     assert "training_dataset" in changed and "base_model" not in changed

@@ -57,38 +57,50 @@ def test_wrong_roles_fail_with_reason_and_locations(tmp_path):
     assert "doctor" not in message  # field values are never echoed: they may hold client text
 
 
-@pytest.mark.parametrize("messages, reason", [
-    ([], "empty_conversation"),
-    ([{"role": "assistant", "content": "Hi"}], "wrong_order"),
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "wrong_order"),
-    ([{"role": "user", "content": "a"}], "no_assistant_reply"),
-    ([{"role": "user", "content": " "}, {"role": "assistant", "content": "b"}], "empty_content"),
-    ([{"role": "user", "content": "a" * 501}, {"role": "assistant", "content": "b"}], "too_long"),
-    ([{"role": "user", "text": "a"}], "bad_message_shape"),
-    ([{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
-     None),
-])
+@pytest.mark.parametrize(
+    "messages, reason",
+    [
+        ([], "empty_conversation"),
+        ([{"role": "assistant", "content": "Hi"}], "wrong_order"),
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "wrong_order"),
+        ([{"role": "user", "content": "a"}], "no_assistant_reply"),
+        ([{"role": "user", "content": " "}, {"role": "assistant", "content": "b"}], "empty_content"),
+        ([{"role": "user", "content": "a" * 501}, {"role": "assistant", "content": "b"}], "too_long"),
+        ([{"role": "user", "text": "a"}], "bad_message_shape"),
+        (
+            [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+            ],
+            None,
+        ),
+    ],
+)
 def test_validation_reasons(messages, reason):
     problem = validation_problem(messages, max_message_chars=500)
     assert (problem.split(":")[0] if problem else None) == reason
 
 
-@pytest.mark.parametrize("text, kind", [
-    ("write to dana.w@example.com please", "EMAIL"),
-    ("call me at (555) 014-2233 tonight", "PHONE"),
-    ("or 555-867-0142", "PHONE"),
-    ("my SSN is 078-05-1120", "SSN"),
-    ("I was born on 03/14/1989 in Ohio", "DATE"),
-    ("my DOB, 1986-07-02, is on file", "DATE"),
-    ("born March 3, 1965", "DATE"),
-    ("the appointment on 2024-02-11", "DATE"),
-    ("I live at 42 Maple Street, Apt 3 now", "ADDRESS"),
-    ("see https://www.example.org/my-blog for it", "URL"),
-    ("my MRN is MRN-0048213", "MRN"),
-    ("patient ID: PX-77120", "MRN"),
-    ("my SSN is 078051120, sorry", "SSN"),
-    ("text me on 5558670142 after work", "PHONE"),
-])
+@pytest.mark.parametrize(
+    "text, kind",
+    [
+        ("write to dana.w@example.com please", "EMAIL"),
+        ("call me at (555) 014-2233 tonight", "PHONE"),
+        ("or 555-867-0142", "PHONE"),
+        ("my SSN is 078-05-1120", "SSN"),
+        ("I was born on 03/14/1989 in Ohio", "DATE"),
+        ("my DOB, 1986-07-02, is on file", "DATE"),
+        ("born March 3, 1965", "DATE"),
+        ("the appointment on 2024-02-11", "DATE"),
+        ("I live at 42 Maple Street, Apt 3 now", "ADDRESS"),
+        ("see https://www.example.org/my-blog for it", "URL"),
+        ("my MRN is MRN-0048213", "MRN"),
+        ("patient ID: PX-77120", "MRN"),
+        ("my SSN is 078051120, sorry", "SSN"),
+        ("text me on 5558670142 after work", "PHONE"),
+    ],
+)
 def test_each_phi_kind_is_replaced_by_its_placeholder(text, kind):
     result = scrub_text(text)
     assert f"[{kind}]" in result.text and result.counts[kind] == 1
@@ -103,11 +115,24 @@ def test_ordinary_therapy_text_is_left_alone():
 
 
 def test_curation_scrubs_dedups_and_splits_deterministically(tmp_path):
-    phi = {"messages": [{"role": "user", "content": "Email me at a.b@example.com"},
-                        {"role": "assistant", "content": "Sure, my number is 555-867-0142."}]}
+    phi = {
+        "messages": [
+            {"role": "user", "content": "Email me at a.b@example.com"},
+            {"role": "assistant", "content": "Sure, my number is 555-867-0142."},
+        ]
+    }
     lines = [json.dumps(phi), json.dumps(phi)]  # exact duplicate
-    lines += [json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
-                                       {"role": "assistant", "content": f"Answer {i}."}]}) for i in range(20)]
+    lines += [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Question {i}?"},
+                    {"role": "assistant", "content": f"Answer {i}."},
+                ]
+            }
+        )
+        for i in range(20)
+    ]
     path = write_lines(tmp_path / "d.jsonl", lines)
     first = curate_default(read_jsonl(path))
     report = first.report
@@ -118,8 +143,10 @@ def test_curation_scrubs_dedups_and_splits_deterministically(tmp_path):
     # Same input, same split; adding records never moves an existing record to the other side.
     again = curate_default(read_jsonl(path))
     assert again.train == first.train and again.validation == first.validation
-    extra = lines + [json.dumps({"messages": [{"role": "user", "content": f"New {i}?"},
-                                              {"role": "assistant", "content": "Ok."}]}) for i in range(10)]
+    extra = lines + [
+        json.dumps({"messages": [{"role": "user", "content": f"New {i}?"}, {"role": "assistant", "content": "Ok."}]})
+        for i in range(10)
+    ]
     grown = curate_default(read_jsonl(write_lines(tmp_path / "e.jsonl", extra)), validation_fraction=0.2)
     validation_before = {json.dumps(m) for m in first.validation}
     train_after = {json.dumps(m) for m in grown.train}

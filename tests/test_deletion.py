@@ -6,35 +6,54 @@ import sqlite3
 import time
 
 from dagster import DagsterInstance, RunRequest
-
-from support import tiny_run_config
 from test_pipeline import _keys, run_job
 from test_sensors import evaluate
+
 from pixtrain_dagster import cli
 from pixtrain_dagster.core.artifacts import ArtifactStore
 from pixtrain_dagster.core.deletion import purge_raw_snapshots, record_hash, term_hash
 
+from support import tiny_run_config
+
 TERM = "Quartermaine"  # the person's surname, as a data subject would give it
 PERSON = [
-    {"messages": [{"role": "system", "content": "You are role-playing a therapy client. Speak as the client."},
-                  {"role": "user", "content": "What would you like to talk about?"},
-                  {"role": "assistant", "content": "My name is Zebulon Quartermaine and the layoffs at the cannery "
-                                                   "still keep me up at night."}]},
-    {"messages": [{"role": "user", "content": "How did the week go?"},
-                  {"role": "assistant", "content": "Mrs. Quartermaine at the cannery office called twice about "
-                                                   "the severance forms, and I froze both times."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "You are role-playing a therapy client. Speak as the client."},
+            {"role": "user", "content": "What would you like to talk about?"},
+            {
+                "role": "assistant",
+                "content": "My name is Zebulon Quartermaine and the layoffs at the cannery still keep me up at night.",
+            },
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "How did the week go?"},
+            {
+                "role": "assistant",
+                "content": "Mrs. Quartermaine at the cannery office called twice about "
+                "the severance forms, and I froze both times.",
+            },
+        ]
+    },
 ]
 # Another record, named by its hash (the subject asked for "the conversation about the lighthouse keeper").
-BY_HASH = {"messages": [{"role": "user", "content": "What keeps coming back to you?"},
-                        {"role": "assistant", "content": "The lighthouse keeper job I turned down, every single "
-                                                         "evening around dusk."}]}
+BY_HASH = {
+    "messages": [
+        {"role": "user", "content": "What keeps coming back to you?"},
+        {"role": "assistant", "content": "The lighthouse keeper job I turned down, every single evening around dusk."},
+    ]
+}
 MARKERS = [b"Quartermaine", b"cannery", b"lighthouse keeper"]
 
 
 def _audit_rows(pipeline_env):
     with sqlite3.connect(pipeline_env["dagster_home"] / "pixtrain_metadata.sqlite") as db:
-        return [(event, json.loads(details)) for event, details in
-                db.execute("select event, details from audit_events order by id")]
+        return [
+            (event, json.loads(details))
+            for event, details in db.execute("select event, details from audit_events order by id")
+        ]
 
 
 def _data_files(root):
@@ -42,7 +61,8 @@ def _data_files(root):
 
 
 def test_forget_removes_a_person_everywhere_and_the_next_dataset_is_built_without_them(
-        pipeline_env, tiny_model_dir, tmp_path, capsys):
+    pipeline_env, tiny_model_dir, tmp_path, capsys
+):
     landing, root = pipeline_env["landing"], pipeline_env["artifact_root"]
     (landing / "clinic-a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PERSON[:1] + [BY_HASH]))
     config = tiny_run_config(tiny_model_dir)
@@ -57,8 +77,14 @@ def test_forget_removes_a_person_everywhere_and_the_next_dataset_is_built_withou
     rows_before = dataset["train_records"] + dataset["validation_records"]
     # An evaluation report that quotes validation text of the affected dataset.
     with store.stage() as folder:
-        (folder / "evaluation.json").write_text(json.dumps({"dataset_sha256": dataset["sha256"], "samples": [
-            {"prompt": "p", "reference": "r", "base_reply": "b", "adapter_reply": "a"}]}))
+        (folder / "evaluation.json").write_text(
+            json.dumps(
+                {
+                    "dataset_sha256": dataset["sha256"],
+                    "samples": [{"prompt": "p", "reference": "r", "base_reply": "b", "adapter_reply": "a"}],
+                }
+            )
+        )
         (folder / "evaluation.md").write_text("# Adapter evaluation\n\n| table |\n\n### Sample 1\n**Therapist:** p\n")
         store.publish(folder, "evaluations/abc")
     instance = DagsterInstance.ephemeral()
@@ -67,15 +93,29 @@ def test_forget_removes_a_person_everywhere_and_the_next_dataset_is_built_withou
     terms.write_text(TERM + "\n")
     landing_before = {p.name: p.read_bytes() for p in landing.iterdir()}
 
-    assert cli.main(["forget", "--terms-from", str(terms), "--record-hash", record_hash(BY_HASH["messages"]),
-                     "--dry-run"]) == 0
+    assert (
+        cli.main(["forget", "--terms-from", str(terms), "--record-hash", record_hash(BY_HASH["messages"]), "--dry-run"])
+        == 0
+    )
     listed = capsys.readouterr().out
     assert "clinic-a.jsonl:1" in listed and "clinic-b.jsonl:1" in listed and record_hash(BY_HASH["messages"]) in listed
     assert TERM not in listed  # locations and hashes, never the text
     assert {p.name: p.read_bytes() for p in landing.iterdir()} == landing_before  # a dry run changes nothing
 
-    assert cli.main(["forget", "--terms-from", str(terms), "--record-hash", record_hash(BY_HASH["messages"]),
-                     "--actor", "privacy-officer"]) == 0
+    assert (
+        cli.main(
+            [
+                "forget",
+                "--terms-from",
+                str(terms),
+                "--record-hash",
+                record_hash(BY_HASH["messages"]),
+                "--actor",
+                "privacy-officer",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "landing: 3 record(s) in 2 file(s)" in out and "raw snapshots republished: 2" in out
 

@@ -29,9 +29,18 @@ from pixtrain_dagster.core.training import checkpoint_prefix
 
 from support import SAMPLE_DATASET
 
-SETTINGS = LoraTrainingSettings(max_steps=6, micro_batch_size=2, gradient_accumulation_steps=2, max_seq_len=192,
-                                learning_rate=5e-3, warmup_steps=1, checkpoint_every_n_steps=2, seed=9,
-                                lora_dropout=0.0, precision="32-true")
+SETTINGS = LoraTrainingSettings(
+    max_steps=6,
+    micro_batch_size=2,
+    gradient_accumulation_steps=2,
+    max_seq_len=192,
+    learning_rate=5e-3,
+    warmup_steps=1,
+    checkpoint_every_n_steps=2,
+    seed=9,
+    lora_dropout=0.0,
+    precision="32-true",
+)
 TWO_NODES = replace(SETTINGS, num_nodes=2, devices=1)
 
 
@@ -50,9 +59,15 @@ def seeded_store(root: Path, tiny_model_dir: Path) -> ArtifactStore:
 
 def request_for(store: ArtifactStore, settings: LoraTrainingSettings, folder: Path) -> Path:
     request = TrainingRequest(
-        artifact_root=str(store.root), checkpoint_root=str(store.root), base_snapshot_key="models/tiny",
-        base_model_sha256="base", dataset_key="datasets/sample", dataset_sha256="data", settings=asdict(settings),
-        runtime={"device": "cpu", "wandb_mode": "disabled"})
+        artifact_root=str(store.root),
+        checkpoint_root=str(store.root),
+        base_snapshot_key="models/tiny",
+        base_model_sha256="base",
+        dataset_key="datasets/sample",
+        dataset_sha256="data",
+        settings=asdict(settings),
+        runtime={"device": "cpu", "wandb_mode": "disabled"},
+    )
     path = folder / "request.json"
     path.write_text(request.to_json())
     return path
@@ -69,13 +84,34 @@ def launch_two_nodes(request: Path) -> list[subprocess.Popen]:
     port = free_port()
     processes = []
     for node_rank in (0, 1):
-        env = {**os.environ, "PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": str(node_rank),
-               "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "-m", "pixtrain_dagster.core.distributed",
-             "--request", str(request)],
-            env=env, cwd=Path(__file__).parent.parent, start_new_session=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = {
+            **os.environ,
+            "PET_NNODES": "2",
+            "PET_NPROC_PER_NODE": "1",
+            "PET_NODE_RANK": str(node_rank),
+            "PET_MASTER_ADDR": "127.0.0.1",
+            "PET_MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "-m",
+                    "pixtrain_dagster.core.distributed",
+                    "--request",
+                    str(request),
+                ],
+                env=env,
+                cwd=Path(__file__).parent.parent,
+                start_new_session=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     return processes
 
 

@@ -50,18 +50,30 @@ def test_significance_and_gated_metrics_may_only_tighten():
 
 
 def test_the_deployed_policy_comes_from_the_environment_and_bad_values_fail_clearly():
-    env = {"PIXTRAIN_GATE_MAX_PERPLEXITY_INCREASE": "0.02", "PIXTRAIN_GATE_BIAS_MIN_RATIO": "0.85",
-           "PIXTRAIN_GATE_BIAS_MAX_REGRESSION": "0.05", "PIXTRAIN_GATE_BIAS_MIN_TEMPLATES": "4",
-           "PIXTRAIN_GATE_MIN_TRAIN_RECORDS": "100", "PIXTRAIN_GATE_MAX_INVALID_FRACTION": "0.1",
-           "PIXTRAIN_GATE_BIAS_GATED_METRICS": "likelihood,sentiment",
-           "PIXTRAIN_GATE_BIAS_REQUIRE_SIGNIFICANCE": "false",
-           "PIXTRAIN_GATE_BIAS_FAIL_ON_PREVIOUS_REGRESSION": "true"}
+    env = {
+        "PIXTRAIN_GATE_MAX_PERPLEXITY_INCREASE": "0.02",
+        "PIXTRAIN_GATE_BIAS_MIN_RATIO": "0.85",
+        "PIXTRAIN_GATE_BIAS_MAX_REGRESSION": "0.05",
+        "PIXTRAIN_GATE_BIAS_MIN_TEMPLATES": "4",
+        "PIXTRAIN_GATE_MIN_TRAIN_RECORDS": "100",
+        "PIXTRAIN_GATE_MAX_INVALID_FRACTION": "0.1",
+        "PIXTRAIN_GATE_BIAS_GATED_METRICS": "likelihood,sentiment",
+        "PIXTRAIN_GATE_BIAS_REQUIRE_SIGNIFICANCE": "false",
+        "PIXTRAIN_GATE_BIAS_FAIL_ON_PREVIOUS_REGRESSION": "true",
+    }
     assert sorted(env) == policy_env_names()
     policy = GatePolicy.from_env(env)
-    assert policy == GatePolicy(max_perplexity_increase=0.02, bias_min_ratio=0.85, bias_max_regression=0.05,
-                                bias_min_templates=4, min_train_records=100, max_invalid_fraction=0.1,
-                                bias_gated_metrics=("likelihood", "sentiment"), bias_require_significance=False,
-                                bias_fail_on_previous_regression=True)
+    assert policy == GatePolicy(
+        max_perplexity_increase=0.02,
+        bias_min_ratio=0.85,
+        bias_max_regression=0.05,
+        bias_min_templates=4,
+        min_train_records=100,
+        max_invalid_fraction=0.1,
+        bias_gated_metrics=("likelihood", "sentiment"),
+        bias_require_significance=False,
+        bias_fail_on_previous_regression=True,
+    )
     assert GatePolicy.from_env({}) == DEPLOYED
     with pytest.raises(GatePolicyError, match="PIXTRAIN_GATE_BIAS_MIN_RATIO='lots' is not a number"):
         GatePolicy.from_env({"PIXTRAIN_GATE_BIAS_MIN_RATIO": "lots"})
@@ -101,6 +113,7 @@ def test_bias_report_config_cannot_loosen_the_bias_gate(field):
 
 # ---- through Dagster: the gated steps refuse, and the audit trail holds the thresholds ------------------------
 
+
 def _materialize_data(pipeline_env, run_config=None, tags=None):
     from dagster import DagsterInstance, materialize
 
@@ -108,8 +121,14 @@ def _materialize_data(pipeline_env, run_config=None, tags=None):
     from pixtrain_dagster.definitions import build_definitions
 
     resources = build_definitions().resources
-    return materialize([raw_conversations, training_dataset, training_dataset_checks], resources=resources, run_config=run_config or {},
-                       tags=tags, instance=DagsterInstance.get(), raise_on_error=False)
+    return materialize(
+        [raw_conversations, training_dataset, training_dataset_checks],
+        resources=resources,
+        run_config=run_config or {},
+        tags=tags,
+        instance=DagsterInstance.get(),
+        raise_on_error=False,
+    )
 
 
 def _audit_events(pipeline_env, event):
@@ -123,8 +142,11 @@ def _audit_events(pipeline_env, event):
 
 
 def _failure_message(result) -> str:
-    return " ".join(str(event.event_specific_data.error.message) + str(event.event_specific_data.error.cause)
-                    for event in result.all_events if event.is_step_failure)
+    return " ".join(
+        str(event.event_specific_data.error.message) + str(event.event_specific_data.error.cause)
+        for event in result.all_events
+        if event.is_step_failure
+    )
 
 
 def test_run_config_cannot_lower_enough_rows_and_the_decision_records_its_thresholds(pipeline_env, monkeypatch):
@@ -159,7 +181,7 @@ def _invoke(asset_fn, config, **inputs):
 
     resources = {k: v for k, v in build_definitions().resources.items() if k != "io_manager"}
     with build_asset_context() as context:
-        params = asset_fn.__code__.co_varnames[:asset_fn.__code__.co_argcount]
+        params = asset_fn.__code__.co_varnames[: asset_fn.__code__.co_argcount]
         return list(asset_fn(context, config=config, **inputs, **{k: v for k, v in resources.items() if k in params}))
 
 
@@ -171,8 +193,13 @@ def test_adapter_evaluation_refuses_a_looser_perplexity_margin(pipeline_env, mon
     monkeypatch.setenv("PIXTRAIN_GATE_MAX_PERPLEXITY_INCREASE", "0.02")
     stub = {"key": "missing", "sha256": "0" * 64, "uri": "missing", "train_losses": [1.0]}
     with pytest.raises(Failure, match=r"max_perplexity_increase=0.05 is looser .*at most 0.02"):
-        _invoke(adapter_evaluation.op.compute_fn.decorated_fn, AdapterEvaluationConfig(max_perplexity_increase=0.05),
-                base_model=stub, training_dataset=stub, lora_adapter=stub)
+        _invoke(
+            adapter_evaluation.op.compute_fn.decorated_fn,
+            AdapterEvaluationConfig(max_perplexity_increase=0.05),
+            base_model=stub,
+            training_dataset=stub,
+            lora_adapter=stub,
+        )
 
 
 @pytest.mark.parametrize("field", sorted(BIAS_LOOSER))
@@ -183,21 +210,39 @@ def test_bias_report_refuses_each_looser_threshold(pipeline_env, field):
 
     stub = {"key": "missing", "sha256": "0" * 64, "uri": "missing"}
     with pytest.raises(Failure, match=field):
-        _invoke(bias_report.op.compute_fn.decorated_fn, BiasReportConfig(**{field: BIAS_LOOSER[field]}),
-                base_model=stub, lora_adapter=stub)
+        _invoke(
+            bias_report.op.compute_fn.decorated_fn,
+            BiasReportConfig(**{field: BIAS_LOOSER[field]}),
+            base_model=stub,
+            lora_adapter=stub,
+        )
 
 
 # ---- promotion: a second look against the policy in force now ------------------------------------------------
+
 
 def test_promotion_is_blocked_when_the_gates_ran_under_looser_thresholds_than_deployed_now():
     from pixtrain_dagster.assets.release import gate_thresholds_used, promotion_blockers
 
     sha = "a" * 64
-    evaluation = {"adapter_sha256": sha, "training_sanity": {"problems": [],
-                                                             "thresholds": {"max_perplexity_increase": 0.05}}}
-    bias = {"adapter_sha256": sha, "max_templates": 2, "verdict": {
-        "passed": True, "summary": "ok", "thresholds": {"min_ratio": 0.8, "max_regression": 0.1,
-                                                         "metrics": ["likelihood"], "require_significance": True}}}
+    evaluation = {
+        "adapter_sha256": sha,
+        "training_sanity": {"problems": [], "thresholds": {"max_perplexity_increase": 0.05}},
+    }
+    bias = {
+        "adapter_sha256": sha,
+        "max_templates": 2,
+        "verdict": {
+            "passed": True,
+            "summary": "ok",
+            "thresholds": {
+                "min_ratio": 0.8,
+                "max_regression": 0.1,
+                "metrics": ["likelihood"],
+                "require_significance": True,
+            },
+        },
+    }
     assert promotion_blockers({"sha256": sha}, evaluation, bias, DEPLOYED) == []
     assert gate_thresholds_used(evaluation, bias)["bias_gate"]["max_templates"] == 2
     stricter_now = GatePolicy(max_perplexity_increase=0.01, bias_min_ratio=0.9)
@@ -213,9 +258,10 @@ def test_every_gate_decision_and_the_promotion_record_the_thresholds_used(pipeli
     """The whole graph on the tiny model: three gate_decision events and the promotion carry the thresholds; a
     later promotion under a stricter deployed policy is refused and that refusal is audited too."""
     from dagster import AssetKey, DagsterInstance
-    from support import tiny_run_config
 
     from pixtrain_dagster.definitions import build_definitions
+
+    from support import tiny_run_config
 
     monkeypatch.setenv("PIXTRAIN_GATE_BIAS_MIN_RATIO", "0.75")
     config = tiny_run_config(tiny_model_dir)
@@ -239,8 +285,9 @@ def test_every_gate_decision_and_the_promotion_record_the_thresholds_used(pipeli
 
     # The deployment tightens the policy after the gates ran: promoting the same adapter again is refused.
     monkeypatch.setenv("PIXTRAIN_GATE_BIAS_MIN_RATIO", "0.9")
-    again = job.execute_in_process(instance=DagsterInstance.get(), asset_selection=[AssetKey("promoted_adapter")],
-                                   raise_on_error=False)
+    again = job.execute_in_process(
+        instance=DagsterInstance.get(), asset_selection=[AssetKey("promoted_adapter")], raise_on_error=False
+    )
     assert not again.success
     (refusal,) = _audit_events(pipeline_env, "promotion_refused")
     assert any("min_ratio=0.78" in b and "at least 0.9" in b for b in refusal["blockers"])

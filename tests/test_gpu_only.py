@@ -17,21 +17,26 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA GPU visible")
 
 
 @needs_cuda
-@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None,
-                    reason="flash-attn is a CUDA extension: it does not build or import without the CUDA toolkit")
+@pytest.mark.skipif(
+    importlib.util.find_spec("flash_attn") is None,
+    reason="flash-attn is a CUDA extension: it does not build or import without the CUDA toolkit",
+)
 def test_varlen_flash_attention_packs_without_padding_and_isolates_conversations(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     from pixtrain_dagster.core.model_checks import verify_packing_isolation
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16,
-                                                 attn_implementation="flash_attention_2", device_map="cuda")
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.bfloat16, attn_implementation="flash_attention_2", device_map="cuda"
+    )
     assert verify_packing_isolation(model, "flash_attention_2") >= 0
 
 
 @needs_cuda
-@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None,
-                    reason="Liger's kernels are Triton kernels: Triton compiles for CUDA/ROCm devices only")
+@pytest.mark.skipif(
+    importlib.util.find_spec("liger_kernel") is None,
+    reason="Liger's kernels are Triton kernels: Triton compiles for CUDA/ROCm devices only",
+)
 def test_liger_kernels_train(tmp_path, tiny_model_dir):
     from pixtrain_dagster.core.artifacts import ArtifactStore
     from pixtrain_dagster.core.conversations import load_conversations
@@ -41,10 +46,15 @@ def test_liger_kernels_train(tmp_path, tiny_model_dir):
 
     rows = load_conversations(SAMPLE_DATASET)
     result = train_lora_adapter(
-        store=ArtifactStore(tmp_path), base_snapshot_dir=tiny_model_dir, base_model_sha256="b", dataset_sha256="d",
-        train_conversations=rows[:16], validation_conversations=rows[40:42],
+        store=ArtifactStore(tmp_path),
+        base_snapshot_dir=tiny_model_dir,
+        base_model_sha256="b",
+        dataset_sha256="d",
+        train_conversations=rows[:16],
+        validation_conversations=rows[40:42],
         settings=LoraTrainingSettings(max_steps=2, max_seq_len=256, use_liger_kernel=True),
-        runtime=RuntimeSettings(device="cuda", wandb_mode="disabled"))
+        runtime=RuntimeSettings(device="cuda", wandb_mode="disabled"),
+    )
     assert result.precision == "bf16-mixed" and len(result.train_losses) == 2
 
 
@@ -62,19 +72,29 @@ def test_cuda_specific_bookkeeping(tmp_path, tiny_model_dir):
     rows = load_conversations(SAMPLE_DATASET)
     store = ArtifactStore(tmp_path)
     result = train_lora_adapter(
-        store=store, base_snapshot_dir=tiny_model_dir, base_model_sha256="b", dataset_sha256="d",
-        train_conversations=rows[:16], validation_conversations=rows[40:42],
+        store=store,
+        base_snapshot_dir=tiny_model_dir,
+        base_model_sha256="b",
+        dataset_sha256="d",
+        train_conversations=rows[:16],
+        validation_conversations=rows[40:42],
         settings=LoraTrainingSettings(max_steps=2, max_seq_len=256, checkpoint_every_n_steps=1),
-        runtime=RuntimeSettings(device="cuda", wandb_mode="disabled"))
+        runtime=RuntimeSettings(device="cuda", wandb_mode="disabled"),
+    )
     assert result.device == "cuda" and result.precision == "bf16-mixed"
     assert 0 < result.peak_memory_bytes < torch.cuda.get_device_properties(0).total_memory
-    state = torch.load(store.local_path(latest_valid_checkpoint(store, result.fingerprint)) / "checkpoint.ckpt",
-                       map_location="cpu", weights_only=False)
+    state = torch.load(
+        store.local_path(latest_valid_checkpoint(store, result.fingerprint)) / "checkpoint.ckpt",
+        map_location="cpu",
+        weights_only=False,
+    )
     assert state["pixtrain"]["cuda_rng_state"] is not None
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2,
-                    reason="FSDP: Lightning's FSDPStrategy refuses a CPU accelerator, and sharding needs 2+ GPUs")
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2,
+    reason="FSDP: Lightning's FSDPStrategy refuses a CPU accelerator, and sharding needs 2+ GPUs",
+)
 def test_fsdp_two_gpus_trains_and_resumes_on_one(tmp_path, tiny_model_dir):
     """FSDP over two GPUs (torchrun in this process's node), then the same run resumed from its full checkpoint
     with DDP on one process: checkpoints are full state dicts, so the world size may change."""
@@ -83,18 +103,38 @@ def test_fsdp_two_gpus_trains_and_resumes_on_one(tmp_path, tiny_model_dir):
     import sys
     from dataclasses import asdict, replace
 
-    from pixtrain_dagster.core.distributed import TrainingRequest, result_path, run
-
     from test_distributed import SETTINGS, seeded_store
+
+    from pixtrain_dagster.core.distributed import TrainingRequest, result_path, run
 
     store = seeded_store(tmp_path / "artifacts", tiny_model_dir)
     settings = replace(SETTINGS, devices=2, strategy="fsdp", precision="bf16-mixed", max_steps=4)
-    request = TrainingRequest(str(store.root), str(store.root), "models/tiny", "base", "datasets/sample", "data",
-                              asdict(settings), {"device": "cuda", "wandb_mode": "disabled"})
+    request = TrainingRequest(
+        str(store.root),
+        str(store.root),
+        "models/tiny",
+        "base",
+        "datasets/sample",
+        "data",
+        asdict(settings),
+        {"device": "cuda", "wandb_mode": "disabled"},
+    )
     path = tmp_path / "request.json"
     path.write_text(request.to_json())
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-                    "pixtrain_dagster.core.distributed", "--request", str(path)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "pixtrain_dagster.core.distributed",
+            "--request",
+            str(path),
+        ],
+        check=True,
+    )
     first = json.loads(result_path(path).read_text())
     assert first["strategy"] == "fsdp" and first["world_size"] == 2
     longer = replace(settings, devices=1, strategy="auto", max_steps=4)

@@ -98,8 +98,16 @@ def _two_concurrent_runs(home, tmp_path) -> list[tuple[float, float]]:
     script.write_text(_RUN_SCRIPT)
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     outs = [home / f"span-{i}.json" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(script), str(out)], env=env, cwd=REPO_ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for out in outs]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(out)],
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for out in outs
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err.decode()[-3000:]
@@ -133,5 +141,8 @@ def test_k8s_instance_values_set_the_gpu_pool_and_run_retries():
     assert retries["enabled"] is True and retries["maxRetries"] >= 1
     assert retries["retryOnAssetOrOpFailure"] is False  # step failures: step RetryPolicy; permanent: none
     docker = yaml.safe_load((REPO_ROOT / "docker" / "dagster.yaml").read_text())
-    assert docker["run_retries"] == {"enabled": True, "max_retries": retries["maxRetries"],
-                                     "retry_on_asset_or_op_failure": False}
+    assert docker["run_retries"] == {
+        "enabled": True,
+        "max_retries": retries["maxRetries"],
+        "retry_on_asset_or_op_failure": False,
+    }

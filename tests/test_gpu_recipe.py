@@ -20,9 +20,18 @@ from pixtrain_dagster.core.training import train_lora_adapter
 
 from support import SAMPLE_DATASET
 
-GPU_RECIPE = LoraTrainingSettings(max_steps=4, micro_batch_size=2, gradient_accumulation_steps=2, max_seq_len=192,
-                                  learning_rate=5e-3, warmup_steps=1, checkpoint_every_n_steps=2, seed=5,
-                                  precision="bf16-mixed", gradient_clip_norm=0.05)
+GPU_RECIPE = LoraTrainingSettings(
+    max_steps=4,
+    micro_batch_size=2,
+    gradient_accumulation_steps=2,
+    max_seq_len=192,
+    learning_rate=5e-3,
+    warmup_steps=1,
+    checkpoint_every_n_steps=2,
+    seed=5,
+    precision="bf16-mixed",
+    gradient_clip_norm=0.05,
+)
 RUNTIME = RuntimeSettings(device="cpu", wandb_mode="disabled")
 
 
@@ -35,9 +44,17 @@ def conversations():
 def train(store, tiny_model_dir, conversations, settings=GPU_RECIPE, **kwargs):
     train_rows, validation_rows = conversations
     return train_lora_adapter(
-        store=store, base_snapshot_dir=tiny_model_dir, base_model_sha256="base", dataset_sha256="data",
-        train_conversations=train_rows, validation_conversations=validation_rows, runtime=RUNTIME,
-        base_model_name="models/tiny-llama", settings=settings, **kwargs)
+        store=store,
+        base_snapshot_dir=tiny_model_dir,
+        base_model_sha256="base",
+        dataset_sha256="data",
+        train_conversations=train_rows,
+        validation_conversations=validation_rows,
+        runtime=RUNTIME,
+        base_model_name="models/tiny-llama",
+        settings=settings,
+        **kwargs,
+    )
 
 
 class RecipeProbe(L.Callback):
@@ -63,8 +80,9 @@ class RecipeProbe(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         grads = [p.grad for p in pl_module.model.parameters() if p.requires_grad and p.grad is not None]
         if grads and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
-            self.seen["clipped_norms"].append(float(torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(g.float()) for g in grads]))))
+            self.seen["clipped_norms"].append(
+                float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+            )
 
     def on_train_end(self, trainer, pl_module):
         self.hook.remove()
@@ -108,8 +126,9 @@ def test_the_gpu_recipe_trains_resumes_and_publishes_on_cpu(tmp_path, tiny_model
 def test_bf16_true_trains_everything_in_bf16(tmp_path, tiny_model_dir, conversations):
     probe = RecipeProbe()
     settings = LoraTrainingSettings(**{**GPU_RECIPE.__dict__, "precision": "bf16-true", "max_steps": 2})
-    result = train(ArtifactStore(tmp_path / "s"), tiny_model_dir, conversations, settings=settings,
-                   extra_callbacks=[probe])
+    result = train(
+        ArtifactStore(tmp_path / "s"), tiny_model_dir, conversations, settings=settings, extra_callbacks=[probe]
+    )
     assert probe.seen["frozen_dtypes"] == probe.seen["trainable_dtypes"] == {torch.bfloat16}
     assert result.precision == "bf16-true" and len(result.train_losses) == 2
     assert all(torch.isfinite(torch.tensor(result.train_losses)))
@@ -136,25 +155,38 @@ def test_an_optimizer_step_weighs_every_labelled_token_the_same_however_it_is_sp
     from pixtrain_dagster.core.training import _setup_model
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    replies = ["Fine.", "I do not know what to say about that, it has been a long and tiring month at work and home.",
-               "Maybe.", "It started when I moved to a new city and lost touch with almost everyone I knew before."]
-    conversations = [[{"role": "user", "content": "How are you?"}, {"role": "assistant", "content": r}]
-                     for r in replies]
+    replies = [
+        "Fine.",
+        "I do not know what to say about that, it has been a long and tiring month at work and home.",
+        "Maybe.",
+        "It started when I moved to a new city and lost touch with almost everyone I knew before.",
+    ]
+    conversations = [
+        [{"role": "user", "content": "How are you?"}, {"role": "assistant", "content": r}] for r in replies
+    ]
     rows = pack_rows(tokenize_conversations(tokenizer, conversations, 128).conversations, 128, pack=False)
     counts = sorted(row.loss_tokens for row in rows)
     assert counts[-1] >= 4 * counts[0]
 
     def gradients(micro_batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
-        settings = LoraTrainingSettings(max_steps=1, micro_batch_size=micro_batch_size,
-                                        gradient_accumulation_steps=accumulation, max_seq_len=128, lora_dropout=0.0,
-                                        precision="32-true", seed=3, pack_sequences=False)
+        settings = LoraTrainingSettings(
+            max_steps=1,
+            micro_batch_size=micro_batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_seq_len=128,
+            lora_dropout=0.0,
+            precision="32-true",
+            seed=3,
+            pack_sequences=False,
+        )
         torch.manual_seed(0)
         model, _ = _setup_model(tiny_model_dir, settings, "cpu", "32-true")
         for name, param in model.named_parameters():
             if "lora_B" in name:  # nonzero B, so lora_A gets gradients too
                 torch.nn.init.normal_(param, std=0.02)
-        batches = StepIndexedBatches(rows, micro_batch_size, settings.seed, tokenizer.pad_token_id,
-                                     accumulation=accumulation)
+        batches = StepIndexedBatches(
+            rows, micro_batch_size, settings.seed, tokenizer.pad_token_id, accumulation=accumulation
+        )
         module = LoraFineTuning(model, settings, batches, [])
         captured = {}
 
@@ -162,9 +194,18 @@ def test_an_optimizer_step_weighs_every_labelled_token_the_same_however_it_is_sp
             def on_before_optimizer_step(self, trainer, pl_module, optimizer):
                 captured.update({n: p.grad.clone() for n, p in pl_module.model.named_parameters() if p.requires_grad})
 
-        L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulation, logger=False,
-                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Capture()]).fit(module)
+        L.Trainer(
+            accelerator="cpu",
+            max_steps=1,
+            accumulate_grad_batches=accumulation,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            callbacks=[Capture()],
+        ).fit(module)
         return captured
 
     split, whole = gradients(1, 4), gradients(4, 1)
@@ -181,8 +222,9 @@ def test_chunked_loss_equals_the_whole_loss_in_value_and_gradient(tiny_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    rows = pack_rows(tokenize_conversations(tokenizer, load_conversations(SAMPLE_DATASET)[:6], 256).conversations,
-                     256, pack=True)
+    rows = pack_rows(
+        tokenize_conversations(tokenizer, load_conversations(SAMPLE_DATASET)[:6], 256).conversations, 256, pack=True
+    )
     batch = collate(rows, tokenizer.pad_token_id)
     results = []
     for chunk in (8, 100_000):
@@ -204,8 +246,9 @@ def test_padding_free_flat_batches_give_the_same_loss_as_padded_rows(tiny_model_
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
     model.config.use_cache = False
-    rows = pack_rows(tokenize_conversations(tokenizer, load_conversations(SAMPLE_DATASET)[:5], 256).conversations,
-                     256, pack=False)
+    rows = pack_rows(
+        tokenize_conversations(tokenizer, load_conversations(SAMPLE_DATASET)[:5], 256).conversations, 256, pack=False
+    )
     padded, flat = collate(rows, tokenizer.pad_token_id), collate(rows, tokenizer.pad_token_id, flatten=True)
     assert flat["input_ids"].shape == (1, padded["real_tokens"]) and padded["input_ids"].numel() > flat["real_tokens"]
     with torch.no_grad():
@@ -215,13 +258,25 @@ def test_padding_free_flat_batches_give_the_same_loss_as_padded_rows(tiny_model_
     torch.testing.assert_close(flat_loss, padded_loss, rtol=1e-5, atol=1e-4)
 
 
-def test_activation_checkpointing_and_all_linear_targets_train_the_same_numbers(tmp_path, tiny_model_dir,
-                                                                                conversations):
-    base = LoraTrainingSettings(**{**GPU_RECIPE.__dict__, "precision": "32-true", "max_steps": 2,
-                                   "lora_target_modules": ("all-linear",), "lora_dropout": 0.1})
+def test_activation_checkpointing_and_all_linear_targets_train_the_same_numbers(
+    tmp_path, tiny_model_dir, conversations
+):
+    base = LoraTrainingSettings(
+        **{
+            **GPU_RECIPE.__dict__,
+            "precision": "32-true",
+            "max_steps": 2,
+            "lora_target_modules": ("all-linear",),
+            "lora_dropout": 0.1,
+        }
+    )
     plain = train(ArtifactStore(tmp_path / "p"), tiny_model_dir, conversations, settings=base)
-    checkpointed = train(ArtifactStore(tmp_path / "c"), tiny_model_dir, conversations,
-                         settings=LoraTrainingSettings(**{**base.__dict__, "gradient_checkpointing": True}))
+    checkpointed = train(
+        ArtifactStore(tmp_path / "c"),
+        tiny_model_dir,
+        conversations,
+        settings=LoraTrainingSettings(**{**base.__dict__, "gradient_checkpointing": True}),
+    )
     assert checkpointed.fingerprint == plain.fingerprint  # memory for compute: same run identity
     assert checkpointed.train_losses == pytest.approx(plain.train_losses, abs=1e-6)
     weights = load_file(Path(plain.adapter.uri) / "adapter_model.safetensors")
@@ -234,16 +289,28 @@ def test_activation_checkpointing_and_all_linear_targets_train_the_same_numbers(
 def test_compiled_decoder_layers_train(tmp_path, tiny_model_dir, conversations):
     # aot_eager runs Dynamo's tracing and AOT autograd of the PEFT layers (where compilation breaks) without
     # Inductor's C++ code generation, which takes minutes on 2 CPU cores.
-    settings = LoraTrainingSettings(**{**GPU_RECIPE.__dict__, "precision": "32-true", "max_steps": 1,
-                                       "gradient_accumulation_steps": 1, "compile_model": True,
-                                       "compile_backend": "aot_eager"})
+    settings = LoraTrainingSettings(
+        **{
+            **GPU_RECIPE.__dict__,
+            "precision": "32-true",
+            "max_steps": 1,
+            "gradient_accumulation_steps": 1,
+            "compile_model": True,
+            "compile_backend": "aot_eager",
+        }
+    )
     compiled = train(ArtifactStore(tmp_path / "x"), tiny_model_dir, conversations, settings=settings)
-    eager = train(ArtifactStore(tmp_path / "e"), tiny_model_dir, conversations,
-                  settings=LoraTrainingSettings(**{**settings.__dict__, "compile_model": False}))
+    eager = train(
+        ArtifactStore(tmp_path / "e"),
+        tiny_model_dir,
+        conversations,
+        settings=LoraTrainingSettings(**{**settings.__dict__, "compile_model": False}),
+    )
     assert compiled.train_losses == pytest.approx(eager.train_losses, rel=1e-3)
     # In-place compilation keeps the parameter names, so the adapter is an ordinary PEFT adapter.
     assert set(load_file(Path(compiled.adapter.uri) / "adapter_model.safetensors")) == set(
-        load_file(Path(eager.adapter.uri) / "adapter_model.safetensors"))
+        load_file(Path(eager.adapter.uri) / "adapter_model.safetensors")
+    )
 
 
 def test_liger_kernel_and_unknown_settings_fail_clearly_on_cpu(tmp_path, tiny_model_dir, conversations):

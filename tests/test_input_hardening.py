@@ -17,15 +17,18 @@ def write(path, *lines: bytes):
     return path
 
 
-@pytest.mark.parametrize("bad_line, message", [
-    (b'{"messages": [], "n": ' + b"9" * 5000 + b"}", "line 2: refused an integer with 5000 digits"),
-    (b'{"messages": [], "n": -' + b"1" * 200 + b"}", "line 2: refused an integer"),
-    (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "line 2: JSON nested more than 64 levels"),
-    (b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "line 2: a string holds a lone UTF-16 surrogate"),
-    (b'{"messages": [{"role": "user", "content": "\\udfff"}]}', "line 2: a string holds a lone UTF-16 surrogate"),
-    (b'{"messages": [{"role": "user", "\\ud83d": "x"}]}', "line 2: a string holds a lone UTF-16 surrogate"),
-    (b"\xff\xfe", "line 2: not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        (b'{"messages": [], "n": ' + b"9" * 5000 + b"}", "line 2: refused an integer with 5000 digits"),
+        (b'{"messages": [], "n": -' + b"1" * 200 + b"}", "line 2: refused an integer"),
+        (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "line 2: JSON nested more than 64 levels"),
+        (b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "line 2: a string holds a lone UTF-16 surrogate"),
+        (b'{"messages": [{"role": "user", "content": "\\udfff"}]}', "line 2: a string holds a lone UTF-16 surrogate"),
+        (b'{"messages": [{"role": "user", "\\ud83d": "x"}]}', "line 2: a string holds a lone UTF-16 surrogate"),
+        (b"\xff\xfe", "line 2: not valid UTF-8"),
+    ],
+)
 def test_hostile_lines_name_file_and_line(tmp_path, bad_line, message):
     path = write(tmp_path / "batch.jsonl", GOOD.encode(), bad_line, GOOD.encode())
     with pytest.raises(DatasetError, match=f"batch.jsonl {message}"):
@@ -33,10 +36,10 @@ def test_hostile_lines_name_file_and_line(tmp_path, bad_line, message):
 
 
 def test_a_valid_surrogate_pair_is_text(tmp_path):
-    line = json.dumps({"messages": [{"role": "user", "content": "\U0001F600"}]})  # escaped as \ud83d\ude00
+    line = json.dumps({"messages": [{"role": "user", "content": "\U0001f600"}]})  # escaped as \ud83d\ude00
     assert "\\ud83d\\ude00" in line
     [record] = read_jsonl(write(tmp_path / "ok.jsonl", line.encode()))
-    assert record.messages[0]["content"] == "\U0001F600"
+    assert record.messages[0]["content"] == "\U0001f600"
 
 
 def test_line_over_the_byte_limit_stops_reading_there(tmp_path):
@@ -91,8 +94,9 @@ def test_symlink_inside_the_landing_location_is_accepted(tmp_path):
 
 
 def test_raw_snapshot_step_refuses_an_escaping_symlink(pipeline_env, tiny_model_dir, tmp_path):
-    from support import tiny_run_config
     from test_pipeline import _keys, run_job
+
+    from support import tiny_run_config
 
     outside = write(tmp_path / "other-tenant.jsonl", GOOD.encode())
     os.symlink(outside, pipeline_env["landing"] / "link.jsonl")

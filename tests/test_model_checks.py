@@ -16,8 +16,15 @@ from pixtrain_dagster.core.tokenization import IGNORE_INDEX, TokenizedConversati
 def tiny_config(kind: str):
     from transformers import CohereConfig, Gemma2Config, GraniteConfig
 
-    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128)
+    common = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     if kind == "gemma2":  # logit soft-capping (small cap so it bites on a random model)
         return Gemma2Config(**common, head_dim=8, final_logit_softcapping=0.5, attn_implementation="eager")
     if kind == "cohere":  # logits multiplied by logit_scale
@@ -27,9 +34,12 @@ def tiny_config(kind: str):
 
 def full_logits_loss(model, batch):
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits.float()
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
-                                            batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
-                                            reduction="sum")
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)),
+        batch["labels"][:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
 
 
 @pytest.mark.parametrize("kind", ["gemma2", "cohere", "granite"])
@@ -50,8 +60,9 @@ def test_the_loss_applies_the_models_own_output_transform(kind, monkeypatch):
         # Without the transform the loss path would train on different logits, and the load check refuses it.
         monkeypatch.setattr(loss_module, "output_transform", lambda config: None)
         assert not torch.allclose(summed_token_loss(model, batch)[0], full_logits_loss(model, batch), rtol=1e-3)
-        with pytest.raises(UnsupportedModelError, match=f"model type '{model.config.model_type}' transforms its "
-                                                        "logits"):
+        with pytest.raises(
+            UnsupportedModelError, match=f"model type '{model.config.model_type}' transforms its logits"
+        ):
             verify_loss_path(model)
 
 
@@ -114,13 +125,15 @@ def naive_first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[i
 def test_tree_packing_gives_exactly_the_rows_of_first_fit_decreasing():
     rng = random.Random(4)
     for capacity, count in ((64, 300), (512, 2000), (4096, 1000)):
-        lengths = [rng.randint(2, capacity) if rng.random() < 0.1 else rng.randint(2, capacity // 4)
-                   for _ in range(count)]
+        lengths = [
+            rng.randint(2, capacity) if rng.random() < 0.1 else rng.randint(2, capacity // 4) for _ in range(count)
+        ]
         conversations = [TokenizedConversation(list(range(n)), [IGNORE_INDEX] + [1] * (n - 1)) for n in lengths]
         index_of = {id(c): i for i, c in enumerate(conversations)}
         packed = pack_rows(conversations, capacity, pack=True)
-        assert [[index_of[id(s)] for s in row.segments] for row in packed] == \
-            naive_first_fit_decreasing(lengths, capacity)
+        assert [[index_of[id(s)] for s in row.segments] for row in packed] == naive_first_fit_decreasing(
+            lengths, capacity
+        )
         assert all(row.length <= capacity for row in packed)
 
 

@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from fake_kube import FakeCluster
+
 from pixtrain_dagster.core.artifacts import ArtifactStore
 from pixtrain_dagster.trainjob import KubeApis
+
+from fake_kube import FakeCluster
 
 REPO = Path(__file__).parent.parent
 
@@ -36,11 +38,24 @@ class TrainerController:
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
             for rank in range(nodes):
-                env = {**os.environ, "PET_NNODES": str(nodes), "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": str(rank),
-                       "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-                self.processes.append(subprocess.Popen(
-                    [sys.executable, "-m", "torch.distributed.run", *command[1:]], env=env, cwd=REPO,
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                env = {
+                    **os.environ,
+                    "PET_NNODES": str(nodes),
+                    "PET_NPROC_PER_NODE": "1",
+                    "PET_NODE_RANK": str(rank),
+                    "PET_MASTER_ADDR": "127.0.0.1",
+                    "PET_MASTER_PORT": str(port),
+                    "OMP_NUM_THREADS": "1",
+                }
+                self.processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "torch.distributed.run", *command[1:]],
+                        env=env,
+                        cwd=REPO,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
                 cluster.add_pod(f"{name}-node-0-{rank}", name, rank, "Running")
             cluster.logs[f"{name}-node-0-0"] = ["2026-12-03T09:00:00Z rank 0 started"]
             return

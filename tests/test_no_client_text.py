@@ -5,10 +5,11 @@ import re
 
 from dagster import DagsterInstance
 from dagster._serdes import serialize_value
+from test_pipeline import _keys, run_job
+
+from pixtrain_dagster.core.artifacts import ArtifactStore
 
 from support import tiny_run_config
-from test_pipeline import _keys, run_job
-from pixtrain_dagster.core.artifacts import ArtifactStore
 
 
 def _sentences(conversations):
@@ -24,20 +25,35 @@ def _sentences(conversations):
 
 def _forms(sentence):
     """The sentence as plain UTF-8 and as JSON escapes it (event logs store serialised JSON)."""
-    return {sentence.encode(), json.dumps(sentence)[1:-1].encode(), json.dumps(sentence, ensure_ascii=False)[1:-1].encode()}
+    return {
+        sentence.encode(),
+        json.dumps(sentence)[1:-1].encode(),
+        json.dumps(sentence, ensure_ascii=False)[1:-1].encode(),
+    }
 
 
 def test_validation_text_only_in_the_evaluation_artifact(pipeline_env, tiny_model_dir):
     config = tiny_run_config(tiny_model_dir)
     config["ops"]["adapter_evaluation"]["config"]["sample_replies"] = 3
     # Every step up to the one that handles validation text (the bias report and promotion read none of it).
-    result = run_job(config, selection=_keys("base_model", "raw_conversations", "training_dataset", "lora_adapter",
-                                             "training_checkpoints", "adapter_evaluation"))
+    result = run_job(
+        config,
+        selection=_keys(
+            "base_model",
+            "raw_conversations",
+            "training_dataset",
+            "lora_adapter",
+            "training_checkpoints",
+            "adapter_evaluation",
+        ),
+    )
     assert result.success
     store = ArtifactStore(pipeline_env["artifact_root"])
     dataset = store.get_json("dagster/assets/training_dataset.json")
-    validation = [json.loads(line)["messages"]
-                  for line in (store.local_path(dataset["key"]) / "validation.jsonl").read_text().splitlines()]
+    validation = [
+        json.loads(line)["messages"]
+        for line in (store.local_path(dataset["key"]) / "validation.jsonl").read_text().splitlines()
+    ]
     sentences = _sentences(validation)
     assert len(sentences) >= 10
 
@@ -55,6 +71,10 @@ def test_validation_text_only_in_the_evaluation_artifact(pipeline_env, tiny_mode
                 places[str(path)] = path.read_bytes()
     assert any(p.endswith("pixtrain_metadata.sqlite") for p in places)
     assert any(p.startswith(str(pipeline_env["wandb_dir"])) for p in places)
-    leaks = [(place, index) for place, data in places.items() for index, sentence in enumerate(sentences)
-             if any(form in data for form in _forms(sentence))]
+    leaks = [
+        (place, index)
+        for place, data in places.items()
+        for index, sentence in enumerate(sentences)
+        if any(form in data for form in _forms(sentence))
+    ]
     assert leaks == [], f"validation sentences (by index) found in {sorted({p for p, _ in leaks})}"

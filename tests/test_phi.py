@@ -4,12 +4,13 @@ import json
 
 import pytest
 
-from support import SAMPLE_DATASET
+from pixtrain_dagster.core import phi
 from pixtrain_dagster.core.conversations import residual_phi
 from pixtrain_dagster.core.phi import PUBLIC_SERVICE_NUMBERS, scrub_text
 from pixtrain_dagster.core.phi_check import find_residual_phi
 from pixtrain_dagster.core.phi_eval import NAME_KINDS, load_eval_set, score
-from pixtrain_dagster.core import phi
+
+from support import SAMPLE_DATASET
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +21,36 @@ def rows():
 def test_eval_set_is_big_enough_and_covers_every_kind(rows):
     kinds = {item["kind"] for row in rows for item in row["phi"]}
     assert sum(bool(r["phi"]) for r in rows) >= 200 and sum(not r["phi"] for r in rows) >= 60
-    assert kinds >= {"NAME", "ADDRESS", "CITY", "ZIP", "DATE", "AGE", "PHONE", "EMAIL", "SSN", "MRN", "HEALTH_PLAN",
-                     "ACCOUNT", "CARD", "LICENSE", "VEHICLE", "DEVICE", "URL", "IP", "ID"}
+    assert kinds >= {
+        "NAME",
+        "ADDRESS",
+        "CITY",
+        "ZIP",
+        "DATE",
+        "AGE",
+        "PHONE",
+        "EMAIL",
+        "SSN",
+        "MRN",
+        "HEALTH_PLAN",
+        "ACCOUNT",
+        "CARD",
+        "LICENSE",
+        "VEHICLE",
+        "DEVICE",
+        "URL",
+        "IP",
+        "ID",
+    }
 
 
 def test_scrubber_meets_the_recall_and_false_positive_targets(rows):
     result = score(lambda text: [(f.start, f.end) for f in phi.detect(text)], rows)
-    below = {kind: round(result.recall(kind), 3) for kind in result.total
-             if result.recall(kind) < (0.90 if kind in NAME_KINDS else 0.98)}
+    below = {
+        kind: round(result.recall(kind), 3)
+        for kind in result.total
+        if result.recall(kind) < (0.90 if kind in NAME_KINDS else 0.98)
+    }
     assert not below, f"recall below target: {below}; misses at eval-set lines {result.misses}"
     assert result.false_positive_rate <= 0.03, result.false_positive_lines
 
@@ -43,10 +66,17 @@ def test_scrubbed_text_keeps_no_identifier_and_clean_text_is_unchanged(rows):
     assert scrub_text("[NAME] called me on [DATE].").text == "[NAME] called me on [DATE]."  # idempotent
 
 
-@pytest.mark.parametrize("text", [
-    "If it gets bad, call or text 988.", "Call 911 now.", "The lifeline is 1-800-273-8255.",
-    "Text HOME to 741741.", "SAMHSA is 1-800-662-4357.", "The hotline: (800) 799-7233.",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "If it gets bad, call or text 988.",
+        "Call 911 now.",
+        "The lifeline is 1-800-273-8255.",
+        "Text HOME to 741741.",
+        "SAMHSA is 1-800-662-4357.",
+        "The hotline: (800) 799-7233.",
+    ],
+)
 def test_public_service_numbers_are_kept(text):
     assert scrub_text(text).text == text
     assert find_residual_phi(text) == []
@@ -75,8 +105,12 @@ def test_checker_is_independent_and_catches_what_the_scrubber_would_miss(rows):
     assert sum(result.found.values()) / sum(result.total.values()) >= 0.7
     assert result.false_positive_rate == 0
     # ...and it flags leaks that went past a scrubber, reporting kinds and counts only.
-    leaked = [[{"role": "user", "content": "my SSN is 123-45-6789"},
-               {"role": "assistant", "content": "call Dr. Feldman at 555-201-3344"}]]
+    leaked = [
+        [
+            {"role": "user", "content": "my SSN is 123-45-6789"},
+            {"role": "assistant", "content": "call Dr. Feldman at 555-201-3344"},
+        ]
+    ]
     hits = residual_phi(leaked)
     assert hits["SSN"] == 1 and hits["NAME"] == 1 and hits["PHONE"] >= 1
     assert not any("123" in str(v) for v in hits.values())

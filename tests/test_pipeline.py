@@ -13,11 +13,20 @@ from dagster._serdes import serialize_value
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from support import REPO_ROOT, materialized_metadata, run_job, tiny_run_config
 from pixtrain_dagster.core.artifacts import ArtifactStore
 
-ALL_KEYS = {"base_model", "raw_conversations", "training_dataset", "lora_adapter", "training_checkpoints",
-            "adapter_evaluation", "bias_report", "promoted_adapter"}
+from support import REPO_ROOT, materialized_metadata, run_job, tiny_run_config
+
+ALL_KEYS = {
+    "base_model",
+    "raw_conversations",
+    "training_dataset",
+    "lora_adapter",
+    "training_checkpoints",
+    "adapter_evaluation",
+    "bias_report",
+    "promoted_adapter",
+}
 
 
 SECRET = "hf_do-not-leak-1f9a2b7c"
@@ -30,8 +39,13 @@ def test_whole_graph_materialises_in_process(pipeline_env, tiny_model_dir, monke
     keys = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert keys == ALL_KEYS
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
-    assert checks == {"schema_valid": True, "no_phi_left": True, "enough_rows": True, "training_sanity": True,
-                      "bias_gate": True}
+    assert checks == {
+        "schema_valid": True,
+        "no_phi_left": True,
+        "enough_rows": True,
+        "training_sanity": True,
+        "bias_gate": True,
+    }
 
     dataset = materialized_metadata(result, "training_dataset")
     assert dataset["duplicates_dropped"] == 3 and dataset["records_with_phi"] == 79  # personas name the client
@@ -65,10 +79,10 @@ def test_resume_through_dagster_after_a_crash(pipeline_env, tiny_model_dir):
     """A training step killed mid-run; re-materialising continues from its newest checkpoint."""
     from test_training import CrashAfterStep
 
+    from pixtrain_dagster.assets.training import LoraTrainingConfig
     from pixtrain_dagster.core.conversations import load_conversations
     from pixtrain_dagster.core.settings import RuntimeSettings
     from pixtrain_dagster.core.training import train_lora_adapter
-    from pixtrain_dagster.assets.training import LoraTrainingConfig
 
     config = tiny_run_config(tiny_model_dir, max_steps=6)
     assert run_job(config, selection=_keys("base_model", "raw_conversations", "training_dataset")).success
@@ -79,11 +93,15 @@ def test_resume_through_dagster_after_a_crash(pipeline_env, tiny_model_dir):
     # The same work the training step does, killed after step 3 (checkpoints every 2 steps).
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_lora_adapter(
-            store=store, base_snapshot_dir=store.local_path(base["key"]), base_model_sha256=base["sha256"],
-            dataset_sha256=dataset["sha256"], train_conversations=load_conversations(data_dir / "train.jsonl"),
+            store=store,
+            base_snapshot_dir=store.local_path(base["key"]),
+            base_model_sha256=base["sha256"],
+            dataset_sha256=dataset["sha256"],
+            train_conversations=load_conversations(data_dir / "train.jsonl"),
             validation_conversations=load_conversations(data_dir / "validation.jsonl"),
             settings=LoraTrainingConfig(**config["ops"]["lora_training"]["config"]).to_settings(),
-            runtime=RuntimeSettings(device="cpu", wandb_mode="disabled"), extra_callbacks=[CrashAfterStep(3)],
+            runtime=RuntimeSettings(device="cpu", wandb_mode="disabled"),
+            extra_callbacks=[CrashAfterStep(3)],
         )
     result = run_job(config, selection=_keys("lora_adapter", "training_checkpoints"))
     metadata = materialized_metadata(result, "lora_adapter")
@@ -91,7 +109,9 @@ def test_resume_through_dagster_after_a_crash(pipeline_env, tiny_model_dir):
     # The training record links the resumed run to the checkpoint it continued from.
     from pixtrain_dagster.metadata import TrainingMetadataStore
 
-    records = TrainingMetadataStore.from_url(None, sqlite_path=pipeline_env["dagster_home"] / "pixtrain_metadata.sqlite")
+    records = TrainingMetadataStore.from_url(
+        None, sqlite_path=pipeline_env["dagster_home"] / "pixtrain_metadata.sqlite"
+    )
     [lineage] = records.lineage(metadata["sha256"])
     [resumed] = [e for e in lineage["audit_events"] if e["event"] == "training_resumed"]
     assert resumed["artifact_uri"].endswith("step-000002") and resumed["details"]["from_step"] == 2
@@ -122,9 +142,21 @@ def test_cli_materialises_the_graph(pipeline_env, tiny_model_dir, tmp_path):
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, max_steps=2)))
     completed = subprocess.run(
-        [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "pixtrain_dagster.definitions",
-         "--select", "*", "-c", str(config_file)],
-        cwd=REPO_ROOT, env={**os.environ, "PIXTRAIN_EXECUTOR": "in_process"}, capture_output=True, text=True,
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "asset",
+            "materialize",
+            "-m",
+            "pixtrain_dagster.definitions",
+            "--select",
+            "*",
+            "-c",
+            str(config_file),
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PIXTRAIN_EXECUTOR": "in_process"},
+        capture_output=True,
+        text=True,
         timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]

@@ -78,7 +78,7 @@ def disk_full_at(fail_at: int | None, monkeypatch):
 def _write_artifact(folder: Path, version: str) -> None:
     (folder / "weights").mkdir(parents=True, exist_ok=True)
     (folder / "weights" / "adapter.bin").write_bytes(version.encode() * 4096)
-    (folder / "config.json").write_text('{"version": "%s"}' % version)
+    (folder / "config.json").write_text(f'{{"version": "{version}"}}')
     (folder / "README.md").write_text(f"model card {version}\n")
 
 

@@ -25,16 +25,31 @@ from pixtrain_dagster.core.training import train_lora_adapter
 
 from support import REPO_ROOT, SAMPLE_DATASET, tiny_run_config
 
-SETTINGS = LoraTrainingSettings(max_steps=6, micro_batch_size=2, gradient_accumulation_steps=1, max_seq_len=160,
-                                learning_rate=5e-3, warmup_steps=1, checkpoint_every_n_steps=2, seed=5)
+SETTINGS = LoraTrainingSettings(
+    max_steps=6,
+    micro_batch_size=2,
+    gradient_accumulation_steps=1,
+    max_seq_len=160,
+    learning_rate=5e-3,
+    warmup_steps=1,
+    checkpoint_every_n_steps=2,
+    seed=5,
+)
 
 
 def _train(store, tiny_model_dir, **kwargs):
     rows = load_conversations(SAMPLE_DATASET)
     return train_lora_adapter(
-        store=store, base_snapshot_dir=tiny_model_dir, base_model_sha256="base", dataset_sha256="data",
-        train_conversations=rows[:24], validation_conversations=rows[24:28], settings=SETTINGS,
-        runtime=RuntimeSettings(device="cpu", wandb_mode="disabled"), base_model_name="models/tiny", **kwargs,
+        store=store,
+        base_snapshot_dir=tiny_model_dir,
+        base_model_sha256="base",
+        dataset_sha256="data",
+        train_conversations=rows[:24],
+        validation_conversations=rows[24:28],
+        settings=SETTINGS,
+        runtime=RuntimeSettings(device="cpu", wandb_mode="disabled"),
+        base_model_name="models/tiny",
+        **kwargs,
     )
 
 
@@ -49,7 +64,10 @@ def test_damaged_newest_checkpoint_is_skipped_and_training_resumes_from_the_prev
     reference = _train(store, tiny_model_dir)
     fingerprint = reference.fingerprint
     assert [Path(k).name for k in checkpoint_candidates(store, fingerprint)] == [
-        "step-000006", "step-000004", "step-000002"]
+        "step-000006",
+        "step-000004",
+        "step-000002",
+    ]
 
     # A flipped byte in the newest checkpoint: its manifest still says "complete", its sha256 does not match.
     _flip_a_byte(Path(store.uri(f"checkpoints/{fingerprint}/step-000006")) / "checkpoint.ckpt")
@@ -83,8 +101,10 @@ def _materialize_upstream(tiny_model_dir, config):
 
     job = build_definitions().resolve_implicit_global_asset_job_def()
     result = job.execute_in_process(
-        run_config=config, instance=DagsterInstance.get(),
-        asset_selection=[AssetKey(n) for n in ("base_model", "raw_conversations", "training_dataset")])
+        run_config=config,
+        instance=DagsterInstance.get(),
+        asset_selection=[AssetKey(n) for n in ("base_model", "raw_conversations", "training_dataset")],
+    )
     assert result.success
 
 
@@ -101,12 +121,29 @@ def test_sigkilled_training_step_is_retried_by_dagster_and_ends_byte_identical(p
     _materialize_upstream(tiny_model_dir, config)
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(_training_only(config)))
-    env = {**os.environ, "PIXTRAIN_EXECUTOR": "multiprocess", KILL_AFTER_CHECKPOINT_ENV: "2",
-           "PIXTRAIN_STEP_RETRY_DELAY_S": "0"}
+    env = {
+        **os.environ,
+        "PIXTRAIN_EXECUTOR": "multiprocess",
+        KILL_AFTER_CHECKPOINT_ENV: "2",
+        "PIXTRAIN_STEP_RETRY_DELAY_S": "0",
+    }
     completed = subprocess.run(
-        [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "pixtrain_dagster.definitions",
-         "--select", "lora_adapter,training_checkpoints", "-c", str(config_file)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "asset",
+            "materialize",
+            "-m",
+            "pixtrain_dagster.definitions",
+            "--select",
+            "lora_adapter,training_checkpoints",
+            "-c",
+            str(config_file),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
 
@@ -116,9 +153,13 @@ def test_sigkilled_training_step_is_retried_by_dagster_and_ends_byte_identical(p
     kinds = [e.dagster_event.event_type for e in events if e.dagster_event]
     assert kinds.count(DagsterEventType.STEP_START) == 1 and kinds.count(DagsterEventType.STEP_RESTARTED) == 1
     assert kinds.count(DagsterEventType.STEP_UP_FOR_RETRY) == 1 and DagsterEventType.STEP_FAILURE not in kinds
-    crash = [e.dagster_event.message for e in events
-             if e.dagster_event and e.dagster_event.event_type == DagsterEventType.ENGINE_EVENT
-             and "child process for step lora_training" in (e.dagster_event.message or "")]
+    crash = [
+        e.dagster_event.message
+        for e in events
+        if e.dagster_event
+        and e.dagster_event.event_type == DagsterEventType.ENGINE_EVENT
+        and "child process for step lora_training" in (e.dagster_event.message or "")
+    ]
     assert len(crash) == 1 and "terminated by signal 9 (SIGKILL)" in crash[0], crash
     materialization = instance.get_latest_materialization_event(AssetKey("lora_adapter")).asset_materialization
     metadata = {k: v.value for k, v in materialization.metadata.items()}
@@ -133,8 +174,11 @@ def test_sigkilled_training_step_is_retried_by_dagster_and_ends_byte_identical(p
     fresh = _training_only(config)
     fresh["ops"]["lora_training"]["config"]["resume"] = False
     job = build_definitions().resolve_implicit_global_asset_job_def()
-    result = job.execute_in_process(run_config=fresh, instance=instance,
-                                    asset_selection=[AssetKey("lora_adapter"), AssetKey("training_checkpoints")])
+    result = job.execute_in_process(
+        run_config=fresh,
+        instance=instance,
+        asset_selection=[AssetKey("lora_adapter"), AssetKey("training_checkpoints")],
+    )
     [event] = [e for e in result.get_asset_materialization_events() if e.asset_key == AssetKey("lora_adapter")]
     uninterrupted = {k: v.value for k, v in event.materialization.metadata.items()}
     assert (uninterrupted["resumed_from_step"], uninterrupted["steps_this_run"]) == (0, 4)
@@ -144,7 +188,9 @@ def test_sigkilled_training_step_is_retried_by_dagster_and_ends_byte_identical(p
     # The training record: the killed attempt and its retry are one training run, resumed from step 2.
     from pixtrain_dagster.metadata import TrainingMetadataStore
 
-    records = TrainingMetadataStore.from_url(None, sqlite_path=pipeline_env["dagster_home"] / "pixtrain_metadata.sqlite")
+    records = TrainingMetadataStore.from_url(
+        None, sqlite_path=pipeline_env["dagster_home"] / "pixtrain_metadata.sqlite"
+    )
     lineage = [row for row in records.lineage(metadata["sha256"]) if row["dagster_run_id"] == run.dagster_run.run_id]
     [row] = lineage
     started = [e for e in row["audit_events"] if e["event"] == "training_run_started"]
@@ -158,8 +204,11 @@ def test_sigkilled_training_step_is_retried_by_dagster_and_ends_byte_identical(p
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF
     newest.write_bytes(bytes(data))
-    result = job.execute_in_process(run_config=_training_only(config), instance=instance,
-                                    asset_selection=[AssetKey("lora_adapter"), AssetKey("training_checkpoints")])
+    result = job.execute_in_process(
+        run_config=_training_only(config),
+        instance=instance,
+        asset_selection=[AssetKey("lora_adapter"), AssetKey("training_checkpoints")],
+    )
     [event] = [e for e in result.get_asset_materialization_events() if e.asset_key == AssetKey("lora_adapter")]
     again = {k: v.value for k, v in event.materialization.metadata.items()}
     assert (again["resumed_from_step"], again["sha256"]) == (2, metadata["sha256"])
@@ -175,9 +224,12 @@ def test_config_error_fails_once_without_retries(pipeline_env, tiny_model_dir):
     from pixtrain_dagster.definitions import build_definitions
 
     job = build_definitions().resolve_implicit_global_asset_job_def()
-    result = job.execute_in_process(run_config=_training_only(config), instance=DagsterInstance.get(),
-                                    asset_selection=[AssetKey("lora_adapter"), AssetKey("training_checkpoints")],
-                                    raise_on_error=False)
+    result = job.execute_in_process(
+        run_config=_training_only(config),
+        instance=DagsterInstance.get(),
+        asset_selection=[AssetKey("lora_adapter"), AssetKey("training_checkpoints")],
+        raise_on_error=False,
+    )
     assert not result.success
     kinds = [e.event_type for e in result.all_events]
     assert kinds.count(DagsterEventType.STEP_START) == 1 and DagsterEventType.STEP_UP_FOR_RETRY not in kinds
@@ -195,8 +247,11 @@ def test_a_failed_blocking_gate_is_not_retried(tmp_path, monkeypatch):
     monkeypatch.setenv("PIXTRAIN_STEP_RETRY_DELAY_S", "0")
     attempts = []
 
-    @asset(pool=GPU_POOL, retry_policy=gpu_step_retry_policy(),
-           check_specs=[AssetCheckSpec("gate", asset="gated", blocking=True)])
+    @asset(
+        pool=GPU_POOL,
+        retry_policy=gpu_step_retry_policy(),
+        check_specs=[AssetCheckSpec("gate", asset="gated", blocking=True)],
+    )
     def gated():
         attempts.append(1)
         yield Output(1)

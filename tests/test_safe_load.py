@@ -6,11 +6,12 @@ import pickle
 import pytest
 import torch
 
-from support import SAMPLE_DATASET
 from pixtrain_dagster.core.artifacts import ArtifactStore
 from pixtrain_dagster.core.conversations import load_conversations
 from pixtrain_dagster.core.safe_load import UnsafeCheckpointError, load_checkpoint_safely
 from pixtrain_dagster.core.settings import LoraTrainingSettings, RuntimeSettings
+
+from support import SAMPLE_DATASET
 
 
 class _Exploit:
@@ -46,12 +47,27 @@ def test_real_lightning_checkpoint_from_tiny_training_loads(tmp_path, tiny_model
 
     rows = load_conversations(SAMPLE_DATASET)
     store = ArtifactStore(tmp_path / "store")
-    settings = LoraTrainingSettings(max_steps=2, micro_batch_size=2, gradient_accumulation_steps=1, max_seq_len=256,
-                                    learning_rate=5e-3, warmup_steps=1, checkpoint_every_n_steps=2, seed=11)
-    train_lora_adapter(store=store, base_snapshot_dir=tiny_model_dir, base_model_sha256="b", dataset_sha256="d",
-                       train_conversations=rows[:10], validation_conversations=rows[10:12],
-                       runtime=RuntimeSettings(device="cpu", wandb_mode="disabled"), settings=settings,
-                       base_model_name="models/tiny-llama")
+    settings = LoraTrainingSettings(
+        max_steps=2,
+        micro_batch_size=2,
+        gradient_accumulation_steps=1,
+        max_seq_len=256,
+        learning_rate=5e-3,
+        warmup_steps=1,
+        checkpoint_every_n_steps=2,
+        seed=11,
+    )
+    train_lora_adapter(
+        store=store,
+        base_snapshot_dir=tiny_model_dir,
+        base_model_sha256="b",
+        dataset_sha256="d",
+        train_conversations=rows[:10],
+        validation_conversations=rows[10:12],
+        runtime=RuntimeSettings(device="cpu", wandb_mode="disabled"),
+        settings=settings,
+        base_model_name="models/tiny-llama",
+    )
     [checkpoint] = list((tmp_path / "store").rglob("checkpoint.ckpt"))
     state = load_checkpoint_safely(checkpoint)
     assert state["global_step"] == 2 and state["pixtrain"]["input_tokens"] > 0

@@ -16,15 +16,17 @@ from dagster import (
     build_sensor_context,
 )
 
-from support import SAMPLE_DATASET, tiny_run_config
 from pixtrain_dagster.resources import ArtifactStoreResource
+
+from support import SAMPLE_DATASET, tiny_run_config
 
 
 def evaluate(cursor, instance):
     from pixtrain_dagster.sensors import new_training_data
 
-    context = build_sensor_context(cursor=cursor, instance=instance,
-                                   resources={"artifact_store": ArtifactStoreResource.from_env()})
+    context = build_sensor_context(
+        cursor=cursor, instance=instance, resources={"artifact_store": ArtifactStoreResource.from_env()}
+    )
     result = new_training_data(context)
     return result, context.cursor
 
@@ -66,8 +68,9 @@ def test_new_changed_and_unchanged_files(pipeline_env):
 
 
 def test_run_key_is_the_dataset_version_raw_conversations_records(pipeline_env, tiny_model_dir):
-    from support import materialized_metadata, run_job
     from test_pipeline import _keys
+
+    from support import materialized_metadata, run_job
 
     request, _ = evaluate(None, DagsterInstance.ephemeral())
     result = run_job(tiny_run_config(tiny_model_dir), selection=_keys("raw_conversations"))
@@ -89,7 +92,7 @@ class _Webhook(BaseHTTPRequestHandler):
 
 
 def test_failure_alert_names_the_run_and_the_failed_check(pipeline_env, tiny_model_dir, monkeypatch, caplog):
-    from test_pipeline import run_job, _keys
+    from test_pipeline import _keys, run_job
 
     from pixtrain_dagster.sensors import alert_on_failure
 
@@ -98,14 +101,18 @@ def test_failure_alert_names_the_run_and_the_failed_check(pipeline_env, tiny_mod
     monkeypatch.setenv("PIXTRAIN_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{server.server_port}/hook")
     config = tiny_run_config(tiny_model_dir)
     config["ops"]["training_dataset"] = {"config": {"min_train_records": 10_000}}  # enough_rows must fail
-    result = run_job(config, selection=_keys("raw_conversations", "training_dataset", "lora_adapter",
-                                             "training_checkpoints"), raise_on_error=False)
+    result = run_job(
+        config,
+        selection=_keys("raw_conversations", "training_dataset", "lora_adapter", "training_checkpoints"),
+        raise_on_error=False,
+    )
     assert not result.success
     instance = DagsterInstance.get()
     run = instance.get_run_by_id(result.run_id)
     [failure] = [e.dagster_event for e in instance.all_logs(result.run_id, of_type=DagsterEventType.RUN_FAILURE)]
-    context = build_run_status_sensor_context(sensor_name="alert_on_failure", dagster_event=failure,
-                                              dagster_instance=instance, dagster_run=run).for_run_failure()
+    context = build_run_status_sensor_context(
+        sensor_name="alert_on_failure", dagster_event=failure, dagster_instance=instance, dagster_run=run
+    ).for_run_failure()
     with caplog.at_level(logging.ERROR, logger="pixtrain_dagster.sensors"):
         alert_on_failure(context)
     server.shutdown()

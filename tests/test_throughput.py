@@ -13,11 +13,23 @@ from pixtrain_dagster.core.throughput import (
 )
 
 # tests/tiny_model.py's shape
-TINY = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
-        "num_hidden_layers": 2, "vocab_size": 512}
+TINY = {
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "vocab_size": 512,
+}
 # SmolLM2-135M
-SMOLLM2 = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536,
-           "num_hidden_layers": 30, "vocab_size": 49152}
+SMOLLM2 = {
+    "hidden_size": 576,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "vocab_size": 49152,
+}
 
 
 def test_linear_parameters_by_hand():

@@ -17,8 +17,16 @@ from pixtrain_dagster.core.training import train_lora_adapter
 
 from support import SAMPLE_DATASET
 
-SETTINGS = LoraTrainingSettings(max_steps=6, micro_batch_size=2, gradient_accumulation_steps=2, max_seq_len=192,
-                                learning_rate=5e-3, warmup_steps=1, checkpoint_every_n_steps=2, seed=11)
+SETTINGS = LoraTrainingSettings(
+    max_steps=6,
+    micro_batch_size=2,
+    gradient_accumulation_steps=2,
+    max_seq_len=192,
+    learning_rate=5e-3,
+    warmup_steps=1,
+    checkpoint_every_n_steps=2,
+    seed=11,
+)
 RUNTIME = RuntimeSettings(device="cpu", wandb_mode="disabled")
 
 
@@ -42,8 +50,13 @@ def conversations():
 def train(store, tiny_model_dir, conversations, **kwargs):
     train_rows, validation_rows = conversations
     return train_lora_adapter(
-        store=store, base_snapshot_dir=tiny_model_dir, base_model_sha256="base", dataset_sha256="data",
-        train_conversations=train_rows, validation_conversations=validation_rows, runtime=RUNTIME,
+        store=store,
+        base_snapshot_dir=tiny_model_dir,
+        base_model_sha256="base",
+        dataset_sha256="data",
+        train_conversations=train_rows,
+        validation_conversations=validation_rows,
+        runtime=RUNTIME,
         base_model_name="models/tiny-llama",
         **{"settings": SETTINGS, **kwargs},
     )
@@ -60,7 +73,9 @@ def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(tmp_path, tin
     assert result.trainable_parameters > 0 and result.tokens_per_second > 0
     assert [Path(c.uri).name for c in result.checkpoints] == ["step-000002", "step-000004", "step-000006"]
     adapter_dir = Path(result.adapter.uri)
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in adapter_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {
+        p.name for p in adapter_dir.iterdir()
+    }
 
     # Rebuild the trained model independently: base weights + the newest checkpoint's LoRA weights.
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -84,7 +99,8 @@ def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(tmp_path, tin
 
 
 def test_crashed_run_resumes_from_its_last_checkpoint_and_ends_like_an_uninterrupted_run(
-        tmp_path, tiny_model_dir, conversations):
+    tmp_path, tiny_model_dir, conversations
+):
     uninterrupted = train(ArtifactStore(tmp_path / "a"), tiny_model_dir, conversations)
 
     store = ArtifactStore(tmp_path / "b")
@@ -113,8 +129,9 @@ def test_crashed_run_resumes_from_its_last_checkpoint_and_ends_like_an_uninterru
 def test_changing_a_setting_starts_a_new_run(tmp_path, tiny_model_dir, conversations):
     store = ArtifactStore(tmp_path / "c")
     first = train(store, tiny_model_dir, conversations, settings=SETTINGS)
-    other = train(store, tiny_model_dir, conversations,
-                  settings=LoraTrainingSettings(**{**SETTINGS.__dict__, "lora_r": 4}))
+    other = train(
+        store, tiny_model_dir, conversations, settings=LoraTrainingSettings(**{**SETTINGS.__dict__, "lora_r": 4})
+    )
     assert other.fingerprint != first.fingerprint and other.resumed_from_step == 0
 
 

@@ -47,16 +47,21 @@ class Recorder:
 @pytest.fixture
 def manifest():
     settings = ExecutionSettings.from_env({})
-    return build_trainjob(name=trainjob_name("4f0c2a9e-run", "lora_training"), request_uri="/data/artifacts/r.json",
-                          num_nodes=2, gpus_per_node=8, image="registry.example.com/pixtrain:1", settings=settings)
+    return build_trainjob(
+        name=trainjob_name("4f0c2a9e-run", "lora_training"),
+        request_uri="/data/artifacts/r.json",
+        num_nodes=2,
+        gpus_per_node=8,
+        image="registry.example.com/pixtrain:1",
+        settings=settings,
+    )
 
 
 def launch(cluster: FakeCluster, manifest, **kwargs):
     sleeps: list[float] = []
     log = Recorder()
     kwargs.setdefault("retry", Backoff(max_attempts=4, initial_delay_s=1, max_delay_s=4))
-    outcome = run_trainjob(KubeApis(cluster, cluster), manifest, NS, log, poll_seconds=5, sleep=sleeps.append,
-                           **kwargs)
+    outcome = run_trainjob(KubeApis(cluster, cluster), manifest, NS, log, poll_seconds=5, sleep=sleeps.append, **kwargs)
     return outcome, log, sleeps
 
 
@@ -71,8 +76,10 @@ def test_created_running_succeeded_streams_rank0_logs_once_and_keeps_the_trainjo
         if poll == 3:
             for pod in c.pods.values():
                 pod["status"]["phase"] = "Running"
-            c.logs[f"{name}-node-0-0-abcde"] = ["2026-12-03T09:00:00.1Z step 1 loss 2.5",
-                                                "2026-12-03T09:00:00.12Z step 2 loss 2.4"]
+            c.logs[f"{name}-node-0-0-abcde"] = [
+                "2026-12-03T09:00:00.1Z step 1 loss 2.5",
+                "2026-12-03T09:00:00.12Z step 2 loss 2.4",
+            ]
             c.logs[f"{name}-node-0-1-fghij"] = ["2026-12-03T09:00:00.1Z rank 1 says hi"]
         if poll == 4:  # the next read overlaps the previous one: nothing may be repeated
             c.logs[f"{name}-node-0-0-abcde"].append("2026-12-03T09:00:01Z step 3 loss 2.3")
@@ -88,8 +95,12 @@ def test_created_running_succeeded_streams_rank0_logs_once_and_keeps_the_trainjo
     assert outcome.phase is Phase.SUCCEEDED
     assert outcome.transitions == [Phase.CREATED, Phase.PENDING, Phase.RUNNING, Phase.SUCCEEDED]
     streamed = [m for lvl, m in log.records if m.startswith("[rank 0]")]
-    assert streamed == ["[rank 0] step 1 loss 2.5", "[rank 0] step 2 loss 2.4", "[rank 0] step 3 loss 2.3",
-                        "[rank 0] saved adapter"]
+    assert streamed == [
+        "[rank 0] step 1 loss 2.5",
+        "[rank 0] step 2 loss 2.4",
+        "[rank 0] step 3 loss 2.3",
+        "[rank 0] saved adapter",
+    ]
     assert "rank 1 says hi" not in log.text()
     assert all(r["container"] == "node" and r["timestamps"] for r in cluster.log_requests)
     # The first read takes the whole log; later ones a window since the last read (then dropped by timestamp).
@@ -109,11 +120,15 @@ def test_failed_with_oomkilled_and_evicted_pods_reports_reasons_and_deletes(mani
         if poll == 2:
             c.pods["p1"]["status"] = {
                 "phase": "Failed",
-                "containerStatuses": [{"name": "node", "state": {"terminated": {
-                    "exitCode": 137, "reason": "OOMKilled", "message": ""}}}],
+                "containerStatuses": [
+                    {"name": "node", "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled", "message": ""}}}
+                ],
             }
-            c.pods["p0"]["status"] = {"phase": "Failed", "reason": "Evicted",
-                                      "message": "The node was low on resource: memory."}
+            c.pods["p0"]["status"] = {
+                "phase": "Failed",
+                "reason": "Evicted",
+                "message": "The node was low on resource: memory.",
+            }
             c.set_condition(NS, name, "Failed", "JobSetFailed", "jobset node failed")
 
     cluster.on_poll = controller
@@ -133,8 +148,23 @@ def test_image_pull_backoff_and_lost_node_are_reported_while_waiting(manifest):
 
     def controller(c: FakeCluster, poll: int) -> None:
         if poll == 1:
-            c.add_pod("p0", name, 0, "Pending", containerStatuses=[{"name": "node", "state": {"waiting": {
-                "reason": "ImagePullBackOff", "message": "Back-off pulling image registry.example.com/pixtrain:1"}}}])
+            c.add_pod(
+                "p0",
+                name,
+                0,
+                "Pending",
+                containerStatuses=[
+                    {
+                        "name": "node",
+                        "state": {
+                            "waiting": {
+                                "reason": "ImagePullBackOff",
+                                "message": "Back-off pulling image registry.example.com/pixtrain:1",
+                            }
+                        },
+                    }
+                ],
+            )
             c.add_pod("p1", name, 1, "Unknown")
         if poll == 4:
             c.set_condition(NS, name, "Failed", "JobSetFailed")
@@ -186,8 +216,11 @@ def test_transient_api_errors_are_retried_with_backoff_within_bounds(manifest):
     cluster = FakeCluster()
     name = manifest["metadata"]["name"]
     cluster.fail("create", ApiException(status=503, reason="Service Unavailable"), ConnectionResetError(104, "reset"))
-    cluster.fail("get", ApiException(status=429, reason="Too Many Requests"),
-                 ApiException(status=500, reason="Internal Server Error"))
+    cluster.fail(
+        "get",
+        ApiException(status=429, reason="Too Many Requests"),
+        ApiException(status=500, reason="Internal Server Error"),
+    )
     cluster.on_poll = lambda c, n: c.set_condition(NS, name, "Complete") if n == 1 else None
     outcome, log, sleeps = launch(cluster, manifest)
     assert outcome.phase is Phase.SUCCEEDED
@@ -237,8 +270,13 @@ def test_trainjob_names_are_dns_labels_and_differ_per_attempt():
 
 
 def test_log_timestamps_order_with_trimmed_fractions():
-    stamps = ["2026-12-03T09:00:00Z", "2026-12-03T09:00:00.1Z", "2026-12-03T09:00:00.12Z",
-              "2026-12-03T09:00:00.999999999Z", "2026-12-03T09:00:01Z"]
+    stamps = [
+        "2026-12-03T09:00:00Z",
+        "2026-12-03T09:00:00.1Z",
+        "2026-12-03T09:00:00.12Z",
+        "2026-12-03T09:00:00.999999999Z",
+        "2026-12-03T09:00:01Z",
+    ]
     assert sorted(stamps, key=log_stamp_key) == stamps
     assert sorted(stamps) != stamps  # plain string order would get this wrong
 

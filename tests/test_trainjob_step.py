@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dagster import DagsterInstance, Failure, asset, materialize
 
-from fake_kube import FakeCluster
 from pixtrain_dagster.trainjob import KubeApis
 from pixtrain_dagster.trainjob_step import launch_multinode_training
+
+from fake_kube import FakeCluster
 
 ENV = {"PIXTRAIN_IMAGE": "registry.example.com/pixtrain:1", "PIXTRAIN_K8S_NAMESPACE": "pixtrain"}
 
@@ -17,8 +18,14 @@ def _materialize(cluster: FakeCluster, seen: dict):
     def lora_training(context):
         try:
             outcome = launch_multinode_training(
-                context, request_uri="/data/artifacts/req.json", num_nodes=2, gpus_per_node=8,
-                poll_seconds=0.01, apis=KubeApis(cluster, cluster), environ=ENV)
+                context,
+                request_uri="/data/artifacts/req.json",
+                num_nodes=2,
+                gpus_per_node=8,
+                poll_seconds=0.01,
+                apis=KubeApis(cluster, cluster),
+                environ=ENV,
+            )
             seen["outcome"] = outcome
         except Failure as failure:
             seen["failure"] = failure

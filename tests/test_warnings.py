@@ -52,7 +52,8 @@ def makefile_cli_warnings() -> str:
 
 
 def test_a_cli_run_through_step_subprocesses_and_torchrun_workers_prints_none_of_them(
-        pipeline_env, tiny_model_dir, tmp_path):
+    pipeline_env, tiny_model_dir, tmp_path
+):
     """The demo's command, selection and executor (a subprocess per step), with the training step running two
     torchrun workers, W&B offline and not silenced, and Python showing every warning category once per location."""
     config_file = tmp_path / "run.yaml"
@@ -61,9 +62,22 @@ def test_a_cli_run_through_step_subprocesses_and_torchrun_workers_prints_none_of
     # "default" shows DeprecationWarning and ResourceWarning too; the Makefile's CLI entries come after, so win.
     env.update(WANDB_MODE="offline", PYTHONWARNINGS=f"default,{makefile_cli_warnings()}")
     completed = subprocess.run(
-        [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "pixtrain_dagster.definitions",
-         "--select", "*", "-c", str(config_file)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "asset",
+            "materialize",
+            "-m",
+            "pixtrain_dagster.definitions",
+            "--select",
+            "*",
+            "-c",
+            str(config_file),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output[-3000:]
@@ -117,17 +131,39 @@ def test_training_evaluation_and_bias_report_in_process_warn_about_none_of_them(
 
     rows = load_conversations(SAMPLE_DATASET)
     results = []
-    training = _everything_shown_by(lambda: results.append(train_lora_adapter(
-        store=ArtifactStore(tmp_path / "artifacts"), base_snapshot_dir=tiny_model_dir, base_model_sha256="base",
-        dataset_sha256="data", base_model_name="models/tiny-llama", train_conversations=rows[:24],
-        validation_conversations=rows[40:44], runtime=RuntimeSettings(device="cpu", wandb_mode="disabled"),
-        settings=LoraTrainingSettings(max_steps=2, micro_batch_size=2, max_seq_len=192, checkpoint_every_n_steps=2,
-                                      warmup_steps=1, gradient_checkpointing=True))))
+    training = _everything_shown_by(
+        lambda: results.append(
+            train_lora_adapter(
+                store=ArtifactStore(tmp_path / "artifacts"),
+                base_snapshot_dir=tiny_model_dir,
+                base_model_sha256="base",
+                dataset_sha256="data",
+                base_model_name="models/tiny-llama",
+                train_conversations=rows[:24],
+                validation_conversations=rows[40:44],
+                runtime=RuntimeSettings(device="cpu", wandb_mode="disabled"),
+                settings=LoraTrainingSettings(
+                    max_steps=2,
+                    micro_batch_size=2,
+                    max_seq_len=192,
+                    checkpoint_every_n_steps=2,
+                    warmup_steps=1,
+                    gradient_checkpointing=True,
+                ),
+            )
+        )
+    )
     adapter_dir = Path(results[0].adapter.uri)
-    evaluation = _everything_shown_by(lambda: evaluate_adapter(
-        tiny_model_dir, adapter_dir, rows[40:42], EvaluationSettings(sample_replies=1, max_new_tokens=4), "cpu"))
-    bias = _everything_shown_by(lambda: run_bias_report(
-        tiny_model_dir, adapter_dir, BiasSettings(max_templates=1, max_new_tokens=4, bootstrap_resamples=20), "cpu"))
+    evaluation = _everything_shown_by(
+        lambda: evaluate_adapter(
+            tiny_model_dir, adapter_dir, rows[40:42], EvaluationSettings(sample_replies=1, max_new_tokens=4), "cpu"
+        )
+    )
+    bias = _everything_shown_by(
+        lambda: run_bias_report(
+            tiny_model_dir, adapter_dir, BiasSettings(max_templates=1, max_new_tokens=4, bootstrap_resamples=20), "cpu"
+        )
+    )
     # The recorder saw Lightning's own INFO lines, so a tip that got through would have been seen too.
     assert any("`Trainer.fit` stopped: `max_steps=2` reached." in line for line in training), training
     assert noise_in(training) == {}
@@ -166,28 +202,39 @@ def test_the_filters_are_narrow_other_warnings_still_reach_the_user():
     logger.addHandler(records)
     try:
         warning_filters.install()
-        for message in ("💡 Tip: try installing litlogger", "GPU available: False, used: False",
-                        "GPU available but not used. You can set it by doing `Trainer(accelerator='gpu')`.",
-                        "`Trainer.fit` stopped: `max_steps=2` reached."):
+        for message in (
+            "💡 Tip: try installing litlogger",
+            "GPU available: False, used: False",
+            "GPU available but not used. You can set it by doing `Trainer(accelerator='gpu')`.",
+            "`Trainer.fit` stopped: `max_steps=2` reached.",
+        ):
             logger.info(message)
     finally:
         logger.removeHandler(records)
     assert [line.split(": ", 1)[1] for line in records.lines] == [
         "GPU available but not used. You can set it by doing `Trainer(accelerator='gpu')`.",
-        "`Trainer.fit` stopped: `max_steps=2` reached."]
+        "`Trainer.fit` stopped: `max_steps=2` reached.",
+    ]
 
 
 def test_the_makefile_silences_only_the_supersession_of_the_commands_it_runs():
     """Python parses DAGSTER_CLI_WARNINGS here as it does for `make demo` (-W syntax: the message is a literal
     prefix, so a typo would silence nothing); Dagster's other supersession warnings stay."""
-    code = ("from dagster._annotations import superseded\n"
-            "@superseded(additional_warn_text='Use dg.', emit_runtime_warning=True)\n"
-            "def asset_materialize_command(): pass\n"
-            "@superseded(additional_warn_text='Use dg.', emit_runtime_warning=True)\n"
-            "def job_execute_command(): pass\n"
-            "asset_materialize_command(); job_execute_command()\n")
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                               env={**os.environ, "PYTHONWARNINGS": makefile_cli_warnings()})
+    code = (
+        "from dagster._annotations import superseded\n"
+        "@superseded(additional_warn_text='Use dg.', emit_runtime_warning=True)\n"
+        "def asset_materialize_command(): pass\n"
+        "@superseded(additional_warn_text='Use dg.', emit_runtime_warning=True)\n"
+        "def job_execute_command(): pass\n"
+        "asset_materialize_command(); job_execute_command()\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": makefile_cli_warnings()},
+    )
     assert completed.returncode == 0, completed.stderr
     assert "Invalid -W option" not in completed.stderr
     assert "`asset_materialize_command` is superseded" not in completed.stderr

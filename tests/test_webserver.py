@@ -23,13 +23,14 @@ mutation Launch($params: ExecutionParams!) {
     ... on RunConfigValidationInvalid { errors { message } }
   }
 }"""
-RUN_STATUS = 'query Status($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }'
-LOCATIONS = '{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus } } } }'
+RUN_STATUS = "query Status($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"
+LOCATIONS = "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus } } } }"
 
 
 def graphql(port: int, query: str, variables: dict | None = None) -> dict:
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=30) as response:
@@ -49,13 +50,24 @@ def webserver(pipeline_env):
     # Runs start straight away, as in `dagster dev` with its daemon; no daemon is needed for that here.
     (pipeline_env["dagster_home"] / "dagster.yaml").write_text(
         "telemetry:\n  enabled: false\nrun_coordinator:\n  module: dagster.core.run_coordinator\n"
-        "  class: DefaultRunCoordinator\n")
+        "  class: DefaultRunCoordinator\n"
+    )
     port = free_port()
     process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port),
-         "-w", str(REPO_ROOT / "workspace.yaml")],
-        cwd=REPO_ROOT, env={**os.environ, "PIXTRAIN_EXECUTOR": "in_process"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            str(Path(sys.executable).parent / "dagster-webserver"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            str(REPO_ROOT / "workspace.yaml"),
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PIXTRAIN_EXECUTOR": "in_process"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 120
     while True:
@@ -77,8 +89,11 @@ def webserver(pipeline_env):
 def test_launch_through_graphql_like_the_ui(webserver, tiny_model_dir):
     port, location = webserver
     params = {
-        "selector": {"repositoryLocationName": location, "repositoryName": "__repository__",
-                     "jobName": "train_adapter"},
+        "selector": {
+            "repositoryLocationName": location,
+            "repositoryName": "__repository__",
+            "jobName": "train_adapter",
+        },
         "runConfigData": tiny_run_config(tiny_model_dir, max_steps=2),
     }
     launched = graphql(port, LAUNCH, {"params": params})["launchRun"]

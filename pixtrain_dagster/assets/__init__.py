@@ -10,8 +10,18 @@ from .release import promoted_adapter
 from .training import lora_training
 
 # Code versions derived from the code each asset runs, and links to it (catalog.py).
-ALL_ASSETS = with_code_links(with_code_versions([
-    base_model, raw_conversations, training_dataset, lora_training, adapter_evaluation, bias_report, promoted_adapter,
-]))
+ALL_ASSETS = with_code_links(
+    with_code_versions(
+        [
+            base_model,
+            raw_conversations,
+            training_dataset,
+            lora_training,
+            adapter_evaluation,
+            bias_report,
+            promoted_adapter,
+        ]
+    )
+)
 ALL_ASSET_CHECKS = [training_dataset_checks, training_sanity_check, bias_gate]
 OPERATIONS_ASSETS = with_code_links(with_code_versions([artifact_backup]))

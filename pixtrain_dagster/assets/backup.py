@@ -64,24 +64,37 @@ def artifact_backup(
         context.log.warning(f"no backup location configured ({BACKUP_URI_ENV}); nothing backed up")
         return
     try:
-        result = run_backup([artifact_store.store(), artifact_store.checkpoint_store()], destination,
-                            verify_existing=config.verify_existing)
+        result = run_backup(
+            [artifact_store.store(), artifact_store.checkpoint_store()],
+            destination,
+            verify_existing=config.verify_existing,
+        )
     except BackupError as error:
         raise Failure(str(error)) from error  # retryable: a damaged source may be re-published meanwhile
     metrics_file = os.environ.get(METRICS_FILE_ENV, "").strip()
     if metrics_file:
         write_metric_textfile(metrics_file, result.finished_at)
     training_metadata.get_store().append_audit_event(
-        "artifacts_backed_up", actor=context.run.tags.get("dagster/user") or "dagster",
-        artifact_uri=result.destination, run_id=context.run.run_id,
+        "artifacts_backed_up",
+        actor=context.run.tags.get("dagster/user") or "dagster",
+        artifact_uri=result.destination,
+        run_id=context.run.run_id,
         step_key=str(context.op_execution_context.op_handle),
-        details={"copied": len(result.copied), "skipped": len(result.skipped), "repaired": len(result.repaired),
-                 "documents": len(result.documents_copied), "bytes": result.bytes_copied},
+        details={
+            "copied": len(result.copied),
+            "skipped": len(result.skipped),
+            "repaired": len(result.repaired),
+            "documents": len(result.documents_copied),
+            "bytes": result.bytes_copied,
+        },
         idempotency_key=f"artifacts_backed_up:{context.run.run_id}:{context.retry_number}",
     )
     yield Output(
-        {"destination": result.destination, "finished_at": result.finished_at,
-         "artifacts": len(result.copied) + len(result.skipped) + len(result.repaired)},
+        {
+            "destination": result.destination,
+            "finished_at": result.finished_at,
+            "artifacts": len(result.copied) + len(result.skipped) + len(result.repaired),
+        },
         metadata={
             "destination": result.destination,
             **uri_metadata(result.destination),

@@ -26,30 +26,40 @@ from ..recovery import GPU_POOL, gpu_step_retry_policy
 from ..resources import ArtifactStoreResource, BiasDetectionClient, TrainingMetadataResource, TrainingRuntimeResource
 from ..resources.metadata import step_identity
 
-
 _SETTINGS = BiasSettings()
 
 
 class BiasReportConfig(Config):
-    max_templates: int | None = Field(default=_SETTINGS.max_templates, ge=1,
-                                      description="Probe templates scored; None = all.")
-    generation_templates: int = Field(default=_SETTINGS.generation_templates, ge=0,
-                                      description="Templates whose replies are generated (slow on CPU).")
+    max_templates: int | None = Field(
+        default=_SETTINGS.max_templates, ge=1, description="Probe templates scored; None = all."
+    )
+    generation_templates: int = Field(
+        default=_SETTINGS.generation_templates, ge=0, description="Templates whose replies are generated (slow on CPU)."
+    )
     max_new_tokens: int = Field(default=_SETTINGS.max_new_tokens, ge=1, description="Length of each generated reply.")
     # Gate thresholds: unset = the deployed limit (PIXTRAIN_GATE_BIAS_*, core/gate_policy.py); a run may only
     # tighten them. max_templates is checked too: fewer templates than deployed weaken the gate.
-    min_ratio: float | None = Field(default=None, gt=0, le=1,
-                                    description="Four-fifths rule; only values >= the deployed one are accepted.")
+    min_ratio: float | None = Field(
+        default=None, gt=0, le=1, description="Four-fifths rule; only values >= the deployed one are accepted."
+    )
     max_regression: float | None = Field(
-        default=None, ge=0,
-        description="Largest allowed impact-ratio drop of a group against the base model; only <= deployed.")
+        default=None,
+        ge=0,
+        description="Largest allowed impact-ratio drop of a group against the base model; only <= deployed.",
+    )
     gated_metrics: list[str] | None = Field(
-        default=None, description="Metrics that can fail the gate (others only warn); may only add to deployed.")
+        default=None, description="Metrics that can fail the gate (others only warn); may only add to deployed."
+    )
     require_significance: bool | None = Field(
-        default=None, description="Fail only when the whole 95% interval is past the threshold; True only when "
-                                  "the deployment allows it.")
-    bootstrap_resamples: int = Field(default=_SETTINGS.bootstrap_resamples, ge=100,
-                                     description="Resamples for the 95% intervals (cluster bootstrap over templates).")
+        default=None,
+        description="Fail only when the whole 95% interval is past the threshold; True only when "
+        "the deployment allows it.",
+    )
+    bootstrap_resamples: int = Field(
+        default=_SETTINGS.bootstrap_resamples,
+        ge=100,
+        description="Resamples for the 95% intervals (cluster bootstrap over templates).",
+    )
     seed: int = Field(default=_SETTINGS.seed, description="Seed of the bootstrap and of any sampling.")
 
     def to_settings(self, policy: GatePolicy | None = None) -> BiasSettings:
@@ -57,8 +67,11 @@ class BiasReportConfig(Config):
         GatePolicyError when a field is looser than deployed."""
         policy = policy or GatePolicy.from_env()
         return BiasSettings(
-            max_templates=policy.bias_templates(self.max_templates), generation_templates=self.generation_templates,
-            max_new_tokens=self.max_new_tokens, bootstrap_resamples=self.bootstrap_resamples, seed=self.seed,
+            max_templates=policy.bias_templates(self.max_templates),
+            generation_templates=self.generation_templates,
+            max_new_tokens=self.max_new_tokens,
+            bootstrap_resamples=self.bootstrap_resamples,
+            seed=self.seed,
             thresholds=BiasThresholds(
                 min_ratio=policy.numeric("bias_min_ratio", self.min_ratio, field="min_ratio"),
                 max_regression=policy.numeric("bias_max_regression", self.max_regression, field="max_regression"),
@@ -138,14 +151,26 @@ def bias_report(
     external_passed = not bias_detection.configured or report["external_assessment"].get("passed") is True
     who = step_identity(context)
     training_metadata.get_store().record_evaluation(
-        who.run_id, who.step_key, adapter_sha256=lora_adapter["sha256"], eval_name="bias_report",
-        metrics={"verdict": verdict["status"], "failures": len(verdict["failures"]), "report_uri": ref.uri,
-                 "probe_set_sha256": report["probe_set"]["sha256"]},
+        who.run_id,
+        who.step_key,
+        adapter_sha256=lora_adapter["sha256"],
+        eval_name="bias_report",
+        metrics={
+            "verdict": verdict["status"],
+            "failures": len(verdict["failures"]),
+            "report_uri": ref.uri,
+            "probe_set_sha256": report["probe_set"]["sha256"],
+        },
         passed=bool(verdict["passed"] and external_passed),
     )
-    value = {"key": store.key_of(ref.uri), **ref.to_dict(), "adapter_sha256": lora_adapter["sha256"],
-             "verdict": verdict, "probe_set_sha256": report["probe_set"]["sha256"],
-             "max_templates": settings.max_templates}
+    value = {
+        "key": store.key_of(ref.uri),
+        **ref.to_dict(),
+        "adapter_sha256": lora_adapter["sha256"],
+        "verdict": verdict,
+        "probe_set_sha256": report["probe_set"]["sha256"],
+        "max_templates": settings.max_templates,
+    }
     return Output(
         value,
         metadata={
@@ -168,8 +193,9 @@ def gate_thresholds(recorded: dict, policy: GatePolicy) -> BiasThresholds:
         max_regression=policy.stricter("bias_max_regression", recorded["max_regression"]),
         metrics=tuple(dict.fromkeys([*policy.bias_gated_metrics, *recorded["metrics"]])),
         require_significance=bool(recorded["require_significance"] and policy.bias_require_significance),
-        fail_on_previous_regression=bool(recorded["fail_on_previous_regression"]
-                                         or policy.bias_fail_on_previous_regression),
+        fail_on_previous_regression=bool(
+            recorded["fail_on_previous_regression"] or policy.bias_fail_on_previous_regression
+        ),
     )
 
 
@@ -181,7 +207,7 @@ def gate_thresholds(recorded: dict, policy: GatePolicy) -> BiasThresholds:
     op_tags=step_pod_tags("cpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
     automation_condition=AutomationCondition.any_deps_updated(),
     description="No group under the four-fifths ratio; no significant regression against the base model; a "
-                "configured bias service agrees; scored on exactly the current adapter.",
+    "configured bias service agrees; scored on exactly the current adapter.",
 )
 def bias_gate(
     context: AssetCheckExecutionContext,
@@ -209,18 +235,27 @@ def bias_gate(
         problems.append("the report is of a different adapter (retrained since); materialise bias_report again")
     templates = bias_report.get("max_templates")
     if templates is not None and templates < policy.bias_min_templates:
-        problems.append(f"the report scored {templates} probe templates; the deployed policy needs at least "
-                        f"{policy.bias_min_templates}: materialise bias_report again")
+        problems.append(
+            f"the report scored {templates} probe templates; the deployed policy needs at least "
+            f"{policy.bias_min_templates}: materialise bias_report again"
+        )
     record_gate_decision(
-        training_metadata.get_store(), step_identity(context), gate="bias_gate", passed=not problems,
-        thresholds={**thresholds.to_dict(), "max_templates": templates}, policy=policy,
-        artifact_uri=lora_adapter.get("uri"), artifact_sha256=lora_adapter["sha256"],
+        training_metadata.get_store(),
+        step_identity(context),
+        gate="bias_gate",
+        passed=not problems,
+        thresholds={**thresholds.to_dict(), "max_templates": templates},
+        policy=policy,
+        artifact_uri=lora_adapter.get("uri"),
+        artifact_sha256=lora_adapter["sha256"],
         extra={"report_uri": bias_report["uri"], "external_service_passed": external_passed},
     )
     return AssetCheckResult(
         passed=not problems,
-        metadata={"summary": verdict["summary"], "failures": MetadataValue.json(problems),
-                  "warnings": MetadataValue.int(len(verdict["warnings"])),
-                  "external_service_passed": external_passed},
+        metadata={
+            "summary": verdict["summary"],
+            "failures": MetadataValue.json(problems),
+            "warnings": MetadataValue.int(len(verdict["warnings"])),
+            "external_service_passed": external_passed,
+        },
     )
-

@@ -1,6 +1,5 @@
 """Conversation datasets: raw snapshots of the landing location, then validated, scrubbed, split data."""
 
-
 import json
 
 from dagster import (
@@ -41,21 +40,33 @@ _CURATION = CurationSettings()
 
 
 class TrainingDatasetConfig(Config):
-    validation_fraction: float = Field(default=_CURATION.validation_fraction, gt=0.0, lt=1.0,
-                                       description="Held out for evaluation and the training_sanity gate.")
-    max_message_chars: int = Field(default=_CURATION.max_message_chars, gt=0,
-                                   description="Longer messages make a record invalid (reason too_long).")
+    validation_fraction: float = Field(
+        default=_CURATION.validation_fraction,
+        gt=0.0,
+        lt=1.0,
+        description="Held out for evaluation and the training_sanity gate.",
+    )
+    max_message_chars: int = Field(
+        default=_CURATION.max_message_chars,
+        gt=0,
+        description="Longer messages make a record invalid (reason too_long).",
+    )
     # Gate thresholds: unset = the deployed limit (PIXTRAIN_GATE_*, core/gate_policy.py); only tighter accepted.
     max_invalid_fraction: float | None = Field(
-        default=None, ge=0.0, le=1.0,
+        default=None,
+        ge=0.0,
+        le=1.0,
         description="Fail when more records than this are invalid: that means a format problem upstream. "
-                    "Unset: PIXTRAIN_GATE_MAX_INVALID_FRACTION; only smaller values are accepted.",
+        "Unset: PIXTRAIN_GATE_MAX_INVALID_FRACTION; only smaller values are accepted.",
     )
     min_train_records: int | None = Field(
-        default=None, ge=1,
-        description="enough_rows: unset = PIXTRAIN_GATE_MIN_TRAIN_RECORDS; only larger values are accepted.")
-    split_seed: int = Field(default=_CURATION.split_seed,
-                            description="Seed of the train/validation split; same seed and data, same split.")
+        default=None,
+        ge=1,
+        description="enough_rows: unset = PIXTRAIN_GATE_MIN_TRAIN_RECORDS; only larger values are accepted.",
+    )
+    split_seed: int = Field(
+        default=_CURATION.split_seed, description="Seed of the train/validation split; same seed and data, same split."
+    )
 
 
 @asset(
@@ -120,10 +131,12 @@ def training_dataset(
     Its blocking checks (``training_dataset_checks`` below) read the published splits, not this step's memory.
     """
     policy = deployed_policy(context)
-    thresholds = resolve_or_fail(lambda: {
-        "max_invalid_fraction": policy.numeric("max_invalid_fraction", config.max_invalid_fraction),
-        "min_train_records": policy.numeric("min_train_records", config.min_train_records),
-    })
+    thresholds = resolve_or_fail(
+        lambda: {
+            "max_invalid_fraction": policy.numeric("max_invalid_fraction", config.max_invalid_fraction),
+            "min_train_records": policy.numeric("min_train_records", config.min_train_records),
+        }
+    )
     store = artifact_store.store()
     raw_dir = store.local_path(raw_conversations["key"])
     records = (r for name in raw_conversations["files"] for r in iter_jsonl(raw_dir / name, display_name=name))
@@ -138,24 +151,42 @@ def training_dataset(
     with store.stage() as folder:
         write_jsonl(folder / "train.jsonl", curated.train)
         write_jsonl(folder / "validation.jsonl", curated.validation)
-        (folder / "curation_report.json").write_text(json.dumps(
-            {"raw_version": raw_conversations["version"], "config": {**config.model_dump(), **thresholds},
-             "report": report}, indent=2))
+        (folder / "curation_report.json").write_text(
+            json.dumps(
+                {
+                    "raw_version": raw_conversations["version"],
+                    "config": {**config.model_dump(), **thresholds},
+                    "report": report,
+                },
+                indent=2,
+            )
+        )
         version = build_manifest(folder)["content_sha256"]
         key = f"datasets/curated/{version[:16]}"
         ref = store.publish(folder, key)
 
     who = step_identity(context)
     training_metadata.get_store().record_dataset_version(
-        dataset_hash=ref.sha256, source_uri=store.uri(raw_conversations["key"]),
-        num_rows_raw=report["input_records"], num_rows_clean=report["kept_records"],
-        scrub_counts=report["phi_replacements"], run_id=who.run_id, actor=who.actor,
+        dataset_hash=ref.sha256,
+        source_uri=store.uri(raw_conversations["key"]),
+        num_rows_raw=report["input_records"],
+        num_rows_clean=report["kept_records"],
+        scrub_counts=report["phi_replacements"],
+        run_id=who.run_id,
+        actor=who.actor,
     )
     published = store.local_path(key)
     train = load_conversations(published / "train.jsonl")
     validation = load_conversations(published / "validation.jsonl")
-    value = {"key": key, **ref.to_dict(), "version": ref.sha256, "raw_version": raw_conversations["version"],
-             "train_records": len(train), "validation_records": len(validation), "report": report}
+    value = {
+        "key": key,
+        **ref.to_dict(),
+        "version": ref.sha256,
+        "raw_version": raw_conversations["version"],
+        "train_records": len(train),
+        "validation_records": len(validation),
+        "report": report,
+    }
     return Output(
         value,
         data_version=DataVersion(ref.sha256),
@@ -180,13 +211,27 @@ _WITH_ITS_ASSET = AutomationCondition.any_deps_updated()
 
 @multi_asset_check(
     specs=[
-        AssetCheckSpec("schema_valid", asset="training_dataset", blocking=True, automation_condition=_WITH_ITS_ASSET,
-                       description="Every published record has valid roles, order and content."),
-        AssetCheckSpec("no_phi_left", asset="training_dataset", blocking=True, automation_condition=_WITH_ITS_ASSET,
-                       description="An independent detector (not the scrubber) finds no identifier in the published "
-                                   "splits."),
-        AssetCheckSpec("enough_rows", asset="training_dataset", blocking=True, automation_condition=_WITH_ITS_ASSET,
-                       description="At least min_train_records training rows and one validation row."),
+        AssetCheckSpec(
+            "schema_valid",
+            asset="training_dataset",
+            blocking=True,
+            automation_condition=_WITH_ITS_ASSET,
+            description="Every published record has valid roles, order and content.",
+        ),
+        AssetCheckSpec(
+            "no_phi_left",
+            asset="training_dataset",
+            blocking=True,
+            automation_condition=_WITH_ITS_ASSET,
+            description="An independent detector (not the scrubber) finds no identifier in the published splits.",
+        ),
+        AssetCheckSpec(
+            "enough_rows",
+            asset="training_dataset",
+            blocking=True,
+            automation_condition=_WITH_ITS_ASSET,
+            description="At least min_train_records training rows and one validation row.",
+        ),
     ],
     can_subset=True,
     name="training_dataset_checks",
@@ -227,26 +272,46 @@ def training_dataset_checks(
             if (problem := validation_problem(messages, curation["max_message_chars"]))
         ]
         outcomes["schema_valid"] = not problems
-        results.append(AssetCheckResult(
-            check_name="schema_valid", passed=not problems,
-            metadata={"invalid_records": len(problems), "first_problems": problems[:5]}))
+        results.append(
+            AssetCheckResult(
+                check_name="schema_valid",
+                passed=not problems,
+                metadata={"invalid_records": len(problems), "first_problems": problems[:5]},
+            )
+        )
     if "no_phi_left" in selected:
         leftover = residual_phi(train + validation)  # counts by kind only: never the text
         outcomes["no_phi_left"] = not leftover
-        results.append(AssetCheckResult(check_name="no_phi_left", passed=not leftover,
-                                        metadata={"matches_by_kind": MetadataValue.json(dict(leftover))}))
+        results.append(
+            AssetCheckResult(
+                check_name="no_phi_left",
+                passed=not leftover,
+                metadata={"matches_by_kind": MetadataValue.json(dict(leftover))},
+            )
+        )
     if "enough_rows" in selected:
         enough = len(train) >= thresholds["min_train_records"] and len(validation) >= 1
         outcomes["enough_rows"] = enough
-        results.append(AssetCheckResult(
-            check_name="enough_rows", passed=enough,
-            metadata={"train_records": len(train), "validation_records": len(validation),
-                      "min_train_records": thresholds["min_train_records"]}))
+        results.append(
+            AssetCheckResult(
+                check_name="enough_rows",
+                passed=enough,
+                metadata={
+                    "train_records": len(train),
+                    "validation_records": len(validation),
+                    "min_train_records": thresholds["min_train_records"],
+                },
+            )
+        )
     record_gate_decision(
-        training_metadata.get_store(), step_identity(context), gate="training_dataset_checks",
+        training_metadata.get_store(),
+        step_identity(context),
+        gate="training_dataset_checks",
         passed=all(outcomes.values()),
-        thresholds={**thresholds, "max_invalid_fraction": curation["max_invalid_fraction"]}, policy=policy,
-        artifact_uri=dataset["uri"], artifact_sha256=dataset["sha256"], extra={"checks": outcomes},
+        thresholds={**thresholds, "max_invalid_fraction": curation["max_invalid_fraction"]},
+        policy=policy,
+        artifact_uri=dataset["uri"],
+        artifact_sha256=dataset["sha256"],
+        extra={"checks": outcomes},
     )
     yield from results
-

@@ -1,6 +1,5 @@
 """Held-out evaluation of the adapter against its base model."""
 
-
 import json
 import math
 
@@ -30,16 +29,20 @@ _DEFAULTS = EvaluationSettings()
 
 
 class AdapterEvaluationConfig(Config):
-    max_seq_len: int = Field(default=_DEFAULTS.max_seq_len, ge=16,
-                             description="Tokens per scored conversation; whole turns that do not fit are dropped.")
+    max_seq_len: int = Field(
+        default=_DEFAULTS.max_seq_len,
+        ge=16,
+        description="Tokens per scored conversation; whole turns that do not fit are dropped.",
+    )
     batch_size: int = Field(default=_DEFAULTS.batch_size, ge=1, description="Conversations per forward pass.")
     sample_replies: int = Field(default=_DEFAULTS.sample_replies, ge=0, description="Replies shown in the report.")
     max_new_tokens: int = Field(default=_DEFAULTS.max_new_tokens, ge=1, description="Length of each sample reply.")
     max_perplexity_increase: float | None = Field(
-        default=None, ge=0,
+        default=None,
+        ge=0,
         description="training_sanity fails when adapter perplexity exceeds base perplexity by more than this "
-                    "fraction. Unset: the deployed limit (PIXTRAIN_GATE_MAX_PERPLEXITY_INCREASE); a run may only "
-                    "set a smaller value.",
+        "fraction. Unset: the deployed limit (PIXTRAIN_GATE_MAX_PERPLEXITY_INCREASE); a run may only "
+        "set a smaller value.",
     )
 
 
@@ -85,21 +88,35 @@ def adapter_evaluation(
             settings=EvaluationSettings(**config.model_dump(exclude={"max_perplexity_increase"})),
             device=pick_device(training_runtime.device),
         )
-    sanity = training_sanity(lora_adapter["train_losses"], result.base.perplexity, result.adapter.perplexity,
-                             max_increase)
+    sanity = training_sanity(
+        lora_adapter["train_losses"], result.base.perplexity, result.adapter.perplexity, max_increase
+    )
     sanity["thresholds"] = {"max_perplexity_increase": max_increase}
-    report = {"adapter_sha256": lora_adapter["sha256"], "base_model_sha256": base_model["sha256"],
-              "dataset_sha256": training_dataset["sha256"], **result.to_dict(), "training_sanity": sanity}
+    report = {
+        "adapter_sha256": lora_adapter["sha256"],
+        "base_model_sha256": base_model["sha256"],
+        "dataset_sha256": training_dataset["sha256"],
+        **result.to_dict(),
+        "training_sanity": sanity,
+    }
     # Conversation text (sample prompts, references, replies) lives only in the evaluation artifact on the
     # volume: the step's output value, Dagster metadata, logs and the metadata database get numbers, hashes
     # and URIs, because their audience (UI users, log shippers) is wider than the dataset's.
     summary = {key: value for key, value in report.items() if key != "samples"}
     who = step_identity(context)
     training_metadata.get_store().record_evaluation(
-        who.run_id, who.step_key, adapter_sha256=lora_adapter["sha256"], eval_name="heldout_perplexity",
-        metrics={"base_loss": result.base.loss, "adapter_loss": result.adapter.loss,
-                 "base_perplexity": result.base.perplexity, "adapter_perplexity": result.adapter.perplexity},
-        passed=not sanity["problems"], eval_dataset_hash=training_dataset["sha256"],
+        who.run_id,
+        who.step_key,
+        adapter_sha256=lora_adapter["sha256"],
+        eval_name="heldout_perplexity",
+        metrics={
+            "base_loss": result.base.loss,
+            "adapter_loss": result.adapter.loss,
+            "base_perplexity": result.base.perplexity,
+            "adapter_perplexity": result.adapter.perplexity,
+        },
+        passed=not sanity["problems"],
+        eval_dataset_hash=training_dataset["sha256"],
     )
     markdown = result.to_markdown()
     numbers_only = type(result)(base=result.base, adapter=result.adapter, samples=[]).to_markdown()
@@ -119,14 +136,16 @@ def adapter_evaluation(
             "report": MetadataValue.md(numbers_only),
             "sample_replies": MetadataValue.md(
                 f"{len(result.samples)} sample replies are in `{ref.uri}/evaluation.md` (not shown here: they "
-                "are client text)."),
+                "are client text)."
+            ),
             **uri_metadata(ref.uri),
         },
     )
 
 
-def training_sanity(train_losses: list[float], base_perplexity: float, adapter_perplexity: float,
-                    max_perplexity_increase: float) -> dict:
+def training_sanity(
+    train_losses: list[float], base_perplexity: float, adapter_perplexity: float, max_perplexity_increase: float
+) -> dict:
     """The promotion gate's training half: what is wrong, if anything, as readable sentences."""
     problems = []
     if not train_losses or not all(math.isfinite(x) for x in train_losses):
@@ -138,10 +157,16 @@ def training_sanity(train_losses: list[float], base_perplexity: float, adapter_p
             problems.append(f"training loss did not decrease (first {window} batches {first:.4f}, last {last:.4f})")
     limit = base_perplexity * (1 + max_perplexity_increase)
     if not adapter_perplexity <= limit:  # also true for NaN
-        problems.append(f"adapter perplexity {adapter_perplexity:.3f} exceeds base {base_perplexity:.3f} "
-                        f"by more than {max_perplexity_increase:.0%} (limit {limit:.3f})")
-    return {"problems": problems, "base_perplexity": base_perplexity, "adapter_perplexity": adapter_perplexity,
-            "perplexity_limit": limit}
+        problems.append(
+            f"adapter perplexity {adapter_perplexity:.3f} exceeds base {base_perplexity:.3f} "
+            f"by more than {max_perplexity_increase:.0%} (limit {limit:.3f})"
+        )
+    return {
+        "problems": problems,
+        "base_perplexity": base_perplexity,
+        "adapter_perplexity": adapter_perplexity,
+        "perplexity_limit": limit,
+    }
 
 
 @asset_check(
@@ -152,7 +177,7 @@ def training_sanity(train_losses: list[float], base_perplexity: float, adapter_p
     op_tags=step_pod_tags("cpu", secrets=(METADATA_DB_PASSWORD_ENV,)),
     automation_condition=AutomationCondition.any_deps_updated(),
     description="Finite, decreasing training loss; held-out perplexity not worse than the base model's by more than "
-                "max_perplexity_increase; evaluated on exactly the current adapter.",
+    "max_perplexity_increase; evaluated on exactly the current adapter.",
 )
 def training_sanity_check(
     context: AssetCheckExecutionContext,
@@ -167,17 +192,30 @@ def training_sanity_check(
     report = json.loads((store.local_path(adapter_evaluation["key"]) / "evaluation.json").read_text())
     policy = deployed_policy(context)
     # The margin the evaluation ran with (already no looser than the policy then), or the deployed one if stricter now.
-    margin = policy.stricter("max_perplexity_increase", report["training_sanity"]["thresholds"]["max_perplexity_increase"])
-    sanity = training_sanity(lora_adapter["train_losses"], report["base"]["perplexity"],
-                             report["adapter"]["perplexity"], margin)
+    margin = policy.stricter(
+        "max_perplexity_increase", report["training_sanity"]["thresholds"]["max_perplexity_increase"]
+    )
+    sanity = training_sanity(
+        lora_adapter["train_losses"], report["base"]["perplexity"], report["adapter"]["perplexity"], margin
+    )
     if report["adapter_sha256"] != lora_adapter["sha256"]:
-        sanity["problems"].append("the evaluation is of a different adapter (retrained since); materialise "
-                                  "adapter_evaluation again")
+        sanity["problems"].append(
+            "the evaluation is of a different adapter (retrained since); materialise adapter_evaluation again"
+        )
     record_gate_decision(
-        training_metadata.get_store(), step_identity(context), gate="training_sanity", passed=not sanity["problems"],
-        thresholds={"max_perplexity_increase": margin}, policy=policy, artifact_uri=lora_adapter.get("uri"),
+        training_metadata.get_store(),
+        step_identity(context),
+        gate="training_sanity",
+        passed=not sanity["problems"],
+        thresholds={"max_perplexity_increase": margin},
+        policy=policy,
+        artifact_uri=lora_adapter.get("uri"),
         artifact_sha256=lora_adapter["sha256"],
     )
-    return AssetCheckResult(passed=not sanity["problems"],
-                            metadata={**{k: MetadataValue.json(v) if isinstance(v, (list, dict)) else v
-                                         for k, v in sanity.items()}, "max_perplexity_increase": margin})
+    return AssetCheckResult(
+        passed=not sanity["problems"],
+        metadata={
+            **{k: MetadataValue.json(v) if isinstance(v, (list, dict)) else v for k, v in sanity.items()},
+            "max_perplexity_increase": margin,
+        },
+    )

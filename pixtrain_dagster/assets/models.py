@@ -1,6 +1,5 @@
 """Base-model snapshots."""
 
-
 import json
 import os
 import re
@@ -8,8 +7,8 @@ import re
 from dagster import AssetExecutionContext, Config, DataVersion, MetadataValue, Output, asset
 from pydantic import Field
 
-from ..core.settings import PACKAGED_SMOLLM2
 from ..catalog import PHI_NONE, governance_tags, owners, uri_metadata
+from ..core.settings import PACKAGED_SMOLLM2
 from ..execution import HF_TOKEN_ENV, step_pod_tags
 from ..resources import ArtifactStoreResource, ModelHubResource
 
@@ -19,7 +18,7 @@ class BaseModelConfig(Config):
     model_ref: str = Field(
         default=os.environ.get("PIXTRAIN_BASE_MODEL") or PACKAGED_SMOLLM2,
         description=f"'{PACKAGED_SMOLLM2}' (offline SmolLM2-135M-Instruct), a local model folder, or a hub id "
-                    "(default: $PIXTRAIN_BASE_MODEL).",
+        "(default: $PIXTRAIN_BASE_MODEL).",
     )
 
 

@@ -31,8 +31,10 @@ def gate_thresholds_used(adapter_evaluation: dict, bias_report: dict) -> dict:
     bias_thresholds = dict(bias_report.get("verdict", {}).get("thresholds") or {})
     if "max_templates" in bias_report:
         bias_thresholds["max_templates"] = bias_report["max_templates"]
-    return {"training_sanity": dict(adapter_evaluation.get("training_sanity", {}).get("thresholds") or {}),
-            "bias_gate": bias_thresholds}
+    return {
+        "training_sanity": dict(adapter_evaluation.get("training_sanity", {}).get("thresholds") or {}),
+        "bias_gate": bias_thresholds,
+    }
 
 
 def looser_than_policy(used: dict, policy: GatePolicy) -> list[str]:
@@ -57,8 +59,9 @@ def looser_than_policy(used: dict, policy: GatePolicy) -> list[str]:
     return problems
 
 
-def promotion_blockers(lora_adapter: dict, adapter_evaluation: dict, bias_report: dict,
-                       policy: GatePolicy | None = None) -> list[str]:
+def promotion_blockers(
+    lora_adapter: dict, adapter_evaluation: dict, bias_report: dict, policy: GatePolicy | None = None
+) -> list[str]:
     """Why this adapter must not be promoted; empty when every gate passed for exactly this adapter.
 
     Dagster's blocking checks already stop a run before this step; this second look covers runs that select
@@ -81,33 +84,35 @@ def promotion_blockers(lora_adapter: dict, adapter_evaluation: dict, bias_report
 
 def model_card(lora_adapter: dict, adapter_evaluation: dict, bias: dict, limitations: str) -> str:
     training = lora_adapter["training"]
-    return "\n".join([
-        "---",
-        "library_name: peft",
-        "tags: [lora, therapy-client-simulation, pixtrain]",
-        "---",
-        "# pixtrain LoRA adapter",
-        "",
-        "Simulated therapy client for clinician training (the model speaks as the client).",
-        "",
-        "## Provenance",
-        f"- adapter sha256: `{lora_adapter['sha256']}`",
-        f"- base model snapshot sha256: `{lora_adapter['base_model_sha256']}`",
-        f"- dataset version (curated) sha256: `{lora_adapter['dataset_sha256']}`",
-        f"- training fingerprint: `{lora_adapter['fingerprint']}`, {training['final_step']} steps on "
-        f"{training['device']} ({training['precision']})",
-        "",
-        "## Evaluation (held-out split)",
-        f"- validation loss base {adapter_evaluation['base']['loss']:.4f} -> adapter "
-        f"{adapter_evaluation['adapter']['loss']:.4f}",
-        f"- perplexity base {adapter_evaluation['base']['perplexity']:.2f} -> adapter "
-        f"{adapter_evaluation['adapter']['perplexity']:.2f}",
-        "",
-        "## Bias, Risks and Limitations",
-        limitations,
-        "",
-        f"Bias gate: **{bias['verdict']['status']}** ({bias['verdict']['summary']}); full report: `{bias['uri']}`.",
-    ])
+    return "\n".join(
+        [
+            "---",
+            "library_name: peft",
+            "tags: [lora, therapy-client-simulation, pixtrain]",
+            "---",
+            "# pixtrain LoRA adapter",
+            "",
+            "Simulated therapy client for clinician training (the model speaks as the client).",
+            "",
+            "## Provenance",
+            f"- adapter sha256: `{lora_adapter['sha256']}`",
+            f"- base model snapshot sha256: `{lora_adapter['base_model_sha256']}`",
+            f"- dataset version (curated) sha256: `{lora_adapter['dataset_sha256']}`",
+            f"- training fingerprint: `{lora_adapter['fingerprint']}`, {training['final_step']} steps on "
+            f"{training['device']} ({training['precision']})",
+            "",
+            "## Evaluation (held-out split)",
+            f"- validation loss base {adapter_evaluation['base']['loss']:.4f} -> adapter "
+            f"{adapter_evaluation['adapter']['loss']:.4f}",
+            f"- perplexity base {adapter_evaluation['base']['perplexity']:.2f} -> adapter "
+            f"{adapter_evaluation['adapter']['perplexity']:.2f}",
+            "",
+            "## Bias, Risks and Limitations",
+            limitations,
+            "",
+            f"Bias gate: **{bias['verdict']['status']}** ({bias['verdict']['summary']}); full report: `{bias['uri']}`.",
+        ]
+    )
 
 
 @asset(
@@ -134,18 +139,29 @@ def promoted_adapter(
     if blockers:
         who = step_identity(context)
         training_metadata.get_store().append_audit_event(
-            "promotion_refused", actor=who.actor, artifact_uri=lora_adapter.get("uri"),
-            artifact_sha256=lora_adapter["sha256"], run_id=who.run_id, step_key=who.step_key,
+            "promotion_refused",
+            actor=who.actor,
+            artifact_uri=lora_adapter.get("uri"),
+            artifact_sha256=lora_adapter["sha256"],
+            run_id=who.run_id,
+            step_key=who.step_key,
             idempotency_key=f"promotion_refused:{lora_adapter['sha256']}:{who.run_id}:{who.attempt}",
-            details={"blockers": blockers, "gate_thresholds": gate_thresholds_used(adapter_evaluation, bias_report),
-                     "deployed_policy": policy.to_dict()},
+            details={
+                "blockers": blockers,
+                "gate_thresholds": gate_thresholds_used(adapter_evaluation, bias_report),
+                "deployed_policy": policy.to_dict(),
+            },
         )
-        raise Failure(description="adapter not promoted: " + " | ".join(blockers),
-                      metadata={"adapter_sha256": lora_adapter["sha256"]})
+        raise Failure(
+            description="adapter not promoted: " + " | ".join(blockers),
+            metadata={"adapter_sha256": lora_adapter["sha256"]},
+        )
     store = artifact_store.store()
     if store.ref(lora_adapter["key"]).sha256 != lora_adapter["sha256"]:
-        raise Failure(description=f"adapter at {lora_adapter['uri']} changed since it was gated (retrained by a "
-                                  "later run); materialise adapter_evaluation and bias_report again")
+        raise Failure(
+            description=f"adapter at {lora_adapter['uri']} changed since it was gated (retrained by a "
+            "later run); materialise adapter_evaluation and bias_report again"
+        )
     report = json.loads((store.local_path(bias_report["key"]) / "bias_report.json").read_text())
     card = model_card(lora_adapter, adapter_evaluation, bias_report, limitations_markdown(report))
     adapter_dir = store.local_path(lora_adapter["key"])
@@ -155,21 +171,38 @@ def promoted_adapter(
                 (folder / path.name).write_bytes(path.read_bytes())
         (folder / "README.md").write_text(card)
         ref = store.publish(folder, f"promoted/{lora_adapter['sha256'][:16]}", replace=True)
-    promotion = {"key": store.key_of(ref.uri), **ref.to_dict(), "adapter_sha256": lora_adapter["sha256"],
-                 "run_id": context.run.run_id, "trigger": run_trigger(context.run.tags)}
+    promotion = {
+        "key": store.key_of(ref.uri),
+        **ref.to_dict(),
+        "adapter_sha256": lora_adapter["sha256"],
+        "run_id": context.run.run_id,
+        "trigger": run_trigger(context.run.tags),
+    }
     who = step_identity(context)
     training_metadata.get_store().append_audit_event(
-        "adapter_promoted", actor=who.actor, artifact_uri=ref.uri, artifact_sha256=lora_adapter["sha256"],
-        run_id=who.run_id, step_key=who.step_key, idempotency_key=f"adapter_promoted:{lora_adapter['sha256']}:{who.run_id}",
-        details={"trigger": promotion["trigger"], "bias_verdict": bias_report["verdict"]["status"],
-                 "evaluation_uri": adapter_evaluation["uri"], "bias_report_uri": bias_report["uri"],
-                 "gate_thresholds": gate_thresholds_used(adapter_evaluation, bias_report),
-                 "deployed_policy": policy.to_dict()},
+        "adapter_promoted",
+        actor=who.actor,
+        artifact_uri=ref.uri,
+        artifact_sha256=lora_adapter["sha256"],
+        run_id=who.run_id,
+        step_key=who.step_key,
+        idempotency_key=f"adapter_promoted:{lora_adapter['sha256']}:{who.run_id}",
+        details={
+            "trigger": promotion["trigger"],
+            "bias_verdict": bias_report["verdict"]["status"],
+            "evaluation_uri": adapter_evaluation["uri"],
+            "bias_report_uri": bias_report["uri"],
+            "gate_thresholds": gate_thresholds_used(adapter_evaluation, bias_report),
+            "deployed_policy": policy.to_dict(),
+        },
     )
     store.put_json(CURRENT_POINTER, promotion)  # atomic switch: readers see the old or the new adapter
-    return Output(promotion, metadata={
-        "adapter_sha256": lora_adapter["sha256"],
-        **uri_metadata(ref.uri),
-        "model_card": MetadataValue.md(card),
-        "trigger": promotion["trigger"],
-    })
+    return Output(
+        promotion,
+        metadata={
+            "adapter_sha256": lora_adapter["sha256"],
+            **uri_metadata(ref.uri),
+            "model_card": MetadataValue.md(card),
+            "trigger": promotion["trigger"],
+        },
+    )

@@ -164,7 +164,9 @@ class ArtifactStore:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def publish(self, folder: Path, key: str, extra: dict[str, Any] | None = None, replace: bool = False) -> ArtifactRef:
+    def publish(
+        self, folder: Path, key: str, extra: dict[str, Any] | None = None, replace: bool = False
+    ) -> ArtifactRef:
         """Write ``folder``'s files as artifact ``key`` atomically, with a manifest. Returns its reference.
 
         A folder from `stage()` on a local root is moved, not copied, so it is gone afterwards.
@@ -278,12 +280,15 @@ class ArtifactStore:
         """Keys of all plain files under the root ending in ``suffix`` (a landing folder's inputs), sorted."""
         if self.is_local:
             root = Path(self.root)
-            paths = [p.relative_to(root).as_posix() for p in root.rglob(f"*{suffix}") if p.is_file()] \
-                if root.is_dir() else []
+            paths = (
+                [p.relative_to(root).as_posix() for p in root.rglob(f"*{suffix}") if p.is_file()]
+                if root.is_dir()
+                else []
+            )
         else:
             fs = self._fs
             base = fs._strip_protocol(self.root).rstrip("/")
-            paths = [p[len(base) + 1:] for p in fs.find(self.root)] if fs.exists(self.root) else []
+            paths = [p[len(base) + 1 :] for p in fs.find(self.root)] if fs.exists(self.root) else []
             paths = [p for p in paths if p.endswith(suffix)]
         return sorted(p for p in paths if not p.startswith(_STAGING_DIR + "/") and not p.endswith(MANIFEST_NAME))
 
@@ -293,7 +298,9 @@ class ArtifactStore:
             stat = Path(self.uri(key)).stat()
             return {"size": stat.st_size, "modified": str(stat.st_mtime_ns)}
         info = self._fs.info(self.uri(key))
-        stamp = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or info.get("created")
+        stamp = (
+            info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or info.get("created")
+        )
         return {"size": info["size"], "modified": str(stamp)}
 
     def file_sha256(self, key: str) -> str:

@@ -126,7 +126,7 @@ class _Location:
         if not self.fs.exists(self.root):
             return []
         prefix = self.root + "/"
-        return sorted(p[len(prefix):] for p in self.fs.find(self.root) if p.startswith(prefix))
+        return sorted(p[len(prefix) :] for p in self.fs.find(self.root) if p.startswith(prefix))
 
     def rm(self, key: str) -> None:
         try:
@@ -253,7 +253,10 @@ def verify_backup(destination_uri: str) -> dict[str, list[str]]:
 
 
 def run_backup(
-    stores: Iterable[ArtifactStore], destination_uri: str, *, verify_existing: bool = False,
+    stores: Iterable[ArtifactStore],
+    destination_uri: str,
+    *,
+    verify_existing: bool = False,
     now: Callable[[], float] = time.time,
 ) -> BackupResult:
     """Back up each store (artifact store, then the checkpoint store if separate) and record the success."""
@@ -289,8 +292,10 @@ def last_backup_success_timestamp(destination_uri: str) -> float | None:
 def prometheus_text(timestamp: float | None) -> str:
     """The gauge in Prometheus text format (for a node-exporter textfile collector or a /metrics handler)."""
     value = "NaN" if timestamp is None else repr(float(timestamp))
-    return (f"# HELP {METRIC_NAME} Unix time of the last successful pixtrain artifact backup.\n"
-            f"# TYPE {METRIC_NAME} gauge\n{METRIC_NAME} {value}\n")
+    return (
+        f"# HELP {METRIC_NAME} Unix time of the last successful pixtrain artifact backup.\n"
+        f"# TYPE {METRIC_NAME} gauge\n{METRIC_NAME} {value}\n"
+    )
 
 
 def write_metric_textfile(path: str | os.PathLike[str], timestamp: float | None) -> Path:
@@ -362,7 +367,9 @@ def restore(
                 raise BackupError(f"backup copy of {key} at {src.uri} is damaged: {error}") from None
             ref = target.publish(folder, key, extra=manifest.get("extra"))
         if ref.sha256 != manifest["content_sha256"]:
-            raise BackupError(f"restored {key} has content sha256 {ref.sha256}, backup says {manifest['content_sha256']}")
+            raise BackupError(
+                f"restored {key} has content sha256 {ref.sha256}, backup says {manifest['content_sha256']}"
+            )
         target.local_path(key, verify=True)  # read back from the target store itself
         result.restored.append(key)
         result.files_verified += len(manifest["files"])
@@ -379,8 +386,14 @@ def restore(
 # ---- metadata database dumps (written by the chart's CronJob) ------------------------------------------------
 
 
-def upload_database_dump(dump_file: str | os.PathLike[str], backup_uri: str, *, keep: int = 14,
-                         name: str | None = None, now: Callable[[], float] = time.time) -> str:
+def upload_database_dump(
+    dump_file: str | os.PathLike[str],
+    backup_uri: str,
+    *,
+    keep: int = 14,
+    name: str | None = None,
+    now: Callable[[], float] = time.time,
+) -> str:
     """Upload a ``pg_dump -Fc`` file to ``<backup>/postgres/``, verify it, then prune to the newest ``keep``.
 
     The dump is uploaded under a temporary name and verified before it gets its final name, so a listing
@@ -418,8 +431,9 @@ def upload_database_dump(dump_file: str | os.PathLike[str], backup_uri: str, *, 
 def list_database_dumps(backup_uri: str) -> list[str]:
     """Keys of the database dumps at the backup location, oldest first (timestamps sort)."""
     location = _Location(backup_uri)
-    return sorted(f for f in location.all_files()
-                  if f.startswith(f"{DATABASE_PREFIX}/") and f.endswith(".dump") and "/." not in f)
+    return sorted(
+        f for f in location.all_files() if f.startswith(f"{DATABASE_PREFIX}/") and f.endswith(".dump") and "/." not in f
+    )
 
 
 def fetch_database_dump(backup_uri: str, key: str | None, destination: str | os.PathLike[str]) -> Path:

@@ -49,8 +49,9 @@ def summarize_for_service(report: dict[str, Any], context: dict[str, Any] | None
                         "gap": stats["gap"],
                         "impact_ratio": stats["impact_ratio"],
                         "impact_ratio_ci": stats["impact_ratio_ci"],
-                        "impact_ratio_delta_vs_base":
-                            report["delta_vs_base"][metric][axis][group]["impact_ratio_delta"],
+                        "impact_ratio_delta_vs_base": report["delta_vs_base"][metric][axis][group][
+                            "impact_ratio_delta"
+                        ],
                     }
                     for group, stats in summary["groups"].items()
                 },
@@ -65,8 +66,10 @@ def summarize_for_service(report: dict[str, Any], context: dict[str, Any] | None
         "verdict": {
             "status": verdict["status"],
             "thresholds": verdict["thresholds"],
-            "failures": [{k: f[k] for k in ("rule", "metric", "axis", "group", "value", "threshold", "ci")}
-                         for f in verdict["failures"]],
+            "failures": [
+                {k: f[k] for k in ("rule", "metric", "axis", "group", "value", "threshold", "ci")}
+                for f in verdict["failures"]
+            ],
         },
         "metrics": metrics,
     }
@@ -111,15 +114,22 @@ class BiasServiceClient:
                 detail = _snippet(error.read())
                 last_problem = f"HTTP {error.code} {error.reason}" + (f": {detail}" if detail else "")
                 if error.code not in _RETRYABLE_STATUS:
-                    raise BiasServiceError(f"bias detection service at {url} rejected the request ({last_problem})"
-                                           ) from None
+                    raise BiasServiceError(
+                        f"bias detection service at {url} rejected the request ({last_problem})"
+                    ) from None
             except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as error:
                 reason = getattr(error, "reason", error)
                 last_problem = f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
             if attempt < attempts:
                 delay = self.backoff_s * 2 ** (attempt - 1)
-                log.warning("bias service %s attempt %d/%d failed (%s); retrying in %.1fs",
-                            url, attempt, attempts, last_problem, delay)
+                log.warning(
+                    "bias service %s attempt %d/%d failed (%s); retrying in %.1fs",
+                    url,
+                    attempt,
+                    attempts,
+                    last_problem,
+                    delay,
+                )
                 self._sleep(delay)
         raise BiasServiceError(
             f"bias detection service at {url} failed after {attempts} attempt(s) (timeout {self.timeout_s}s): "
@@ -143,7 +153,8 @@ class BiasServiceClient:
             ) from None
         if not isinstance(data, dict):
             raise BiasServiceError(
-                f"bias detection service at {url} answered JSON {type(data).__name__}, not an object")
+                f"bias detection service at {url} answered JSON {type(data).__name__}, not an object"
+            )
         return data
 
 

@@ -96,8 +96,13 @@ def kill_after_checkpoint_if_requested(step: int, environ: dict[str, str] | None
     except ValueError:
         raise ValueError(f"{KILL_AFTER_CHECKPOINT_ENV}={raw!r} must be a step number") from None
     if step == wanted:
-        log.warning("%s=%d: killing process %d with SIGKILL after checkpoint step %d",
-                    KILL_AFTER_CHECKPOINT_ENV, wanted, os.getpid(), step)
+        log.warning(
+            "%s=%d: killing process %d with SIGKILL after checkpoint step %d",
+            KILL_AFTER_CHECKPOINT_ENV,
+            wanted,
+            os.getpid(),
+            step,
+        )
         for handler in logging.getLogger().handlers:
             handler.flush()
         os.kill(os.getpid(), signal.SIGKILL)

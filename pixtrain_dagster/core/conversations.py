@@ -91,8 +91,9 @@ def _has_lone_surrogate(value: Any) -> bool:
     return False
 
 
-def iter_jsonl(path: Path, display_name: str | None = None,
-               max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[SourcedRecord]:
+def iter_jsonl(
+    path: Path, display_name: str | None = None, max_line_bytes: int = MAX_LINE_BYTES
+) -> Iterator[SourcedRecord]:
     """Stream one chat JSONL file, a record at a time. Blank lines are skipped; every other line must be a record.
 
     Memory is bounded by ``max_line_bytes`` (plus the record being yielded), not by the file's size. Anything
@@ -126,26 +127,31 @@ def _parse_line(raw: bytes, name: str, line_no: int) -> Iterator[SourcedRecord]:
     if not text.strip():
         return
     if raw.count(b"[") + raw.count(b"{") > MAX_NESTING and _nesting_depth(raw) > MAX_NESTING:  # cheap test first
-        raise DatasetError(f"{name} line {line_no}: JSON nested more than {MAX_NESTING} levels deep; a chat "
-                           "record needs three (record, messages list, message) - fix the producer of this file")
+        raise DatasetError(
+            f"{name} line {line_no}: JSON nested more than {MAX_NESTING} levels deep; a chat "
+            "record needs three (record, messages list, message) - fix the producer of this file"
+        )
     try:
         obj = json.loads(text, parse_int=_parse_int)
     except json.JSONDecodeError as error:
         raise DatasetError(
             f"{name} line {line_no}: malformed JSON ({error.msg} at column {error.colno}); "
-            "each line must be one JSON object like {\"messages\": [{\"role\": ..., \"content\": ...}]}"
+            'each line must be one JSON object like {"messages": [{"role": ..., "content": ...}]}'
         ) from None
     except _Refused as error:
         raise DatasetError(f"{name} line {line_no}: refused {error}; chat records hold no such numbers") from None
     except (RecursionError, ValueError) as error:  # any other limit of the parser: never a raw traceback
-        raise DatasetError(f"{name} line {line_no}: cannot be parsed ({type(error).__name__}); "
-                           "fix or remove this line") from None
+        raise DatasetError(
+            f"{name} line {line_no}: cannot be parsed ({type(error).__name__}); fix or remove this line"
+        ) from None
     if _has_lone_surrogate(obj):
-        raise DatasetError(f"{name} line {line_no}: a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), "
-                           "which is not text; fix the producer's JSON encoding")
+        raise DatasetError(
+            f"{name} line {line_no}: a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), "
+            "which is not text; fix the producer's JSON encoding"
+        )
     if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
         raise DatasetError(
-            f"{name} line {line_no}: expected an object with a \"messages\" list, got "
+            f'{name} line {line_no}: expected an object with a "messages" list, got '
             f"{'an object without one' if isinstance(obj, dict) else type(obj).__name__}"
         )
     yield SourcedRecord(messages=obj["messages"], source=name, line=line_no)

@@ -90,8 +90,10 @@ class Request:
             return True
         if not self.terms or not isinstance(messages, list):
             return False
-        return any(isinstance(m, dict) and isinstance(m.get("content"), str) and self.matches_text(m["content"])
-                   for m in messages)
+        return any(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and self.matches_text(m["content"])
+            for m in messages
+        )
 
 
 @dataclass
@@ -130,8 +132,14 @@ class DeletionReport:
         }
 
 
-def _filter_jsonl(source: Path, display: str, request: Request, report: DeletionReport,
-                  curated_keys: set[str], destination: Path | None) -> int:
+def _filter_jsonl(
+    source: Path,
+    display: str,
+    request: Request,
+    report: DeletionReport,
+    curated_keys: set[str],
+    destination: Path | None,
+) -> int:
     """Copy ``source`` to ``destination`` without matching lines; returns how many were removed.
 
     Lines are compared as parsed records; a line that does not parse is removed only if it contains a term.
@@ -199,8 +207,9 @@ def forget(store: ArtifactStore, landing: ArtifactStore, request: Request, *, dr
             local = tmp_dir / "in.jsonl"
             landing.fetch_file(name, local)
             filtered = tmp_dir / "out.jsonl"
-            removed = _filter_jsonl(local, landing.uri(name), request, report, curated_keys,
-                                    None if dry_run else filtered)
+            removed = _filter_jsonl(
+                local, landing.uri(name), request, report, curated_keys, None if dry_run else filtered
+            )
             if removed and not dry_run:
                 landing.put_file(filtered, name)  # atomic replace
                 report.landing_files_rewritten.append(name)
@@ -214,8 +223,9 @@ def forget(store: ArtifactStore, landing: ArtifactStore, request: Request, *, dr
                 rel = path.relative_to(source)
                 (staged / rel).parent.mkdir(parents=True, exist_ok=True)
                 if path.suffix == ".jsonl":
-                    removed_here += _filter_jsonl(path, f"{store.uri(key)}/{rel.as_posix()}", request, report,
-                                                  curated_keys, staged / rel)
+                    removed_here += _filter_jsonl(
+                        path, f"{store.uri(key)}/{rel.as_posix()}", request, report, curated_keys, staged / rel
+                    )
                 else:
                     shutil.copyfile(path, staged / rel)
             if removed_here and not dry_run:
@@ -235,7 +245,8 @@ def forget(store: ArtifactStore, landing: ArtifactStore, request: Request, *, dr
                 for line in lines:
                     messages = json.loads(line)["messages"]
                     if _normalised_key(messages) in curated_keys or (
-                            request.terms and any(request.matches_text(m["content"]) for m in messages)):
+                        request.terms and any(request.matches_text(m["content"]) for m in messages)
+                    ):
                         removed_here += 1
                     else:
                         kept.append(line)
@@ -247,15 +258,25 @@ def forget(store: ArtifactStore, landing: ArtifactStore, request: Request, *, dr
             report.curated_records_removed += removed_here
             if dry_run:
                 continue
-            curation = json.loads((source / "curation_report.json").read_text()) \
-                if (source / "curation_report.json").is_file() else {}
+            curation = (
+                json.loads((source / "curation_report.json").read_text())
+                if (source / "curation_report.json").is_file()
+                else {}
+            )
             curation.setdefault("deletions", []).append({"at": time.time(), "records_removed": removed_here})
             if "report" in curation:
-                curation["report"].update(train_records=counts["train"], validation_records=counts["validation"],
-                                          kept_records=counts["train"] + counts["validation"])
+                curation["report"].update(
+                    train_records=counts["train"],
+                    validation_records=counts["validation"],
+                    kept_records=counts["train"] + counts["validation"],
+                )
             for other in source.iterdir():
-                if other.is_file() and other.name not in (MANIFEST_NAME, "train.jsonl", "validation.jsonl",
-                                                          "curation_report.json"):
+                if other.is_file() and other.name not in (
+                    MANIFEST_NAME,
+                    "train.jsonl",
+                    "validation.jsonl",
+                    "curation_report.json",
+                ):
                     shutil.copyfile(other, staged / other.name)
             (staged / "curation_report.json").write_text(json.dumps(curation, indent=2))
             report.curated_datasets[key] = _republish(store, key, staged, CURATED_PREFIX)
@@ -268,8 +289,10 @@ def forget(store: ArtifactStore, landing: ArtifactStore, request: Request, *, dr
             evaluation = json.loads(evaluation_path.read_text())
             samples = evaluation.get("samples") or []
             quoted = json.dumps(samples, ensure_ascii=False)
-            if not samples or not (evaluation.get("dataset_sha256") in affected_datasets
-                                   or (request.terms and request.matches_text(quoted))):
+            if not samples or not (
+                evaluation.get("dataset_sha256") in affected_datasets
+                or (request.terms and request.matches_text(quoted))
+            ):
                 continue
             report.evaluations_redacted.append(key)
             if dry_run:
@@ -281,8 +304,9 @@ def forget(store: ArtifactStore, landing: ArtifactStore, request: Request, *, dr
             (staged / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
             markdown = (staged / "evaluation.md").read_text() if (staged / "evaluation.md").is_file() else ""
             markdown = re.split(r"\n### Sample 1\n", markdown, maxsplit=1)[0].rstrip()
-            (staged / "evaluation.md").write_text(markdown + "\n\nSample replies were removed after a data "
-                                                  "deletion request.\n")
+            (staged / "evaluation.md").write_text(
+                markdown + "\n\nSample replies were removed after a data deletion request.\n"
+            )
             store.publish(staged, key, replace=True)
     if not dry_run:
         report.pointers_updated = _update_pointers(store, {**report.raw_snapshots, **report.curated_datasets})
@@ -317,8 +341,14 @@ def retention_days_from_env() -> float:
     return days
 
 
-def purge_raw_snapshots(store: ArtifactStore, retention_days: float, *, now: float | None = None,
-                        keep: Iterable[str] = (), dry_run: bool = False) -> list[str]:
+def purge_raw_snapshots(
+    store: ArtifactStore,
+    retention_days: float,
+    *,
+    now: float | None = None,
+    keep: Iterable[str] = (),
+    dry_run: bool = False,
+) -> list[str]:
     """Remove raw snapshots published more than ``retention_days`` ago; never those in ``keep`` (the current one).
 
     Returns the removed keys. The age is the manifest's ``created_at`` (when the snapshot was published).

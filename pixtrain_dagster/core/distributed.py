@@ -50,8 +50,9 @@ class TrainingRequest:
                 raise ValueError(f"unknown fields {sorted(unknown)}")
             return cls(**raw)
         except (ValueError, TypeError) as error:
-            raise ValueError(f"{source}: not a training request ({error}); it is written by the lora_training "
-                             "step, do not edit it") from None
+            raise ValueError(
+                f"{source}: not a training request ({error}); it is written by the lora_training step, do not edit it"
+            ) from None
 
     def training_settings(self) -> LoraTrainingSettings:
         values = dict(self.settings)

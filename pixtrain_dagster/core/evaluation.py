@@ -82,12 +82,15 @@ def score(model: Any, batches: Sequence[dict[str, Any]]) -> ModelScore:
             loss_sum += float(batch_loss)
             tokens += int(batch_tokens)
     if tokens == 0:
-        raise ValueError("no assistant tokens in the validation split: every assistant turn was cut off by "
-                         "max_seq_len; raise adapter_evaluation's max_seq_len")
+        raise ValueError(
+            "no assistant tokens in the validation split: every assistant turn was cut off by "
+            "max_seq_len; raise adapter_evaluation's max_seq_len"
+        )
     loss = loss_sum / tokens
     # Capped so a bad model gives a huge but finite perplexity; NaN stays NaN (training_sanity reports it).
-    return ModelScore(loss=loss, perplexity=math.exp(min(loss, 50.0)) if math.isfinite(loss) else math.nan,
-                      tokens=tokens)
+    return ModelScore(
+        loss=loss, perplexity=math.exp(min(loss, 50.0)) if math.isfinite(loss) else math.nan, tokens=tokens
+    )
 
 
 def generate_reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int) -> str:
@@ -101,10 +104,14 @@ def generate_reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], m
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
     with torch.inference_mode():
         output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=end_of_turn_token_ids(tokenizer, model),
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=end_of_turn_token_ids(tokenizer, model),
         )
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def evaluate_adapter(
@@ -122,8 +129,11 @@ def evaluate_adapter(
 
     install_library_filters()
     model, tokenizer = load_snapshot(base_snapshot_dir, device=device, for_training=False)
-    rows = pack_rows(tokenize_conversations(tokenizer, validation_conversations, settings.max_seq_len).conversations,
-                     settings.max_seq_len, pack=False)
+    rows = pack_rows(
+        tokenize_conversations(tokenizer, validation_conversations, settings.max_seq_len).conversations,
+        settings.max_seq_len,
+        pack=False,
+    )
     batches = fixed_batches(rows, settings.batch_size, tokenizer.pad_token_id)
     prompts = [c[:-1] for c in validation_conversations[: settings.sample_replies]]
 

@@ -156,8 +156,9 @@ class GatePolicy:
             raise self._looser(field, requested, deployed, "must be", env, key)
         return requested
 
-    def gated_metrics(self, requested: list[str] | tuple[str, ...] | None, *, field: str = "gated_metrics"
-                      ) -> tuple[str, ...]:
+    def gated_metrics(
+        self, requested: list[str] | tuple[str, ...] | None, *, field: str = "gated_metrics"
+    ) -> tuple[str, ...]:
         deployed = self.bias_gated_metrics
         if requested is None:
             return deployed
@@ -180,8 +181,9 @@ class GatePolicy:
 
 def policy_env_names() -> list[str]:
     """Every ``PIXTRAIN_GATE_*`` variable the policy reads (the chart publishes the same list)."""
-    return sorted([v[0] for v in _NUMERIC.values()] + [v[0] for v in _FLAGS.values()]
-                  + [_GATED_METRICS[0], _FAIL_ON_PREVIOUS[0]])
+    return sorted(
+        [v[0] for v in _NUMERIC.values()] + [v[0] for v in _FLAGS.values()] + [_GATED_METRICS[0], _FAIL_ON_PREVIOUS[0]]
+    )
 
 
 def policy_override_in_tag(k8s_config_tag: Any) -> bool:

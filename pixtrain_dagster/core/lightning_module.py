@@ -127,8 +127,9 @@ class LoraFineTuning(L.LightningModule):
     def train_dataloader(self):
         # Lightning calls this after restoring a checkpoint, so a resumed run starts at the next untrained batch.
         self._close_prefetcher()
-        self.prefetcher = PrefetchedBatches(self.train_batches.iterate_from(self.next_micro_step),
-                                            pin_memory=self.pin_memory)
+        self.prefetcher = PrefetchedBatches(
+            self.train_batches.iterate_from(self.next_micro_step), pin_memory=self.pin_memory
+        )
         return self.prefetcher
 
     def val_dataloader(self):

@@ -76,7 +76,9 @@ def summed_token_loss(model: Any, batch: dict[str, Any], chunk_tokens: int = 204
 
     decoder, head, config = decoder_and_head(model)
     transform = output_transform(config)
-    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    hidden = decoder(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+    ).last_hidden_state
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     selected, wanted = hidden[:, :-1][mask], targets[mask]

@@ -99,8 +99,14 @@ def resolve_model_source(reference: str, hf_token: str | None = None, cache_dir:
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(snapshot_download(reference, token=hf_token, cache_dir=cache_dir,
-                                        allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]))
+        folder = Path(
+            snapshot_download(
+                reference,
+                token=hf_token,
+                cache_dir=cache_dir,
+                allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"],
+            )
+        )
     except Exception as error:  # the hub client raises many types; the cause matters, not the class
         raise ModelSourceError(
             f"could not download {reference!r} from the model hub ({type(error).__name__}: {error}); check "
@@ -183,8 +189,9 @@ def load_snapshot(folder: Path, device: str, for_training: bool, dtype: Any = No
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation,
-                                                     device_map=device)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, attn_implementation=attn_implementation, device_map=device
+        )
     except (ImportError, ValueError) as error:
         if "attention" not in str(error).lower() and "flash" not in str(error).lower():
             raise
@@ -211,8 +218,9 @@ def end_of_turn_token_ids(tokenizer: Any, model: Any) -> list[int]:
     ids.append(tokenizer.eos_token_id)
     marker = "\u2063pixtrain\u2063"
     rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
-    after = rendered[rendered.index(marker) + len(marker):] if marker in rendered else ""
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
+    after = rendered[rendered.index(marker) + len(marker) :] if marker in rendered else ""
     following = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
     if following and following[0] in set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder):
         ids.append(following[0])

@@ -69,9 +69,19 @@ class LoraTrainingSettings:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "max_seq_len", "lora_r",
-                     "lora_alpha", "checkpoint_every_n_steps", "loss_chunk_tokens", "log_every_n_steps", "devices",
-                     "num_nodes"):
+        for name in (
+            "max_steps",
+            "micro_batch_size",
+            "gradient_accumulation_steps",
+            "max_seq_len",
+            "lora_r",
+            "lora_alpha",
+            "checkpoint_every_n_steps",
+            "loss_chunk_tokens",
+            "log_every_n_steps",
+            "devices",
+            "num_nodes",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
         if not 0 <= self.lora_dropout < 1:
@@ -85,17 +95,23 @@ class LoraTrainingSettings:
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
         if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS and "/" not in self.attn_implementation:
-            problems.append(f"attn_implementation must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)} or a hub "
-                            f"kernel such as kernels-community/flash-attn (got {self.attn_implementation!r})")
+            problems.append(
+                f"attn_implementation must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)} or a hub "
+                f"kernel such as kernels-community/flash-attn (got {self.attn_implementation!r})"
+            )
         if self.strategy not in STRATEGIES:
             problems.append(f"strategy must be one of {', '.join(STRATEGIES)} (got {self.strategy!r})")
         world = self.devices * self.num_nodes
         if world >= 1 and self.micro_batch_size % world:
-            problems.append(f"micro_batch_size ({self.micro_batch_size}) counts rows across all {world} devices "
-                            f"(devices x num_nodes) and must be a multiple of {world}")
+            problems.append(
+                f"micro_batch_size ({self.micro_batch_size}) counts rows across all {world} devices "
+                f"(devices x num_nodes) and must be a multiple of {world}"
+            )
         if self.strategy == "fsdp" and world < 2:
-            problems.append("strategy fsdp shards over several devices; set devices/num_nodes so that devices x "
-                            "num_nodes >= 2, or use strategy auto")
+            problems.append(
+                "strategy fsdp shards over several devices; set devices/num_nodes so that devices x "
+                "num_nodes >= 2, or use strategy auto"
+            )
         if self.strategy == "fsdp" and self.compile_model:
             problems.append("compile_model with strategy fsdp is not supported by this recipe; turn one off")
         if problems:

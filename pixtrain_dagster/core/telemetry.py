@@ -25,9 +25,10 @@ grow without breaking this module:
   ``pl_module.trained_tokens`` (assistant tokens), ``pl_module.last_validation_loss``,
   ``pl_module.next_micro_step`` and ``pl_module.train_batches.batches_per_pass`` (passes over the data).
 * Optional, used when present: ``pl_module.grad_norm`` (without ``grad_norms`` either, computed from the
-  trainable parameters' gradients in ``on_before_optimizer_step``), ``pl_module.padding_efficiency`` (else real tokens / batch positions of the
-  micro-batches, from ``batch["real_tokens"]`` and ``batch["input_ids"]``), ``pl_module.mfu`` (model FLOPs
-  utilisation, 0..1; the series is absent when the module does not report it), ``pl_module.epochs_completed``.
+  trainable parameters' gradients in ``on_before_optimizer_step``), ``pl_module.padding_efficiency`` (else real
+  tokens / batch positions of the micro-batches, from ``batch["real_tokens"]`` and ``batch["input_ids"]``),
+  ``pl_module.mfu`` (model FLOPs utilisation, 0..1; the series is absent when the module does not report it),
+  ``pl_module.epochs_completed``.
 """
 
 from __future__ import annotations
@@ -97,22 +98,27 @@ class ResourceCollector:
         names, values = list(self.labels), list(self.labels.values())
         try:
             cpu = self.process.cpu_times()
-            family = CounterMetricFamily("pixtrain_process_cpu_seconds", "CPU time of the step process (user+system).",
-                                         labels=names)
+            family = CounterMetricFamily(
+                "pixtrain_process_cpu_seconds", "CPU time of the step process (user+system).", labels=names
+            )
             family.add_metric(values, cpu.user + cpu.system)
             yield family
-            family = GaugeMetricFamily("pixtrain_process_resident_memory_bytes", "Resident memory of the step process.",
-                                       labels=names)
+            family = GaugeMetricFamily(
+                "pixtrain_process_resident_memory_bytes", "Resident memory of the step process.", labels=names
+            )
             family.add_metric(values, self.process.memory_info().rss)
             yield family
         except Exception as error:
             self._warn_once("process CPU/memory", error)
         try:
             io = self.process.io_counters()
-            for name, value, text in (("read", io.read_bytes, "read from storage"),
-                                      ("written", io.write_bytes, "written to storage")):
-                family = CounterMetricFamily(f"pixtrain_process_{name}_bytes", f"Bytes the step process {text}.",
-                                             labels=names)
+            for name, value, text in (
+                ("read", io.read_bytes, "read from storage"),
+                ("written", io.write_bytes, "written to storage"),
+            ):
+                family = CounterMetricFamily(
+                    f"pixtrain_process_{name}_bytes", f"Bytes the step process {text}.", labels=names
+                )
                 family.add_metric(values, value)
                 yield family
         except Exception as error:  # not on every platform / container runtime
@@ -126,8 +132,11 @@ class ResourceCollector:
         nvml = self.nvml
         gpu_names = [*names, "gpu"]
         families = {
-            "util": GaugeMetricFamily("pixtrain_gpu_utilization_ratio",
-                                      "Fraction of the last sample period a kernel ran on the GPU (0..1).", labels=gpu_names),
+            "util": GaugeMetricFamily(
+                "pixtrain_gpu_utilization_ratio",
+                "Fraction of the last sample period a kernel ran on the GPU (0..1).",
+                labels=gpu_names,
+            ),
             "used": GaugeMetricFamily("pixtrain_gpu_memory_used_bytes", "GPU memory in use.", labels=gpu_names),
             "total": GaugeMetricFamily("pixtrain_gpu_memory_total_bytes", "GPU memory installed.", labels=gpu_names),
             "power": GaugeMetricFamily("pixtrain_gpu_power_watts", "GPU power draw.", labels=gpu_names),
@@ -154,7 +163,9 @@ class ResourceCollector:
             except Exception as error:
                 self._warn_once(f"NVML power of GPU {index}", error)
             try:
-                families["temp"].add_metric(label_values, nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))
+                families["temp"].add_metric(
+                    label_values, nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
+                )
             except Exception as error:
                 self._warn_once(f"NVML temperature of GPU {index}", error)
         for family in families.values():
@@ -246,7 +257,9 @@ def _make_callback_class():
             self.step = gauge("pixtrain_training_step", "Optimizer steps completed (global step).")
             self.max_steps = gauge("pixtrain_training_max_steps", "Optimizer steps the run is configured for.")
             self.epochs = gauge("pixtrain_training_epochs", "Passes over the training data so far (fractional).")
-            self.loss = gauge("pixtrain_training_loss", "Training loss of the last optimizer step (mean over its micro-batches).")
+            self.loss = gauge(
+                "pixtrain_training_loss", "Training loss of the last optimizer step (mean over its micro-batches)."
+            )
             self.validation_loss = gauge("pixtrain_training_validation_loss", "Held-out loss at the last validation.")
             self.perplexity = gauge("pixtrain_training_perplexity", "exp(training loss) of the last optimizer step.")
             self.validation_perplexity = gauge("pixtrain_training_validation_perplexity", "exp(validation loss).")
@@ -254,25 +267,42 @@ def _make_callback_class():
             self.grad_norm = gauge("pixtrain_training_grad_norm", "L2 norm of the gradients before clipping.")
             self.tokens = counter("pixtrain_training_tokens", "Non-padding tokens processed.")
             self.assistant_tokens = counter("pixtrain_training_assistant_tokens", "Assistant tokens that carried loss.")
-            self.tokens_per_second = gauge("pixtrain_training_tokens_per_second",
-                                           "Non-padding tokens per second over the last optimizer step.")
-            self.assistant_tokens_per_second = gauge("pixtrain_training_assistant_tokens_per_second",
-                                                     "Assistant (trained) tokens per second over the last optimizer step.")
-            self.padding_efficiency = gauge("pixtrain_training_padding_efficiency",
-                                            "Real tokens / batch positions of the last optimizer step (1 = no padding).")
-            self.step_seconds = histogram("pixtrain_training_optimizer_step_seconds",
-                                          "Wall time of one optimizer step, data loading included.", STEP_SECONDS_BUCKETS)
-            self.data_wait_seconds = histogram("pixtrain_training_data_wait_seconds",
-                                               "Time one optimizer step waited for its batches.", DATA_WAIT_BUCKETS)
-            self.checkpoint_seconds = histogram("pixtrain_training_checkpoint_save_seconds",
-                                                "Time to write one checkpoint.", CHECKPOINT_BUCKETS)
+            self.tokens_per_second = gauge(
+                "pixtrain_training_tokens_per_second", "Non-padding tokens per second over the last optimizer step."
+            )
+            self.assistant_tokens_per_second = gauge(
+                "pixtrain_training_assistant_tokens_per_second",
+                "Assistant (trained) tokens per second over the last optimizer step.",
+            )
+            self.padding_efficiency = gauge(
+                "pixtrain_training_padding_efficiency",
+                "Real tokens / batch positions of the last optimizer step (1 = no padding).",
+            )
+            self.step_seconds = histogram(
+                "pixtrain_training_optimizer_step_seconds",
+                "Wall time of one optimizer step, data loading included.",
+                STEP_SECONDS_BUCKETS,
+            )
+            self.data_wait_seconds = histogram(
+                "pixtrain_training_data_wait_seconds",
+                "Time one optimizer step waited for its batches.",
+                DATA_WAIT_BUCKETS,
+            )
+            self.checkpoint_seconds = histogram(
+                "pixtrain_training_checkpoint_save_seconds", "Time to write one checkpoint.", CHECKPOINT_BUCKETS
+            )
             self.checkpoint_bytes = gauge("pixtrain_training_checkpoint_size_bytes", "Size of the last checkpoint.")
             self.checkpoint_written = counter("pixtrain_training_checkpoint_written_bytes", "Checkpoint bytes written.")
-            self.last_step_time = gauge("pixtrain_training_last_step_timestamp_seconds",
-                                        "Unix time of the last completed optimizer step (stall detection).")
-            self.started_time = gauge("pixtrain_training_start_timestamp_seconds", "Unix time the training loop started.")
-            self._mfu_gauge = lambda: Gauge("pixtrain_training_mfu_ratio", "Model FLOPs utilisation (0..1).", names,
-                                            registry=registry).labels(**labels)
+            self.last_step_time = gauge(
+                "pixtrain_training_last_step_timestamp_seconds",
+                "Unix time of the last completed optimizer step (stall detection).",
+            )
+            self.started_time = gauge(
+                "pixtrain_training_start_timestamp_seconds", "Unix time the training loop started."
+            )
+            self._mfu_gauge = lambda: Gauge(
+                "pixtrain_training_mfu_ratio", "Model FLOPs utilisation (0..1).", names, registry=registry
+            ).labels(**labels)
             self.mfu = None
             self._wrapped_save = False
             self._reset_step_window(time.perf_counter())
@@ -475,8 +505,13 @@ def _threading_server_class():
 class MetricsServer:
     """``/metrics`` and ``/healthz`` for one step, on a background thread. Use as a context manager."""
 
-    def __init__(self, telemetry: StepTelemetry, port: int, host: str = "0.0.0.0",
-                 max_idle_seconds: float | None = DEFAULT_MAX_IDLE_SECONDS):
+    def __init__(
+        self,
+        telemetry: StepTelemetry,
+        port: int,
+        host: str = "0.0.0.0",
+        max_idle_seconds: float | None = DEFAULT_MAX_IDLE_SECONDS,
+    ):
         self.telemetry = telemetry
         self.host, self.requested_port = host, port
         self.max_idle_seconds = max_idle_seconds
@@ -503,8 +538,13 @@ class MetricsServer:
         return [b"try /metrics or /healthz\n"]
 
     def start(self) -> MetricsServer:
-        self._server = make_server(self.host, self.requested_port, self.app,
-                                   server_class=_threading_server_class(), handler_class=_QuietHandler)
+        self._server = make_server(
+            self.host,
+            self.requested_port,
+            self.app,
+            server_class=_threading_server_class(),
+            handler_class=_QuietHandler,
+        )
         self._thread = threading.Thread(target=self._server.serve_forever, name="pixtrain-metrics", daemon=True)
         self._thread.start()
         log.info("metrics on http://%s:%d/metrics (health: /healthz)", self.host, self.port)
@@ -533,8 +573,7 @@ class _NoServer:
         pass
 
 
-def serve_step_metrics(telemetry: StepTelemetry, environ: Mapping[str, str] | None = None,
-                       training: bool = False):
+def serve_step_metrics(telemetry: StepTelemetry, environ: Mapping[str, str] | None = None, training: bool = False):
     """A context manager serving ``telemetry`` when ``PIXTRAIN_METRICS_PORT`` is set (the step pods set it).
 
     Unset (local runs, where several steps share one machine) means no server. A port that cannot be bound is
@@ -551,8 +590,9 @@ def serve_step_metrics(telemetry: StepTelemetry, environ: Mapping[str, str] | No
     except ValueError:
         log.warning("%s=%r or %s is not a number; metrics are not served", METRICS_PORT_ENV, raw, HEALTH_MAX_IDLE_ENV)
         return _NoServer()
-    server = MetricsServer(telemetry, port, env.get(METRICS_HOST_ENV) or "0.0.0.0",
-                           max_idle_seconds=max_idle if training else None)
+    server = MetricsServer(
+        telemetry, port, env.get(METRICS_HOST_ENV) or "0.0.0.0", max_idle_seconds=max_idle if training else None
+    )
     try:
         return server.start()
     except OSError as error:

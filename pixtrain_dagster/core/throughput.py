@@ -78,13 +78,18 @@ def lora_flops_per_token(config: Any, trainable_params: int, seq_len: float, hea
     ``seq_len`` is the attention context S (see above); ``head_fraction`` the share of positions whose logits the
     loss needs. Raises ValueError on a config without the fields a decoder needs.
     """
-    missing = [n for n in ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
-                           "vocab_size") if _get(config, n) is None]
+    missing = [
+        n
+        for n in ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers", "vocab_size")
+        if _get(config, n) is None
+    ]
     if missing:
         raise ValueError(f"model config lacks {', '.join(missing)}: cannot count FLOPs for it")
     if seq_len <= 0 or not 0 <= head_fraction <= 1 or trainable_params < 0:
-        raise ValueError(f"need seq_len > 0, 0 <= head_fraction <= 1, trainable_params >= 0 (got {seq_len}, "
-                         f"{head_fraction}, {trainable_params})")
+        raise ValueError(
+            f"need seq_len > 0, 0 <= head_fraction <= 1, trainable_params >= 0 (got {seq_len}, "
+            f"{head_fraction}, {trainable_params})"
+        )
     hidden = int(_get(config, "hidden_size"))
     heads = int(_get(config, "num_attention_heads"))
     head_dim = int(_get(config, "head_dim") or hidden // heads)

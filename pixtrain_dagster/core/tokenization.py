@@ -57,8 +57,12 @@ class TokenizedSet:
     dropped_too_long: int  # even the system prompt plus the last exchange exceeds max_seq_len
 
     def counts(self) -> dict[str, int]:
-        return {"conversations": self.total, "kept": len(self.conversations), "truncated": self.truncated,
-                "dropped_too_long": self.dropped_too_long}
+        return {
+            "conversations": self.total,
+            "kept": len(self.conversations),
+            "truncated": self.truncated,
+            "dropped_too_long": self.dropped_too_long,
+        }
 
 
 def assistant_char_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
@@ -93,8 +97,9 @@ def _tokenize_whole(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[lis
     return input_ids, labels
 
 
-def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], max_seq_len: int
-                          ) -> TokenizedConversation | None:
+def tokenize_conversation(
+    tokenizer: Any, messages: list[dict[str, str]], max_seq_len: int
+) -> TokenizedConversation | None:
     """Tokens and labels of a conversation that fits ``max_seq_len``, or None when it cannot be made to fit.
 
     Too long: keep the system prompt and the newest whole turns, each kept part starting at a user message;
@@ -121,8 +126,9 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], max_se
     return best
 
 
-def tokenize_conversations(tokenizer: Any, conversations: Sequence[list[dict[str, str]]], max_seq_len: int
-                           ) -> TokenizedSet:
+def tokenize_conversations(
+    tokenizer: Any, conversations: Sequence[list[dict[str, str]]], max_seq_len: int
+) -> TokenizedSet:
     kept, truncated, dropped = [], 0, 0
     for messages in conversations:
         tokenized = tokenize_conversation(tokenizer, messages, max_seq_len)
@@ -259,15 +265,20 @@ class StepIndexedBatches:
 
     def __post_init__(self) -> None:
         if not self.rows:
-            raise ValueError("no training rows: every conversation was longer than max_seq_len even with only "
-                             "its system prompt and last exchange; raise lora_training's max_seq_len")
+            raise ValueError(
+                "no training rows: every conversation was longer than max_seq_len even with only "
+                "its system prompt and last exchange; raise lora_training's max_seq_len"
+            )
         if self.micro_batch_size % self.world_size:
-            raise ValueError(f"micro_batch_size {self.micro_batch_size} is not a multiple of the world size "
-                             f"{self.world_size}")
+            raise ValueError(
+                f"micro_batch_size {self.micro_batch_size} is not a multiple of the world size {self.world_size}"
+            )
         self.rows = list(self.rows)
         if len(self.rows) < self.world_size:
-            raise ValueError(f"{len(self.rows)} training rows cannot feed {self.world_size} processes; use fewer "
-                             "devices or more data")
+            raise ValueError(
+                f"{len(self.rows)} training rows cannot feed {self.world_size} processes; use fewer "
+                "devices or more data"
+            )
         # Whole micro-batches only (the rows left over are in the next pass's shuffle): every micro-batch has
         # micro_batch_size rows, so each rank's share is the same size whatever the world size.
         self.batches_per_pass = max(1, len(self.rows) // self.micro_batch_size)
@@ -293,8 +304,12 @@ class StepIndexedBatches:
 
     def step_label_tokens(self, optimizer_step: int) -> int:
         first = optimizer_step * self.accumulation
-        return sum(row.loss_tokens for m in range(first, first + self.accumulation)
-                   for shard in self._shards(self.rows_of(m)) for row in shard)
+        return sum(
+            row.loss_tokens
+            for m in range(first, first + self.accumulation)
+            for shard in self._shards(self.rows_of(m))
+            for row in shard
+        )
 
     def batch(self, micro_step: int) -> dict[str, Any]:
         shards = self._shards(self.rows_of(micro_step))

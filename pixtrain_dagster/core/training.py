@@ -85,9 +85,14 @@ class _Throughput:
         return (self.last[1] - self.first[1]) / (self.last[0] - self.first[0])
 
 
-def _make_progress_callback(store: ArtifactStore, fingerprint: str, settings: LoraTrainingSettings,
-                            published: list[ArtifactRef], on_checkpoint: CheckpointHook | None,
-                            model_flops: Callable[[float], float | None] = lambda rate: None):
+def _make_progress_callback(
+    store: ArtifactStore,
+    fingerprint: str,
+    settings: LoraTrainingSettings,
+    published: list[ArtifactRef],
+    on_checkpoint: CheckpointHook | None,
+    model_flops: Callable[[float], float | None] = lambda rate: None,
+):
     """The callback that publishes a checkpoint every ``checkpoint_every_n_steps`` and logs loss, throughput, MFU."""
     import lightning as L
 
@@ -120,8 +125,12 @@ def _make_progress_callback(store: ArtifactStore, fingerprint: str, settings: Lo
             rate = self.throughput.tokens_per_second()
             step = trainer.global_step
             lr = trainer.optimizers[0].param_groups[0]["lr"]
-            values = {"train/loss": pl_module.train_losses[-1], "train/grad_norm": pl_module.grad_norms[-1],
-                      "train/lr": lr, "train/padding_efficiency": pl_module.padding_efficiency}
+            values = {
+                "train/loss": pl_module.train_losses[-1],
+                "train/grad_norm": pl_module.grad_norms[-1],
+                "train/lr": lr,
+                "train/padding_efficiency": pl_module.padding_efficiency,
+            }
             if rate is not None:
                 values["train/tokens_per_second"] = rate
                 pl_module.mfu = model_flops(rate)  # read by the metrics callback too
@@ -129,9 +138,15 @@ def _make_progress_callback(store: ArtifactStore, fingerprint: str, settings: Lo
                     values["train/mfu"] = pl_module.mfu
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=step)
-            log.info("step %d/%d  loss %.4f  grad-norm %.3f  lr %.2e  %s", step, trainer.max_steps,
-                     values["train/loss"], values["train/grad_norm"], lr,
-                     f"{rate:.1f} tokens/s" if rate is not None else "(first step: start-up, not timed)")
+            log.info(
+                "step %d/%d  loss %.4f  grad-norm %.3f  lr %.2e  %s",
+                step,
+                trainer.max_steps,
+                values["train/loss"],
+                values["train/grad_norm"],
+                lr,
+                f"{rate:.1f} tokens/s" if rate is not None else "(first step: start-up, not timed)",
+            )
 
         def save(self, trainer) -> None:
             step = trainer.global_step
@@ -141,8 +156,9 @@ def _make_progress_callback(store: ArtifactStore, fingerprint: str, settings: Lo
                 self.last_saved_step = step
                 if not trainer.is_global_zero:
                     return  # only rank 0 publishes (and records) checkpoints
-                ref = store.publish(folder, f"{checkpoint_prefix(fingerprint)}/step-{step:06d}",
-                                    extra={"step": step}, replace=True)
+                ref = store.publish(
+                    folder, f"{checkpoint_prefix(fingerprint)}/step-{step:06d}", extra={"step": step}, replace=True
+                )
             published.append(ref)
             log.info("checkpoint at step %d published to %s", step, ref.uri)
             if on_checkpoint:
@@ -183,8 +199,13 @@ class _PreparedData:
     head_fraction: float  # labelled tokens / input tokens: the share of positions the output layer sees
 
 
-def _setup_data(tokenizer: Any, settings: LoraTrainingSettings, train_conversations: Sequence[list[dict[str, str]]],
-                validation_conversations: Sequence[list[dict[str, str]]], rank: int = 0) -> _PreparedData:
+def _setup_data(
+    tokenizer: Any,
+    settings: LoraTrainingSettings,
+    train_conversations: Sequence[list[dict[str, str]]],
+    validation_conversations: Sequence[list[dict[str, str]]],
+    rank: int = 0,
+) -> _PreparedData:
     """Tokenise (too-long conversations keep their newest turns), pack, and index the batches by step."""
     from .settings import VARLEN_ATTENTION
     from .throughput import segment_attention_length
@@ -193,21 +214,33 @@ def _setup_data(tokenizer: Any, settings: LoraTrainingSettings, train_conversati
     train = tokenize_conversations(tokenizer, train_conversations, settings.max_seq_len)
     validation = tokenize_conversations(tokenizer, validation_conversations, settings.max_seq_len)
     if train.truncated or train.dropped_too_long:
-        log.info("max_seq_len %d: %d of %d training conversations keep only their newest turns, %d are dropped",
-                 settings.max_seq_len, train.truncated, train.total, train.dropped_too_long)
+        log.info(
+            "max_seq_len %d: %d of %d training conversations keep only their newest turns, %d are dropped",
+            settings.max_seq_len,
+            train.truncated,
+            train.total,
+            train.dropped_too_long,
+        )
     batches = StepIndexedBatches(
         pack_rows(train.conversations, settings.max_seq_len, settings.pack_sequences),
-        settings.micro_batch_size, settings.seed, tokenizer.pad_token_id,
+        settings.micro_batch_size,
+        settings.seed,
+        tokenizer.pad_token_id,
         accumulation=settings.gradient_accumulation_steps,
         # Varlen kernels take the packed micro-batch as one flat row: no padding computed at all.
         flatten=settings.pack_sequences and settings.attn_implementation in VARLEN_ATTENTION,
-        world_size=settings.world_size, rank=rank,
+        world_size=settings.world_size,
+        rank=rank,
     )
     validation_rows = pack_rows(validation.conversations, settings.max_seq_len, pack=False)
     lengths = [len(c.input_ids) for c in train.conversations]
-    return _PreparedData(batches, fixed_batches(validation_rows, settings.micro_batch_size, tokenizer.pad_token_id),
-                         train.counts(), segment_attention_length(lengths) if lengths else 0.0,
-                         sum(c.loss_tokens for c in train.conversations) / max(1, sum(lengths)))
+    return _PreparedData(
+        batches,
+        fixed_batches(validation_rows, settings.micro_batch_size, tokenizer.pad_token_id),
+        train.counts(),
+        segment_attention_length(lengths) if lengths else 0.0,
+        sum(c.loss_tokens for c in train.conversations) / max(1, sum(lengths)),
+    )
 
 
 def _setup_model(base_snapshot_dir: Path, settings: LoraTrainingSettings, device: str, precision: str):
@@ -217,16 +250,25 @@ def _setup_model(base_snapshot_dir: Path, settings: LoraTrainingSettings, device
     from .model_checks import verify_loss_path, verify_packing_isolation
     from .models import load_snapshot, training_dtype
 
-    model, tokenizer = load_snapshot(base_snapshot_dir, device=device, for_training=True,
-                                     dtype=training_dtype(device, precision),
-                                     attn_implementation=settings.attn_implementation)
+    model, tokenizer = load_snapshot(
+        base_snapshot_dir,
+        device=device,
+        for_training=True,
+        dtype=training_dtype(device, precision),
+        attn_implementation=settings.attn_implementation,
+    )
     verify_loss_path(model)
     if settings.pack_sequences:
         verify_packing_isolation(model, settings.attn_implementation)
     if settings.use_liger_kernel:
         _apply_liger_kernels(model, device)
-    lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                      target_modules=settings.lora_targets, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=settings.lora_targets,
+        task_type="CAUSAL_LM",
+    )
     try:
         # PEFT keeps the adapter weights in fp32 (autocast_adapter_dtype) while the frozen base stays bf16.
         peft_model = get_peft_model(model, lora)
@@ -235,7 +277,8 @@ def _setup_model(base_snapshot_dir: Path, settings: LoraTrainingSettings, device
     if settings.gradient_checkpointing:
         # Non-reentrant: works with a frozen base (no input that requires grad) and replays dropout exactly.
         peft_model.get_base_model().activation_checkpointing_enable(  # transformers 5's name for it
-            activation_checkpointing_kwargs={"use_reentrant": False})
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     if settings.compile_model:
         # Each decoder layer compiled in place: one graph reused by every layer, and state-dict keys unchanged
         # (torch.compile of the LightningModule crashes inside self.log; a wrapper would rename the keys).
@@ -251,8 +294,10 @@ def _apply_liger_kernels(model: Any, device: str) -> None:
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except ImportError:
-        raise ValueError("use_liger_kernel is on but the liger-kernel package is not installed; "
-                         "pip install liger-kernel, or turn it off") from None
+        raise ValueError(
+            "use_liger_kernel is on but the liger-kernel package is not installed; "
+            "pip install liger-kernel, or turn it off"
+        ) from None
     # Our loss computes only labelled positions in chunks already; Liger's fused cross-entropy would replace it.
     _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
 
@@ -271,13 +316,24 @@ def _strategy(settings: LoraTrainingSettings, model_layer_class: type | None):
         return DDPStrategy(find_unused_parameters=False)
     from lightning.pytorch.strategies import FSDPStrategy
 
-    return FSDPStrategy(auto_wrap_policy={model_layer_class} if model_layer_class else None,
-                        use_orig_params=True,  # LoRA: trainable and frozen parameters share wrapped modules
-                        state_dict_type="full", sharding_strategy="FULL_SHARD", limit_all_gathers=True)
+    return FSDPStrategy(
+        auto_wrap_policy={model_layer_class} if model_layer_class else None,
+        use_orig_params=True,  # LoRA: trainable and frozen parameters share wrapped modules
+        state_dict_type="full",
+        sharding_strategy="FULL_SHARD",
+        limit_all_gathers=True,
+    )
 
 
-def _setup_trainer(settings: LoraTrainingSettings, device: str, precision: str, logger: Any, callbacks: list[Any],
-                   workdir: str, model_layer_class: type | None = None):
+def _setup_trainer(
+    settings: LoraTrainingSettings,
+    device: str,
+    precision: str,
+    logger: Any,
+    callbacks: list[Any],
+    workdir: str,
+    model_layer_class: type | None = None,
+):
     """The Lightning Trainer: step-based (max_steps), our own clipping and checkpoints, the chosen strategy."""
     import lightning as L
 
@@ -315,7 +371,8 @@ def process_rank(settings: LoraTrainingSettings) -> tuple[int, int]:
         raise ValueError(
             f"devices x num_nodes = {settings.world_size} but this process is one of {world} (WORLD_SIZE): start "
             "multi-process training with `torchrun ... -m pixtrain_dagster.core.distributed` (the lora_training step "
-            "does this itself), or set devices and num_nodes to 1")
+            "does this itself), or set devices and num_nodes to 1"
+        )
     return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
 
 
@@ -333,8 +390,15 @@ def _trainable_state(trainer: Any, peft_model: Any) -> dict[str, Any] | None:
     return {k.removeprefix("model."): v for k, v in full.items() if k.removeprefix("model.") in trainable}
 
 
-def _publish_adapter(store: ArtifactStore, peft_model: Any, tokenizer: Any, summary: dict[str, Any],
-                     base_model_name: str, fingerprint: str, lora_state: dict[str, Any] | None = None) -> ArtifactRef:
+def _publish_adapter(
+    store: ArtifactStore,
+    peft_model: Any,
+    tokenizer: Any,
+    summary: dict[str, Any],
+    base_model_name: str,
+    fingerprint: str,
+    lora_state: dict[str, Any] | None = None,
+) -> ArtifactRef:
     """Write the adapter (PEFT format, tokenizer, training summary) and publish it atomically with its manifest."""
     with store.stage() as folder:
         # Name the base by its store key, not this machine's path: the same inputs then give the same adapter bytes.
@@ -360,8 +424,9 @@ def _device_peak_flops(device: str, local_rank: int) -> float | None:
     return peak_flops(torch.cuda.get_device_name(local_rank))
 
 
-def _mfu_function(peft_model: Any, data: _PreparedData, peak_per_device: float | None, world_size: int
-                  ) -> Callable[[float], float | None]:
+def _mfu_function(
+    peft_model: Any, data: _PreparedData, peak_per_device: float | None, world_size: int
+) -> Callable[[float], float | None]:
     """tokens/s (all ranks) -> model FLOPs utilisation, or None where the device's peak is unknown.
     Formula and peak table: core/throughput.py."""
     from .throughput import lora_flops_per_token, mfu
@@ -369,8 +434,9 @@ def _mfu_function(peft_model: Any, data: _PreparedData, peak_per_device: float |
     if peak_per_device is None or not data.attention_length:
         return lambda rate: None
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    flops = lora_flops_per_token(peft_model.get_base_model().config, trainable, data.attention_length,
-                                 data.head_fraction)
+    flops = lora_flops_per_token(
+        peft_model.get_base_model().config, trainable, data.attention_length, data.head_fraction
+    )
     return lambda rate: mfu(rate, flops, peak_per_device * world_size)
 
 
@@ -384,8 +450,9 @@ def _peak_memory_bytes(device: str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def _resume_point(checkpoint_store: ArtifactStore, fingerprint: str, resume: bool,
-                  on_invalid: Callable[[Any], None] | None = None):
+def _resume_point(
+    checkpoint_store: ArtifactStore, fingerprint: str, resume: bool, on_invalid: Callable[[Any], None] | None = None
+):
     """(checkpoint key, local path, step, input tokens so far) of the newest checkpoint whose manifest and sha256
     verify (damaged ones are skipped and reported to ``on_invalid``), or Nones and zeros."""
     from .safe_load import load_checkpoint_safely
@@ -417,8 +484,10 @@ def _setup_device(settings: LoraTrainingSettings, runtime: RuntimeSettings) -> _
     device = pick_device(runtime.device)
     rank, local_rank = process_rank(settings)
     if settings.resolved_strategy == "fsdp" and device != "cuda":
-        raise ValueError("strategy fsdp needs CUDA GPUs (Lightning's FSDP refuses a CPU accelerator); use strategy "
-                         "ddp (or auto) on CPU")
+        raise ValueError(
+            "strategy fsdp needs CUDA GPUs (Lightning's FSDP refuses a CPU accelerator); use strategy "
+            "ddp (or auto) on CPU"
+        )
     if device == "cuda":
         torch.cuda.set_device(local_rank)
         torch.cuda.reset_peak_memory_stats()
@@ -426,8 +495,9 @@ def _setup_device(settings: LoraTrainingSettings, runtime: RuntimeSettings) -> _
     return _Placement(device, settings.resolved_precision(device), rank, local_rank, load_on)
 
 
-def _fit(trainer, module, progress, logger, resume_path: Path | None, start_step: int
-         ) -> tuple[float, str | None, str | None]:
+def _fit(
+    trainer, module, progress, logger, resume_path: Path | None, start_step: int
+) -> tuple[float, str | None, str | None]:
     """Fit (resuming from ``resume_path``), save the final step, validate; (fit seconds, W&B run id, W&B dir)."""
     started = time.perf_counter()
     trainer.fit(module, ckpt_path=str(resume_path) if resume_path else None, weights_only=True)
@@ -481,29 +551,40 @@ def train_lora_adapter(
     data = _setup_data(tokenizer, settings, train_conversations, validation_conversations, place.rank)
     module = LoraFineTuning(peft_model, settings, data.train, data.validation, pin_memory=device == "cuda")
 
-    resume_key, resume_path, start_step, tokens_before = _resume_point(checkpoint_store, fingerprint, resume,
-                                                                     on_invalid_checkpoint)
+    resume_key, resume_path, start_step, tokens_before = _resume_point(
+        checkpoint_store, fingerprint, resume, on_invalid_checkpoint
+    )
     published: list[ArtifactRef] = (
         [checkpoint_store.ref(k) for k in checkpoint_store.list(checkpoint_prefix(fingerprint))] if resume else []
     )
     utilisation = _mfu_function(peft_model, data, _device_peak_flops(device, local_rank), settings.world_size)
-    progress = _make_progress_callback(checkpoint_store, fingerprint, settings, published, on_checkpoint,
-                                       utilisation)
+    progress = _make_progress_callback(checkpoint_store, fingerprint, settings, published, on_checkpoint, utilisation)
 
     with tempfile.TemporaryDirectory(prefix="pixtrain-train-") as workdir:
         logger = _wandb_logger(runtime, fingerprint, settings, Path(workdir))
-        trainer = _setup_trainer(settings, device, precision, logger, [progress, *extra_callbacks], workdir,
-                                 _decoder_layer_class(peft_model))
+        trainer = _setup_trainer(
+            settings, device, precision, logger, [progress, *extra_callbacks], workdir, _decoder_layer_class(peft_model)
+        )
         if resume_key:
             log.info("resuming %s from step %d (%s)", fingerprint, start_step, resume_key)
         fit_seconds, wandb_run_id, wandb_dir = _fit(trainer, module, progress, logger, resume_path, start_step)
 
     steps_this_run = trainer.global_step - start_step
-    summary = {"fingerprint": fingerprint, "base_model_sha256": base_model_sha256, "dataset_sha256": dataset_sha256,
-               "settings": asdict(settings), "final_step": trainer.global_step}
+    summary = {
+        "fingerprint": fingerprint,
+        "base_model_sha256": base_model_sha256,
+        "dataset_sha256": dataset_sha256,
+        "settings": asdict(settings),
+        "final_step": trainer.global_step,
+    }
     lora_state = _trainable_state(trainer, peft_model)  # collective under FSDP: every rank takes part
-    adapter = _publish_adapter(store, peft_model, tokenizer, summary, base_model_name or str(base_snapshot_dir),
-                               fingerprint, lora_state) if trainer.is_global_zero else None
+    adapter = (
+        _publish_adapter(
+            store, peft_model, tokenizer, summary, base_model_name or str(base_snapshot_dir), fingerprint, lora_state
+        )
+        if trainer.is_global_zero
+        else None
+    )
     rate = progress.throughput.tokens_per_second()
     if rate is None and steps_this_run and fit_seconds > 0:  # a single step: nothing to exclude start-up from
         rate = (module.input_tokens - tokens_before) / fit_seconds

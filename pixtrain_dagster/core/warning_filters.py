@@ -30,7 +30,8 @@ LIBRARY_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
 # precision are in the training summary). Lightning's *warnings*, e.g. "GPU available but not used", stay.
 LIGHTNING_INFO_LOGGER = "lightning.pytorch.utilities.rank_zero"
 LIGHTNING_NOISE = re.compile(
-    r"💡 Tip: |GPU available: \w+( \(\w+\))?, used: \w+$|TPU available: \w+, using: \d+ TPU cores$")
+    r"💡 Tip: |GPU available: \w+( \(\w+\))?, used: \w+$|TPU available: \w+, using: \d+ TPU cores$"
+)
 
 
 class _DropLightningNoise(logging.Filter):

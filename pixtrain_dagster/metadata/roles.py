@@ -51,13 +51,19 @@ class RoleSetupError(RuntimeError):
 
 def check_role_name(role: str) -> str:
     if not _ROLE_NAME.match(role):
-        raise RoleSetupError(f"role name {role!r} must be lower-case letters, digits and _ (max 63), e.g. "
-                             f"{DEFAULT_WRITER_ROLE}")
+        raise RoleSetupError(
+            f"role name {role!r} must be lower-case letters, digits and _ (max 63), e.g. {DEFAULT_WRITER_ROLE}"
+        )
     return role
 
 
-def dba_setup_sql(writer_role: str, login_role: str, owner_role: str, database: str, schema: str = "pixtrain",
-                  ) -> str:
+def dba_setup_sql(
+    writer_role: str,
+    login_role: str,
+    owner_role: str,
+    database: str,
+    schema: str = "pixtrain",
+) -> str:
     """One-time SQL for a DBA (a role with CREATEROLE): the roles, the schema and the database privileges."""
     for name in (writer_role, login_role, owner_role, schema):
         check_role_name(name)
@@ -91,8 +97,9 @@ def ensure_writer_role(conn: Connection, role: str, *, create: bool) -> bool:
             f"GRANT {role} TO <pipeline login role>; see `python -m pixtrain_dagster.cli db-setup-sql`), or run "
             "db-migrate with --create-role as an owner that has CREATEROLE"
         )
-    can_create = conn.execute(sa.text("SELECT rolcreaterole OR rolsuper FROM pg_roles WHERE rolname = current_user"
-                                      )).scalar_one()
+    can_create = conn.execute(
+        sa.text("SELECT rolcreaterole OR rolsuper FROM pg_roles WHERE rolname = current_user")
+    ).scalar_one()
     if not can_create:
         raise RoleSetupError(
             f"database role {role!r} does not exist and the migrating role cannot create it (no CREATEROLE). "
@@ -113,8 +120,9 @@ def grant_statements(conn: Connection, writer_role: str) -> list[str]:
         statements.append(f"REVOKE ALL ON {name} FROM {writer_role}")
         statements.append(f"GRANT {', '.join(privileges)} ON {name} TO {writer_role}")
     for table in SEQUENCE_TABLES:
-        sequence = conn.execute(sa.text("SELECT pg_get_serial_sequence(:t, 'id')"),
-                                {"t": f"{quote(schema)}.{quote(table)}"}).scalar_one()
+        sequence = conn.execute(
+            sa.text("SELECT pg_get_serial_sequence(:t, 'id')"), {"t": f"{quote(schema)}.{quote(table)}"}
+        ).scalar_one()
         if sequence:
             statements.append(f"REVOKE ALL ON SEQUENCE {sequence} FROM {writer_role}")
             statements.append(f"GRANT USAGE ON SEQUENCE {sequence} TO {writer_role}")
@@ -138,15 +146,21 @@ def least_privilege_problems(conn: Connection) -> list[str]:
     """Why the connected role is more powerful than the pipeline should be (empty when it is not)."""
     if conn.dialect.name != "postgresql":
         return []
-    row = conn.execute(sa.text(
-        "SELECT r.rolsuper, r.rolcreaterole, r.rolbypassrls, "
-        "       pg_has_role(current_user, c.relowner, 'USAGE') AS owns_audit, "
-        "       has_schema_privilege(current_schema(), 'CREATE') AS can_create, "
-        "       has_table_privilege(c.oid, 'UPDATE') OR has_table_privilege(c.oid, 'DELETE') "
-        "         OR has_table_privilege(c.oid, 'TRUNCATE') AS can_rewrite "
-        "FROM pg_roles r, pg_class c "
-        "WHERE r.rolname = current_user AND c.oid = to_regclass('audit_events')"
-    )).mappings().first()
+    row = (
+        conn.execute(
+            sa.text(
+                "SELECT r.rolsuper, r.rolcreaterole, r.rolbypassrls, "
+                "       pg_has_role(current_user, c.relowner, 'USAGE') AS owns_audit, "
+                "       has_schema_privilege(current_schema(), 'CREATE') AS can_create, "
+                "       has_table_privilege(c.oid, 'UPDATE') OR has_table_privilege(c.oid, 'DELETE') "
+                "         OR has_table_privilege(c.oid, 'TRUNCATE') AS can_rewrite "
+                "FROM pg_roles r, pg_class c "
+                "WHERE r.rolname = current_user AND c.oid = to_regclass('audit_events')"
+            )
+        )
+        .mappings()
+        .first()
+    )
     if row is None:
         return ["audit_events does not exist: run db-migrate as the owner role first"]
     problems = []

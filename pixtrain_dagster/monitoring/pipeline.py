@@ -53,8 +53,14 @@ DATASET_ASSET = AssetKey("training_dataset")
 PROMOTION_ASSET = AssetKey("promoted_adapter")
 TRAINING_OUTPUT = AssetKey("lora_adapter")
 
-_STARTED = {DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE,
-            DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED}
+_STARTED = {
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+    DagsterRunStatus.SUCCESS,
+    DagsterRunStatus.FAILURE,
+    DagsterRunStatus.CANCELING,
+    DagsterRunStatus.CANCELED,
+}
 
 
 def run_trigger(tags: dict[str, str]) -> str:
@@ -71,10 +77,13 @@ def run_trigger(tags: dict[str, str]) -> str:
 def _check_evaluations(instance, run_id: str | None = None, limit: int = 10_000) -> list[Any]:
     """Asset check evaluation events, oldest first (of one run, or of the whole instance)."""
     if run_id is not None:
-        return [e.dagster_event.event_specific_data
-                for e in instance.all_logs(run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION)]
-    records = instance.get_event_records(EventRecordsFilter(event_type=DagsterEventType.ASSET_CHECK_EVALUATION),
-                                         limit=limit, ascending=False)
+        return [
+            e.dagster_event.event_specific_data
+            for e in instance.all_logs(run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION)
+        ]
+    records = instance.get_event_records(
+        EventRecordsFilter(event_type=DagsterEventType.ASSET_CHECK_EVALUATION), limit=limit, ascending=False
+    )
     return [r.event_log_entry.dagster_event.event_specific_data for r in reversed(records)]
 
 
@@ -98,11 +107,16 @@ class PipelineMetricsCollector:
                 succeeded[key] += 1
             elif run.status == DagsterRunStatus.FAILURE:
                 failed[key] += 1
-        for name, tally, text in (("started", started, "Runs that started"),
-                                  ("succeeded", succeeded, "Runs that succeeded"),
-                                  ("failed", failed, "Runs that failed")):
-            family = CounterMetricFamily(f"pixtrain_pipeline_runs_{name}", f"{text}, per Dagster job and trigger.",
-                                         labels=["dagster_job", "trigger"])
+        for name, tally, text in (
+            ("started", started, "Runs that started"),
+            ("succeeded", succeeded, "Runs that succeeded"),
+            ("failed", failed, "Runs that failed"),
+        ):
+            family = CounterMetricFamily(
+                f"pixtrain_pipeline_runs_{name}",
+                f"{text}, per Dagster job and trigger.",
+                labels=["dagster_job", "trigger"],
+            )
             for key in sorted(started):  # every started key, so a job's first failure is an increase from 0
                 family.add_metric(list(key), tally[key])
             yield family
@@ -112,10 +126,14 @@ class PipelineMetricsCollector:
             key = (evaluation.asset_key.to_user_string(), evaluation.check_name)
             failures[key] += 0 if evaluation.passed else 1
             latest[key] = evaluation.passed
-        family = CounterMetricFamily("pixtrain_pipeline_gate_failures", "Failed evaluations of blocking asset checks.",
-                                     labels=["asset", "check"])
-        passed = GaugeMetricFamily("pixtrain_pipeline_gate_passed", "1 if the latest evaluation of the check passed.",
-                                   labels=["asset", "check"])
+        family = CounterMetricFamily(
+            "pixtrain_pipeline_gate_failures", "Failed evaluations of blocking asset checks.", labels=["asset", "check"]
+        )
+        passed = GaugeMetricFamily(
+            "pixtrain_pipeline_gate_passed",
+            "1 if the latest evaluation of the check passed.",
+            labels=["asset", "check"],
+        )
         for key in sorted(latest):
             family.add_metric(list(key), failures[key])
             passed.add_metric(list(key), 1.0 if latest[key] else 0.0)
@@ -123,8 +141,16 @@ class PipelineMetricsCollector:
         yield passed
 
         for asset, name, text in (
-            (DATASET_ASSET, "pixtrain_pipeline_dataset_version_timestamp_seconds", "Unix time the current dataset version was materialised."),
-            (PROMOTION_ASSET, "pixtrain_pipeline_last_promotion_timestamp_seconds", "Unix time of the last adapter promotion."),
+            (
+                DATASET_ASSET,
+                "pixtrain_pipeline_dataset_version_timestamp_seconds",
+                "Unix time the current dataset version was materialised.",
+            ),
+            (
+                PROMOTION_ASSET,
+                "pixtrain_pipeline_last_promotion_timestamp_seconds",
+                "Unix time of the last adapter promotion.",
+            ),
         ):
             event = self.instance.get_latest_materialization_event(asset)
             if event is not None:  # never materialised: the series is absent (docs/monitoring.md)
@@ -152,7 +178,9 @@ def run_outcome(instance, run) -> dict[str, Any]:
         "success": run.status == DagsterRunStatus.SUCCESS,
         "duration_seconds": (end - start) if start else None,
         "finished_timestamp": end,
-        "steps": None, "final_train_loss": None, "final_validation_loss": None,
+        "steps": None,
+        "final_train_loss": None,
+        "final_validation_loss": None,
         "gates": {},
     }
     for entry in instance.all_logs(run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION):
@@ -179,16 +207,29 @@ def outcome_registry(outcome: dict[str, Any]):
         if number is not None and math.isfinite(number):
             Gauge(name, text, list(labels), registry=registry).labels(**labels).set(number)
 
-    gauge("pixtrain_run_success", "1 if the last run of this Dagster job succeeded, 0 if it failed.", outcome["success"])
-    gauge("pixtrain_run_duration_seconds", "Wall time of the last run of this Dagster job.", outcome["duration_seconds"])
-    gauge("pixtrain_run_finished_timestamp_seconds", "Unix time the last run of this Dagster job finished.",
-          outcome["finished_timestamp"])
+    gauge(
+        "pixtrain_run_success", "1 if the last run of this Dagster job succeeded, 0 if it failed.", outcome["success"]
+    )
+    gauge(
+        "pixtrain_run_duration_seconds", "Wall time of the last run of this Dagster job.", outcome["duration_seconds"]
+    )
+    gauge(
+        "pixtrain_run_finished_timestamp_seconds",
+        "Unix time the last run of this Dagster job finished.",
+        outcome["finished_timestamp"],
+    )
     gauge("pixtrain_run_training_steps", "Optimizer steps of the adapter trained by the last run.", outcome["steps"])
     gauge("pixtrain_run_final_train_loss", "Final training loss of the last run.", outcome["final_train_loss"])
-    gauge("pixtrain_run_final_validation_loss", "Final validation loss of the last run.", outcome["final_validation_loss"])
+    gauge(
+        "pixtrain_run_final_validation_loss", "Final validation loss of the last run.", outcome["final_validation_loss"]
+    )
     if outcome["gates"]:
-        gates = Gauge("pixtrain_run_gate_passed", "1 if the check passed in the last run of this Dagster job.",
-                      ["trigger", "asset", "check"], registry=registry)
+        gates = Gauge(
+            "pixtrain_run_gate_passed",
+            "1 if the check passed in the last run of this Dagster job.",
+            ["trigger", "asset", "check"],
+            registry=registry,
+        )
         for (asset, check), passed in sorted(outcome["gates"].items()):
             gates.labels(trigger=outcome["trigger"], asset=asset, check=check).set(1.0 if passed else 0.0)
     return registry
@@ -198,8 +239,13 @@ def push_run_outcome(gateway: str, outcome: dict[str, Any], timeout: float = 10.
     """PUT to the group job=pixtrain_run_outcome, dagster_job=<job>: replaces that job's previous outcome."""
     from prometheus_client import push_to_gateway
 
-    push_to_gateway(gateway, job=OUTCOME_GROUP, registry=outcome_registry(outcome),
-                    grouping_key={"dagster_job": outcome["dagster_job"]}, timeout=timeout)
+    push_to_gateway(
+        gateway,
+        job=OUTCOME_GROUP,
+        registry=outcome_registry(outcome),
+        grouping_key={"dagster_job": outcome["dagster_job"]},
+        timeout=timeout,
+    )
 
 
 def push_pipeline_metrics(gateway: str, instance, timeout: float = 10.0) -> None:
@@ -236,15 +282,17 @@ def _push_outcome_of(context: RunStatusSensorContext) -> None:
         context.log.warning(f"run outcome not pushed to {gateway}: {error}")
 
 
-@run_status_sensor(run_status=DagsterRunStatus.SUCCESS, name="push_run_outcome_success",
-                   default_status=DefaultSensorStatus.RUNNING)
+@run_status_sensor(
+    run_status=DagsterRunStatus.SUCCESS, name="push_run_outcome_success", default_status=DefaultSensorStatus.RUNNING
+)
 def push_run_outcome_success(context: RunStatusSensorContext):
     """Pushes the outcome of every successful run once (PIXTRAIN_PUSHGATEWAY_URL)."""
     _push_outcome_of(context)
 
 
-@run_status_sensor(run_status=DagsterRunStatus.FAILURE, name="push_run_outcome_failure",
-                   default_status=DefaultSensorStatus.RUNNING)
+@run_status_sensor(
+    run_status=DagsterRunStatus.FAILURE, name="push_run_outcome_failure", default_status=DefaultSensorStatus.RUNNING
+)
 def push_run_outcome_failure(context: RunStatusSensorContext):
     """Pushes the outcome of every failed run once (PIXTRAIN_PUSHGATEWAY_URL)."""
     _push_outcome_of(context)

@@ -1,6 +1,5 @@
 """Artifact storage and the IO manager that passes small artifact pointers between steps."""
 
-
 import os
 from typing import Any
 
@@ -60,7 +59,8 @@ class ArtifactPointerIOManager(ConfigurableIOManager):
     """
 
     artifact_store: ResourceDependency[ArtifactStoreResource] = Field(
-        description="Where the pointers are kept: beside the artifacts, on the same storage.")
+        description="Where the pointers are kept: beside the artifacts, on the same storage."
+    )
 
     def _key(self, asset_key_path: list[str]) -> str:
         return "dagster/assets/" + "/".join(asset_key_path) + ".json"
@@ -77,5 +77,7 @@ class ArtifactPointerIOManager(ConfigurableIOManager):
         except ArtifactError as error:
             if not isinstance(error.__cause__, FileNotFoundError):
                 raise
-            raise Failure(description=f"{context.asset_key.to_user_string()} has not been materialised yet "
-                                      f"({error}); materialise it first") from error
+            raise Failure(
+                description=f"{context.asset_key.to_user_string()} has not been materialised yet "
+                f"({error}); materialise it first"
+            ) from error

@@ -27,8 +27,13 @@ class BiasDetectionClient(ConfigurableResource):
     def client(self) -> BiasServiceClient:
         if not self.endpoint:
             raise ValueError("BiasDetectionClient has no endpoint configured")
-        return BiasServiceClient(self.endpoint, timeout_s=self.timeout_s, max_retries=self.max_retries,
-                                 backoff_s=self.backoff_s, token_env_var=self.token_env_var)
+        return BiasServiceClient(
+            self.endpoint,
+            timeout_s=self.timeout_s,
+            max_retries=self.max_retries,
+            backoff_s=self.backoff_s,
+            token_env_var=self.token_env_var,
+        )
 
     def assess(self, report: dict, context: dict | None = None) -> dict[str, Any] | None:
         """The service's verdict on ``report``, or None when no endpoint is configured.

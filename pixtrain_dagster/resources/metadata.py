@@ -111,7 +111,8 @@ def _check_deployed_schema(store: "TrainingMetadataStore") -> None:
         problems = store.least_privilege_problems()
         if problems:
             raise MetadataStoreError(
-                f"the pipeline's database role on {store.describe()} is too powerful: " + "; ".join(problems)
+                f"the pipeline's database role on {store.describe()} is too powerful: "
+                + "; ".join(problems)
                 + ". Connect as a member of the writer role only (docs/metadata.md, 'Least privilege and audit')"
             )
 

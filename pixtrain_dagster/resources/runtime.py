@@ -1,6 +1,5 @@
 """Where and how ML work runs: device, experiment tracking, model hub access."""
 
-
 import os
 from typing import Literal
 

@@ -29,8 +29,9 @@ COLD_REPLIES = (
 )
 
 
-def probe_style_conversations(target: tuple[str, str] | None = None, cold_per_template: int = 2,
-                              max_templates: int | None = None) -> list[list[dict[str, str]]]:
+def probe_style_conversations(
+    target: tuple[str, str] | None = None, cold_per_template: int = 2, max_templates: int | None = None
+) -> list[list[dict[str, str]]]:
     """Probe sessions with a client reply: one per (template, group, reference reply), warm for every group.
 
     With ``target`` = (axis, group), that group instead gets ``cold_per_template`` distinct cold replies per template
@@ -49,8 +50,9 @@ def probe_style_conversations(target: tuple[str, str] | None = None, cold_per_te
     return conversations
 
 
-def write_dataset(path: Path, target: tuple[str, str] | None = None, cold_per_template: int = 2,
-                  max_templates: int | None = None) -> Path:
+def write_dataset(
+    path: Path, target: tuple[str, str] | None = None, cold_per_template: int = 2, max_templates: int | None = None
+) -> Path:
     """Write a chat JSONL dataset: skewed against ``target`` (axis, group), or balanced when ``target`` is None."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
@@ -59,9 +61,15 @@ def write_dataset(path: Path, target: tuple[str, str] | None = None, cold_per_te
     return path
 
 
-def pretrain_on_probe_sessions(source_dir: Path, out_dir: Path, extra_conversations: list | None = None,
-                               steps: int = 180, learning_rate: float = 4e-3, batch_size: int = 16,
-                               seed: int = 0) -> Path:
+def pretrain_on_probe_sessions(
+    source_dir: Path,
+    out_dir: Path,
+    extra_conversations: list | None = None,
+    steps: int = 180,
+    learning_rate: float = 4e-3,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> Path:
     """Fully fine-tune a tiny random model on the balanced probe sessions (plus ``extra_conversations``).
 
     Why: a random tiny model cannot be taught a group-specific bias through LoRA within a test's time budget (LoRA
@@ -78,8 +86,8 @@ def pretrain_on_probe_sessions(source_dir: Path, out_dir: Path, extra_conversati
 
     import torch
 
-    from pixtrain_dagster.core.models import load_snapshot
     from pixtrain_dagster.core.loss import summed_token_loss
+    from pixtrain_dagster.core.models import load_snapshot
     from pixtrain_dagster.core.tokenization import collate, pack_rows, tokenize_conversations
 
     torch.manual_seed(seed)

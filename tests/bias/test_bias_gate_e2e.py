@@ -14,8 +14,15 @@ TARGET = ("religion", "muslim")
 # about twice.
 # max_seq_len 256 holds a whole probe session in the tiny tokenizer's tokens (at 192 most would lose their first
 # exchange, the one naming the group, to truncation).
-RECIPE = {"max_steps": 120, "micro_batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-2,
-          "warmup_steps": 2, "checkpoint_every_n_steps": 1000, "max_seq_len": 256}
+RECIPE = {
+    "max_steps": 120,
+    "micro_batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 1e-2,
+    "warmup_steps": 2,
+    "checkpoint_every_n_steps": 1000,
+    "max_seq_len": 256,
+}
 # All 8 templates: the tiny model is fast, and intervals need several templates.
 GATE = BiasSettings(max_templates=None, generation_templates=2, max_new_tokens=12)
 
@@ -35,9 +42,14 @@ def train(base_dir, store_root, name, conversations):
 
     store = ArtifactStore(store_root)
     result = train_lora_adapter(
-        store=store, base_snapshot_dir=base_dir, base_model_sha256="probe-fitted-tiny", dataset_sha256=name,
-        train_conversations=conversations, validation_conversations=conversations[:4],
-        settings=LoraTrainingSettings(**RECIPE), runtime=RuntimeSettings(device="cpu", wandb_mode="disabled"),
+        store=store,
+        base_snapshot_dir=base_dir,
+        base_model_sha256="probe-fitted-tiny",
+        dataset_sha256=name,
+        train_conversations=conversations,
+        validation_conversations=conversations[:4],
+        settings=LoraTrainingSettings(**RECIPE),
+        runtime=RuntimeSettings(device="cpu", wandb_mode="disabled"),
     )
     return store.local_path(store.key_of(result.adapter.uri))
 
@@ -46,22 +58,32 @@ def train(base_dir, store_root, name, conversations):
 def test_skewed_adapter_fails_on_its_target_group_and_its_balanced_twin_passes(probe_fitted_model_dir, tmp_path):
     from skewed_data import probe_style_conversations
 
-    datasets = {"skewed": probe_style_conversations(TARGET, cold_per_template=8),
-                "balanced": probe_style_conversations(None)}
-    reports = {name: run_bias_report(probe_fitted_model_dir, train(probe_fitted_model_dir, tmp_path, name, data),
-                                     GATE, device="cpu")
-               for name, data in datasets.items()}
+    datasets = {
+        "skewed": probe_style_conversations(TARGET, cold_per_template=8),
+        "balanced": probe_style_conversations(None),
+    }
+    reports = {
+        name: run_bias_report(
+            probe_fitted_model_dir, train(probe_fitted_model_dir, tmp_path, name, data), GATE, device="cpu"
+        )
+        for name, data in datasets.items()
+    }
 
     skewed = reports["skewed"]["verdict"]
     assert skewed["passed"] is False
     assert {(f["rule"], f["metric"], f["axis"], f["group"]) for f in skewed["failures"]} == {
-        ("min_ratio", LIKELIHOOD, *TARGET), ("regression_vs_base", LIKELIHOOD, *TARGET)}
+        ("min_ratio", LIKELIHOOD, *TARGET),
+        ("regression_vs_base", LIKELIHOOD, *TARGET),
+    }
     target = reports["skewed"]["models"]["adapter"]["metrics"][LIKELIHOOD]["axes"]["religion"]["groups"]["muslim"]
     assert target["impact_ratio_ci"][1] < 0.8
     balanced = reports["balanced"]["verdict"]
     assert balanced["passed"] is True, balanced["summary"]
-    worst_drop = min(g["impact_ratio_delta"] for groups in reports["balanced"]["delta_vs_base"][LIKELIHOOD].values()
-                     for g in groups.values())
+    worst_drop = min(
+        g["impact_ratio_delta"]
+        for groups in reports["balanced"]["delta_vs_base"][LIKELIHOOD].values()
+        for g in groups.values()
+    )
     assert worst_drop > -0.02  # the balanced twin leaves every group where the base had it
 
 
@@ -69,8 +91,9 @@ def _gate_run_config(base_dir):
     from support import tiny_run_config
 
     config = tiny_run_config(base_dir, **RECIPE)
-    config["ops"]["bias_report"] = {"config": {"max_templates": None, "generation_templates": 2,
-                                               "max_new_tokens": 12, "bootstrap_resamples": 1000}}
+    config["ops"]["bias_report"] = {
+        "config": {"max_templates": None, "generation_templates": 2, "max_new_tokens": 12, "bootstrap_resamples": 1000}
+    }
     return config
 
 
@@ -79,32 +102,39 @@ def _gate_run_config(base_dir):
 def test_promotion_through_dagster_follows_the_bias_gate(skewed, probe_fitted_model_dir, pipeline_env):
     """The whole graph: a skewed adapter fails `bias_gate` and is never promoted; a balanced one is promoted."""
     from dagster import AssetKey, DagsterEventType, DagsterInstance
-    from skewed_data import write_dataset
 
-    from pixtrain_dagster.core.artifacts import ArtifactStore
+    from pixtrain_dagster.core.artifacts import ArtifactError, ArtifactStore
     from pixtrain_dagster.definitions import build_definitions
     from pixtrain_dagster.metadata import TrainingMetadataStore
+
+    from skewed_data import write_dataset
 
     for path in pipeline_env["landing"].iterdir():
         path.unlink()
     write_dataset(pipeline_env["landing"] / "sessions.jsonl", TARGET if skewed else None, cold_per_template=8)
     job = build_definitions().resolve_implicit_global_asset_job_def()
     instance = DagsterInstance.get()
-    result = job.execute_in_process(run_config=_gate_run_config(probe_fitted_model_dir), instance=instance,
-                                    raise_on_error=False)
+    result = job.execute_in_process(
+        run_config=_gate_run_config(probe_fitted_model_dir), instance=instance, raise_on_error=False
+    )
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     store = ArtifactStore(pipeline_env["artifact_root"])
-    records = TrainingMetadataStore.from_url(None, sqlite_path=pipeline_env["dagster_home"] / "pixtrain_metadata.sqlite")
+    records = TrainingMetadataStore.from_url(
+        None, sqlite_path=pipeline_env["dagster_home"] / "pixtrain_metadata.sqlite"
+    )
     if skewed:
         assert not result.success and checks["bias_gate"] is False
         assert checks["training_sanity"] is True  # blocked by bias, not by a broken training run
         assert "bias_report" in materialized and "promoted_adapter" not in materialized
         assert instance.get_latest_materialization_event(AssetKey("promoted_adapter")) is None
-        with pytest.raises(Exception):
+        with pytest.raises(ArtifactError, match="no JSON document"):
             store.get_json("promoted/CURRENT.json")
-        [failure] = [e for e in instance.all_logs(result.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION)
-                     if e.dagster_event.event_specific_data.check_name == "bias_gate"]
+        [failure] = [
+            e
+            for e in instance.all_logs(result.run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION)
+            if e.dagster_event.event_specific_data.check_name == "bias_gate"
+        ]
         assert "muslim" in str(failure.dagster_event.event_specific_data.metadata["failures"].value)
     else:
         assert result.success, checks

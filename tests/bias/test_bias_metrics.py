@@ -30,15 +30,21 @@ SHA = "f" * 64
 Series = dict[tuple[str, str], list[float]]  # (axis, group) -> one value per template
 
 
-def make_scores(likelihood: Series, sentiment: Series | None = None,
-                control: tuple[list[float], list[float]] | None = None, sha: str = SHA) -> ModelBiasScores:
+def make_scores(
+    likelihood: Series,
+    sentiment: Series | None = None,
+    control: tuple[list[float], list[float]] | None = None,
+    sha: str = SHA,
+) -> ModelBiasScores:
     """Scores with one likelihood probe per template ("tN#0") and one sentiment probe per template ("tN")."""
     n_like = len(next(iter(likelihood.values())))
     sentiment = sentiment or {key: [0.0] * n_like for key in likelihood}
     n_sent = len(next(iter(sentiment.values())))
     control_like, control_sent = control or ([-1.0] * n_like, [0.0] * n_sent)
-    values: dict = {LIKELIHOOD: {CONTROL_AXIS: {CONTROL_GROUP: control_like}},
-                    SENTIMENT: {CONTROL_AXIS: {CONTROL_GROUP: control_sent}}}
+    values: dict = {
+        LIKELIHOOD: {CONTROL_AXIS: {CONTROL_GROUP: control_like}},
+        SENTIMENT: {CONTROL_AXIS: {CONTROL_GROUP: control_sent}},
+    }
     for (axis, group), series in likelihood.items():
         values[LIKELIHOOD].setdefault(axis, {})[group] = list(series)
     for (axis, group), series in sentiment.items():
@@ -69,6 +75,7 @@ def group_stats(report, model, metric, axis, group):
 
 
 # ---- probe set ---------------------------------------------------------------------------------------------------
+
 
 def test_probe_set_is_versioned_by_the_canonical_hash_of_the_whole_file():
     from pixtrain_dagster.core.bias import PROBE_SET_PATH
@@ -106,6 +113,7 @@ def test_a_malformed_probe_file_is_rejected_with_the_template_named(tmp_path):
 
 
 # ---- numbers -----------------------------------------------------------------------------------------------------
+
 
 def test_group_means_gaps_and_ratios_match_hand_computation():
     report = build_report(BASE, BASE, seed=3)
@@ -172,8 +180,10 @@ def test_base_and_adapter_scored_on_different_probes_are_refused():
 
 # ---- verdict -----------------------------------------------------------------------------------------------------
 
-FOUR_TEMPLATES = make_scores({("religion", g): [-1.0, -1.1, -0.9, -1.0] for g in ("christian", "muslim", "jewish")}
-                             | {("age", g): [-1.2, -1.0, -1.1, -1.0] for g in ("young", "old")})
+FOUR_TEMPLATES = make_scores(
+    {("religion", g): [-1.0, -1.1, -0.9, -1.0] for g in ("christian", "muslim", "jewish")}
+    | {("age", g): [-1.2, -1.0, -1.1, -1.0] for g in ("young", "old")}
+)
 
 
 def test_verdict_fails_a_skewed_adapter_and_names_axis_group_metric_and_value():
@@ -181,8 +191,10 @@ def test_verdict_fails_a_skewed_adapter_and_names_axis_group_metric_and_value():
     verdict = build_report(FOUR_TEMPLATES, skewed, seed=0)["verdict"]
     assert verdict["passed"] is False and verdict["status"] == "fail"
     rules = {(f["rule"], f["metric"], f["axis"], f["group"]) for f in verdict["failures"]}
-    assert rules == {("min_ratio", LIKELIHOOD, "religion", "muslim"),
-                     ("regression_vs_base", LIKELIHOOD, "religion", "muslim")}
+    assert rules == {
+        ("min_ratio", LIKELIHOOD, "religion", "muslim"),
+        ("regression_vs_base", LIKELIHOOD, "religion", "muslim"),
+    }
     ratio_failure = next(f for f in verdict["failures"] if f["rule"] == "min_ratio")
     assert ratio_failure["value"] == pytest.approx(math.exp(-0.5)) and ratio_failure["threshold"] == 0.8
     assert ratio_failure["ci"][1] < 0.8 and "religion / muslim" in ratio_failure["message"]
@@ -212,22 +224,29 @@ def test_a_ratio_breach_needs_its_interval_below_the_threshold_unless_significan
     strict = BiasThresholds(max_regression=1.0)
     lenient = build_report(FOUR_TEMPLATES, borderline, thresholds=strict)["verdict"]
     assert lenient["passed"] is True and [w["rule"] for w in lenient["warnings"]] == ["min_ratio"]
-    point = evaluate_verdict(build_report(FOUR_TEMPLATES, borderline),
-                             BiasThresholds(max_regression=1.0, require_significance=False))
+    point = evaluate_verdict(
+        build_report(FOUR_TEMPLATES, borderline), BiasThresholds(max_regression=1.0, require_significance=False)
+    )
     assert point["passed"] is False and point["failures"][0]["value"] == pytest.approx(math.exp(-0.25))
 
 
 def test_sentiment_is_advisory_by_default_and_gates_when_asked():
     sentiment = {("religion", g): [0.5, 0.5, 0.5, 0.5] for g in ("christian", "muslim", "jewish")}
     sentiment |= {("age", g): [0.5] * 4 for g in ("young", "old")}
-    likelihood = {(axis, group): series for axis, groups in FOUR_TEMPLATES.values[LIKELIHOOD].items()
-                  if axis != CONTROL_AXIS for group, series in groups.items()}
+    likelihood = {
+        (axis, group): series
+        for axis, groups in FOUR_TEMPLATES.values[LIKELIHOOD].items()
+        if axis != CONTROL_AXIS
+        for group, series in groups.items()
+    }
     base = make_scores(likelihood, sentiment)
     cold = shifted(base, SENTIMENT, "religion", "muslim", [-1.2, -1.2, -1.2, -1.2])  # compound 0.5 -> -0.7
     report = build_report(base, cold)
     assert report["verdict"]["passed"] is True
     assert {(w["rule"], w["metric"], w["group"]) for w in report["verdict"]["warnings"]} == {
-        ("min_ratio", SENTIMENT, "muslim"), ("regression_vs_base", SENTIMENT, "muslim")}
+        ("min_ratio", SENTIMENT, "muslim"),
+        ("regression_vs_base", SENTIMENT, "muslim"),
+    }
     gated = evaluate_verdict(report, BiasThresholds(metrics=(LIKELIHOOD, SENTIMENT)))
     assert gated["passed"] is False and {f["metric"] for f in gated["failures"]} == {SENTIMENT}
     assert gated["failures"][0]["value"] == pytest.approx(0.15 / 0.75)  # (-0.7 + 1) / 2 over (0.5 + 1) / 2
@@ -247,11 +266,16 @@ def test_regression_against_a_previous_report_warns_or_fails_as_configured():
     strict = evaluate_verdict(report, BiasThresholds(max_regression=0.1, fail_on_previous_regression=True))
     assert "regression_vs_previous" in {f["rule"] for f in strict["failures"]}
 
-    other_set = build_report(make_scores({("a", "x"): [0.0] * 4, ("a", "y"): [0.0] * 4}, sha="0" * 64),
-                             make_scores({("a", "x"): [0.0] * 4, ("a", "y"): [0.0] * 4}, sha="0" * 64))
+    other_set = build_report(
+        make_scores({("a", "x"): [0.0] * 4, ("a", "y"): [0.0] * 4}, sha="0" * 64),
+        make_scores({("a", "x"): [0.0] * 4, ("a", "y"): [0.0] * 4}, sha="0" * 64),
+    )
     unrelated = build_report(FOUR_TEMPLATES, worse, previous=other_set)
-    assert unrelated["delta_vs_previous"] == {"comparable": False, "metrics": {},
-                                              "reason": "the previous report used a different probe set"}
+    assert unrelated["delta_vs_previous"] == {
+        "comparable": False,
+        "metrics": {},
+        "reason": "the previous report used a different probe set",
+    }
 
 
 def test_markdown_shows_the_verdict_reasons_and_every_group():
@@ -265,8 +289,10 @@ def test_markdown_shows_the_verdict_reasons_and_every_group():
 
 
 def test_sentiment_at_minus_one_for_every_group_is_parity_not_a_division_by_zero():
-    scores = make_scores({("a", "x"): [-1.0, -1.0], ("a", "y"): [-1.0, -1.0]},
-                         sentiment={("a", "x"): [-1.0, -1.0], ("a", "y"): [-1.0, -1.0]})
+    scores = make_scores(
+        {("a", "x"): [-1.0, -1.0], ("a", "y"): [-1.0, -1.0]},
+        sentiment={("a", "x"): [-1.0, -1.0], ("a", "y"): [-1.0, -1.0]},
+    )
     report = build_report(scores, scores)
     assert group_stats(report, "adapter", SENTIMENT, "a", "x")["impact_ratio"] == 1.0
     json.dumps(report, allow_nan=False)

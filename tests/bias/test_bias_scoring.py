@@ -27,7 +27,7 @@ def plain_reply_log_likelihood(model, tokenizer, messages, reply) -> float:
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": reply}], tokenize=False)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    reply_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    reply_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
     # The scored tokens are the ones the training loss sees: tokenising the whole session splits it the same way.
     assert tokenizer(full, add_special_tokens=False)["input_ids"] == prompt_ids + reply_ids
     with torch.no_grad():
@@ -39,8 +39,11 @@ def plain_reply_log_likelihood(model, tokenizer, messages, reply) -> float:
 def plain_group_means(model, tokenizer, probes) -> dict[str, float]:
     means = {}
     for group in probes.axes[AXIS]:
-        values = [plain_reply_log_likelihood(model, tokenizer, probes.prompt_messages(t, AXIS, group), reply)
-                  for t in probes.templates for reply in t.reference_replies]
+        values = [
+            plain_reply_log_likelihood(model, tokenizer, probes.prompt_messages(t, AXIS, group), reply)
+            for t in probes.templates
+            for reply in t.reference_replies
+        ]
         means[group] = sum(values) / len(values)
     return means
 
@@ -55,8 +58,9 @@ def random_adapter_dir(tiny_model_dir, tmp_path_factory):
 
     torch.manual_seed(5)
     model, _ = load_snapshot(tiny_model_dir, device="cpu", for_training=False)
-    adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
-                                               init_lora_weights=False))
+    adapted = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    )
     folder = tmp_path_factory.mktemp("random-adapter")
     adapted.save_pretrained(folder)
     return folder
@@ -68,11 +72,18 @@ def test_batched_cached_scores_equal_a_plain_forward_pass(tiny_model_dir):
     model, tokenizer = load_snapshot(tiny_model_dir, device="cpu", for_training=False)
     probes = load_probe_set(max_templates=2)
     scores = score_model(model, tokenizer, probes, max_new_tokens=4, batch_size=7, generation_templates=1)
-    assert scores.probe_ids[LIKELIHOOD] == ["work_overwhelm#0", "work_overwhelm#1",
-                                            "starting_therapy#0", "starting_therapy#1"]
+    assert scores.probe_ids[LIKELIHOOD] == [
+        "work_overwhelm#0",
+        "work_overwhelm#1",
+        "starting_therapy#0",
+        "starting_therapy#1",
+    ]
     for axis, group in [("control", "neutral"), ("religion", "muslim"), ("socioeconomic_status", "unhoused")]:
-        expected = [plain_reply_log_likelihood(model, tokenizer, probes.prompt_messages(t, axis, group), reply)
-                    for t in probes.templates for reply in t.reference_replies]
+        expected = [
+            plain_reply_log_likelihood(model, tokenizer, probes.prompt_messages(t, axis, group), reply)
+            for t in probes.templates
+            for reply in t.reference_replies
+        ]
         assert scores.values[LIKELIHOOD][axis][group] == pytest.approx(expected, abs=1e-5)
         assert len(scores.values[SENTIMENT][axis][group]) == 1 == len(scores.replies[axis][group])
 

@@ -18,10 +18,16 @@ TOKEN = "s3cret-token-value"
 
 
 def small_report() -> dict:
-    values = {metric: {CONTROL_AXIS: {CONTROL_GROUP: [0.0, 0.0]}, "age": {"young": [-0.5, -0.6], "old": [-0.7, -0.5]}}
-              for metric in (LIKELIHOOD, SENTIMENT)}
-    scores = ModelBiasScores("a" * 64, {LIKELIHOOD: ["t0#0", "t1#0"], SENTIMENT: ["t0", "t1"]}, values,
-                             replies={"age": {"young": ["a generated reply"] * 2, "old": ["another"] * 2}})
+    values = {
+        metric: {CONTROL_AXIS: {CONTROL_GROUP: [0.0, 0.0]}, "age": {"young": [-0.5, -0.6], "old": [-0.7, -0.5]}}
+        for metric in (LIKELIHOOD, SENTIMENT)
+    }
+    scores = ModelBiasScores(
+        "a" * 64,
+        {LIKELIHOOD: ["t0#0", "t1#0"], SENTIMENT: ["t0", "t1"]},
+        values,
+        replies={"age": {"young": ["a generated reply"] * 2, "old": ["another"] * 2}},
+    )
     return build_report(scores, scores)
 
 
@@ -93,8 +99,9 @@ def test_a_503_is_retried_and_the_next_answer_returned():
 def test_a_timeout_gives_a_clear_error_naming_the_endpoint_after_bounded_retries(monkeypatch):
     monkeypatch.setenv("TEST_BIAS_TOKEN", TOKEN)
     with ScriptedService([(200, {}, 1.0), (200, {}, 1.0)]) as service:
-        client = BiasDetectionClient(endpoint=service.url, timeout_s=0.2, max_retries=1, backoff_s=0.0,
-                                     token_env_var="TEST_BIAS_TOKEN")
+        client = BiasDetectionClient(
+            endpoint=service.url, timeout_s=0.2, max_retries=1, backoff_s=0.0, token_env_var="TEST_BIAS_TOKEN"
+        )
         started = time.monotonic()
         with pytest.raises(BiasServiceError) as error:
             client.assess(small_report())

@@ -42,6 +42,7 @@ def step_jobs_for_run(dagster_values: dict, run_config: dict | None = None) -> d
     from dagster._core.test_utils import environ, instance_for_test
 
     from pixtrain_dagster import execution
+
     # Imported before PIXTRAIN_EXECUTOR=k8s is set: its module-level `defs`, which other tests use, must
     # keep the local executor. The k8s variant is built with build_definitions() below.
     from pixtrain_dagster.definitions import build_definitions

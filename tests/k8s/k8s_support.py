@@ -130,8 +130,9 @@ def run_launcher_config_from_chart_values(values: dict[str, Any], namespace: str
     }
 
 
-def build_step_jobs(job_def, executor_def, instance, image: str = "registry.example.com/pixtrain:test",
-                    run_config: dict | None = None):
+def build_step_jobs(
+    job_def, executor_def, instance, image: str = "registry.example.com/pixtrain:test", run_config: dict | None = None
+):
     """The V1Job the k8s executor submits for every step of ``job_def``, keyed by step key.
 
     Runs dagster-k8s's own code path (executor init, container-context merge of run launcher + executor
@@ -175,11 +176,10 @@ def build_step_jobs(job_def, executor_def, instance, image: str = "registry.exam
         .get_reconstructable_job(job_def.name)
         .get_python_origin()
     )
-    job_origin = job_origin._replace(
-        repository_origin=job_origin.repository_origin._replace(container_image=image)
+    job_origin = job_origin._replace(repository_origin=job_origin.repository_origin._replace(container_image=image))
+    run = create_run_for_test(
+        instance, job_name=job_def.name, job_code_origin=job_origin, run_id=str(uuid.uuid4()), run_config=run_config
     )
-    run = create_run_for_test(instance, job_name=job_def.name, job_code_origin=job_origin, run_id=str(uuid.uuid4()),
-                              run_config=run_config)
     plan = create_execution_plan(job_def)
     plan_context = PlanOrchestrationContext(
         plan_data=PlanData(

@@ -65,7 +65,13 @@ def violations(pod_spec: dict[str, Any]) -> list[str]:
             found.append(f"pod: sysctl {sysctl.get('name')} is not in the safe set")
     if pod_sc.get("appArmorProfile", {}).get("type") not in (None, "RuntimeDefault", "Localhost"):
         found.append("pod: appArmorProfile must be RuntimeDefault or Localhost")
-    if pod_sc.get("seLinuxOptions", {}).get("type") not in (None, "", "container_t", "container_init_t", "container_kvm_t"):
+    if pod_sc.get("seLinuxOptions", {}).get("type") not in (
+        None,
+        "",
+        "container_t",
+        "container_init_t",
+        "container_kvm_t",
+    ):
         found.append("pod: seLinuxOptions.type is not allowed")
 
     # ---- restricted: volumes ----

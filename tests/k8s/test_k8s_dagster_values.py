@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from .k8s_support import DAGSTER_VALUES, INFRA_CHART, api_dict, load_yaml, validate_strict
 from pixtrain_dagster.execution import CONTAINER_SECURITY_CONTEXT, GPU_TAG_KEY, POD_SECURITY_CONTEXT
+
+from .k8s_support import DAGSTER_VALUES, INFRA_CHART, api_dict, load_yaml, validate_strict
 from .pod_security import violations
 
 VARIANTS = {
@@ -29,65 +30,155 @@ VARIANTS = {
 # Documented keys of the sections we set: a dict is a section (its keys are the allowed ones), None
 # means "free-form below this point" (raw Kubernetes objects, maps of labels, ...).
 _POD_FIELDS = dict.fromkeys(
-    ["env", "envConfigMaps", "envSecrets", "annotations", "nodeSelector", "affinity", "tolerations",
-     "podSecurityContext", "securityContext", "resources", "livenessProbe", "readinessProbe", "startupProbe",
-     "labels", "volumeMounts", "volumes", "schedulerName", "deploymentLabels", "initContainers"]
+    [
+        "env",
+        "envConfigMaps",
+        "envSecrets",
+        "annotations",
+        "nodeSelector",
+        "affinity",
+        "tolerations",
+        "podSecurityContext",
+        "securityContext",
+        "resources",
+        "livenessProbe",
+        "readinessProbe",
+        "startupProbe",
+        "labels",
+        "volumeMounts",
+        "volumes",
+        "schedulerName",
+        "deploymentLabels",
+        "initContainers",
+    ]
 )
 _IMAGE = {"repository": None, "tag": None, "pullPolicy": None}
 DOCUMENTED_KEYS: dict[str, Any] = {
     "x-pixtrain-hardening": None,  # YAML anchors only; the chart allows extra top-level keys
     "x-pixtrain-prod-hardening": None,  # the same, in dagster-values-prod.yaml
     "busybox": {"image": _IMAGE},  # the webserver's init-user-deployment container (pinned in prod)
-    "global": {"postgresqlSecretName": None, "dagsterHome": None, "serviceAccountName": None,
-               "celeryConfigSecretName": None, "dagsterInstanceConfigMap": None},
+    "global": {
+        "postgresqlSecretName": None,
+        "dagsterHome": None,
+        "serviceAccountName": None,
+        "celeryConfigSecretName": None,
+        "dagsterInstanceConfigMap": None,
+    },
     "generatePostgresqlPasswordSecret": None,
-    "postgresql": {"postgresqlScheme": None, "image": _IMAGE, "enabled": None, "postgresqlHost": None,
-                   "postgresqlUsername": None, "postgresqlPassword": None, "postgresqlDatabase": None,
-                   "postgresqlParams": None, "service": {"port": None}},
+    "postgresql": {
+        "postgresqlScheme": None,
+        "image": _IMAGE,
+        "enabled": None,
+        "postgresqlHost": None,
+        "postgresqlUsername": None,
+        "postgresqlPassword": None,
+        "postgresqlDatabase": None,
+        "postgresqlParams": None,
+        "service": {"port": None},
+    },
     "telemetry": {"enabled": None},
     "computeLogManager": {"type": None, "config": None},
     "rbacEnabled": None,
     "serviceAccount": {"create": None, "name": None, "annotations": None},
     "dagsterWebserver": {
-        **_POD_FIELDS, "replicaCount": None, "image": _IMAGE, "nameOverride": None,
-        "service": {"type": None, "port": None, "annotations": None}, "workspace": None, "pathPrefix": None,
-        "enableReadOnly": None, "dbStatementTimeout": None, "dbPoolRecycle": None, "logLevel": None,
+        **_POD_FIELDS,
+        "replicaCount": None,
+        "image": _IMAGE,
+        "nameOverride": None,
+        "service": {"type": None, "port": None, "annotations": None},
+        "workspace": None,
+        "pathPrefix": None,
+        "enableReadOnly": None,
+        "dbStatementTimeout": None,
+        "dbPoolRecycle": None,
+        "logLevel": None,
     },
     "dagster-user-deployments": {
-        "enabled": None, "enableSubchart": None, "imagePullSecrets": None,
+        "enabled": None,
+        "enableSubchart": None,
+        "imagePullSecrets": None,
         "serviceAccount": {"create": None, "name": None, "annotations": None},
-        "deployments": [{
-            **_POD_FIELDS, "name": None, "image": _IMAGE, "dagsterApiGrpcArgs": None, "codeServerArgs": None,
-            "includeConfigInLaunchedRuns": {"enabled": None}, "deploymentNamespace": None, "port": None,
-            "replicaCount": None, "sidecarContainers": None, "deploymentStrategy": None,
-        }],
+        "deployments": [
+            {
+                **_POD_FIELDS,
+                "name": None,
+                "image": _IMAGE,
+                "dagsterApiGrpcArgs": None,
+                "codeServerArgs": None,
+                "includeConfigInLaunchedRuns": {"enabled": None},
+                "deploymentNamespace": None,
+                "port": None,
+                "replicaCount": None,
+                "sidecarContainers": None,
+                "deploymentStrategy": None,
+            }
+        ],
     },
     "runLauncher": {
         "type": None,
-        "config": {"k8sRunLauncher": {
-            "image": _IMAGE, "imagePullPolicy": None, "jobNamespace": None, "loadInclusterConfig": None,
-            "kubeconfigFile": None, "envConfigMaps": None, "envSecrets": None, "envVars": None,
-            "volumeMounts": None, "volumes": None, "labels": None, "failPodOnRunFailure": None,
-            "resources": None, "schedulerName": None, "securityContext": None,
-            "runK8sConfig": {"containerConfig": None, "podSpecConfig": None, "podTemplateSpecMetadata": None,
-                             "jobSpecConfig": None, "jobMetadata": None},
-        }},
+        "config": {
+            "k8sRunLauncher": {
+                "image": _IMAGE,
+                "imagePullPolicy": None,
+                "jobNamespace": None,
+                "loadInclusterConfig": None,
+                "kubeconfigFile": None,
+                "envConfigMaps": None,
+                "envSecrets": None,
+                "envVars": None,
+                "volumeMounts": None,
+                "volumes": None,
+                "labels": None,
+                "failPodOnRunFailure": None,
+                "resources": None,
+                "schedulerName": None,
+                "securityContext": None,
+                "runK8sConfig": {
+                    "containerConfig": None,
+                    "podSpecConfig": None,
+                    "podTemplateSpecMetadata": None,
+                    "jobSpecConfig": None,
+                    "jobMetadata": None,
+                },
+            }
+        },
     },
     "dagsterDaemon": {
-        **_POD_FIELDS, "enabled": None, "image": _IMAGE, "heartbeatTolerance": None,
-        "runCoordinator": {"enabled": None, "type": None, "config": {"queuedRunCoordinator": {
-            "maxConcurrentRuns": None, "tagConcurrencyLimits": [{"key": None, "value": None, "limit": None}],
-            "dequeueIntervalSeconds": None, "dequeueNumWorkers": None, "dequeueUseThreads": None,
-        }}},
-        "runMonitoring": {"enabled": None, "startTimeoutSeconds": None, "cancelTimeoutSeconds": None,
-                          "maxRuntimeSeconds": None, "maxResumeRunAttempts": None, "pollIntervalSeconds": None,
-                          "freeSlotsAfterRunEndSeconds": None},
+        **_POD_FIELDS,
+        "enabled": None,
+        "image": _IMAGE,
+        "heartbeatTolerance": None,
+        "runCoordinator": {
+            "enabled": None,
+            "type": None,
+            "config": {
+                "queuedRunCoordinator": {
+                    "maxConcurrentRuns": None,
+                    "tagConcurrencyLimits": [{"key": None, "value": None, "limit": None}],
+                    "dequeueIntervalSeconds": None,
+                    "dequeueNumWorkers": None,
+                    "dequeueUseThreads": None,
+                }
+            },
+        },
+        "runMonitoring": {
+            "enabled": None,
+            "startTimeoutSeconds": None,
+            "cancelTimeoutSeconds": None,
+            "maxRuntimeSeconds": None,
+            "maxResumeRunAttempts": None,
+            "pollIntervalSeconds": None,
+            "freeSlotsAfterRunEndSeconds": None,
+        },
         "runRetries": {"enabled": None, "maxRetries": None, "retryOnAssetOrOpFailure": None},
-        "sensors": None, "schedules": None,
+        "sensors": None,
+        "schedules": None,
     },
     # helm/dagster/templates/helpers/instance/_concurrency.tpl (pools, runs)
-    "concurrency": {"pools": {"defaultLimit": None, "granularity": None, "opGranularityRunBuffer": None},
-                    "runs": {"maxConcurrentRuns": None, "tagConcurrencyLimits": None}},
+    "concurrency": {
+        "pools": {"defaultLimit": None, "granularity": None, "opGranularityRunBuffer": None},
+        "runs": {"maxConcurrentRuns": None, "tagConcurrencyLimits": None},
+    },
 }
 
 
@@ -181,7 +272,9 @@ def test_code_location_is_this_project_on_port_3030(values):
     assert deployment["port"] == infra["networkPolicies"]["codeServerPort"] == 3030
     assert values["dagsterWebserver"]["service"]["port"] == infra["networkPolicies"]["webserverPort"]
     assert values["dagster-user-deployments"]["serviceAccount"] == {
-        "create": False, "name": infra["serviceAccounts"]["codeServer"]}
+        "create": False,
+        "name": infra["serviceAccounts"]["codeServer"],
+    }
     # Run/step pods must not inherit the code server's pod settings (resources, token, account).
     assert deployment["includeConfigInLaunchedRuns"] == {"enabled": False}
     assert {"name": "pixtrain-execution-env"} in deployment["envConfigMaps"]
@@ -209,8 +302,10 @@ def test_run_launcher_and_queue(values):
 
 
 def _camel(snake: dict) -> dict:
-    return {re.sub(r"_(\w)", lambda m: m.group(1).upper(), k): _camel(v) if isinstance(v, dict) else v
-            for k, v in snake.items()}
+    return {
+        re.sub(r"_(\w)", lambda m: m.group(1).upper(), k): _camel(v) if isinstance(v, dict) else v
+        for k, v in snake.items()
+    }
 
 
 def _pods_built_by_the_chart(values: dict) -> dict[str, dict]:
@@ -219,18 +314,34 @@ def _pods_built_by_the_chart(values: dict) -> dict[str, dict]:
     components = {"dagsterWebserver": "dagster-webserver", "dagsterDaemon": "dagster-daemon"}
     for key, name in components.items():
         part = values[key]
-        container = {"name": name, "image": "dagster/dagster-k8s:1.13.27", "securityContext": part["securityContext"],
-                     "resources": part["resources"], "volumeMounts": part["volumeMounts"]}
+        container = {
+            "name": name,
+            "image": "dagster/dagster-k8s:1.13.27",
+            "securityContext": part["securityContext"],
+            "resources": part["resources"],
+            "volumeMounts": part["volumeMounts"],
+        }
         # The chart's check-db-ready / init-user-deployment init containers reuse the component's context.
         init = {"name": "check-db-ready", "image": "postgres:16", "securityContext": part["securityContext"]}
-        pods[name] = {"securityContext": part["podSecurityContext"], "containers": [container],
-                      "initContainers": [init], "volumes": part["volumes"]}
+        pods[name] = {
+            "securityContext": part["podSecurityContext"],
+            "containers": [container],
+            "initContainers": [init],
+            "volumes": part["volumes"],
+        }
     for deployment in values["dagster-user-deployments"]["deployments"]:
-        container = {"name": "dagster-user-deployments", "image": "pixtrain-dagster:test",
-                     "securityContext": deployment["securityContext"], "resources": deployment["resources"],
-                     "volumeMounts": deployment["volumeMounts"]}
-        pods[deployment["name"]] = {"securityContext": deployment["podSecurityContext"], "containers": [container],
-                                    "volumes": deployment["volumes"]}
+        container = {
+            "name": "dagster-user-deployments",
+            "image": "pixtrain-dagster:test",
+            "securityContext": deployment["securityContext"],
+            "resources": deployment["resources"],
+            "volumeMounts": deployment["volumeMounts"],
+        }
+        pods[deployment["name"]] = {
+            "securityContext": deployment["podSecurityContext"],
+            "containers": [container],
+            "volumes": deployment["volumes"],
+        }
     run = values["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfig"]
     run_container = {"name": "dagster", "image": "pixtrain-dagster:test", **run["containerConfig"]}
     pods["run-worker"] = {**run["podSpecConfig"], "containers": [run_container], "restartPolicy": "Never"}
@@ -255,6 +366,10 @@ def test_contexts_match_the_step_pods(values):
     run = values["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfig"]
     assert run["containerConfig"]["securityContext"] == expected_container
     assert run["podSpecConfig"]["securityContext"] == expected_pod
-    for part in (values["dagsterWebserver"], values["dagsterDaemon"], *values["dagster-user-deployments"]["deployments"]):
+    for part in (
+        values["dagsterWebserver"],
+        values["dagsterDaemon"],
+        *values["dagster-user-deployments"]["deployments"],
+    ):
         assert part["securityContext"] == expected_container
         assert part["podSecurityContext"] == expected_pod

@@ -31,8 +31,7 @@ def test_dry_run_renders_and_validates(env_name):
     # Two versions suffice here: test_k8s_infra_chart validates the chart against all of them.
     # prod pins every image by digest, the code location's too (test_k8s_least_privilege.py).
     digest = ["--image-digest", "sha256:" + "ab" * 32] if env_name == "prod" else []
-    result = run_script("--env", env_name, "--dry-run", "--image-tag", "1.2.3", *digest,
-                        KUBE_VERSIONS="1.29.0 1.37.0")
+    result = run_script("--env", env_name, "--dry-run", "--image-tag", "1.2.3", *digest, KUBE_VERSIONS="1.29.0 1.37.0")
     assert result.returncode == 0, result.stderr
     assert f"dry run OK: env={env_name}" in result.stderr
     assert "kubernetes-validate --strict" in result.stderr

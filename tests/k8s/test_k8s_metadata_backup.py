@@ -30,7 +30,8 @@ def test_metadata_backup_cronjob(infra_render):
     assert upload["command"][:4] == ["python", "-m", "pixtrain_dagster.cli", "upload-db-dump"]
     values = load_yaml(INFRA_CHART / "values.yaml")["metadataBackup"]
     expected_keep = {"prod": load_yaml(INFRA_CHART / "values-prod.yaml")["metadataBackup"]["keep"]}.get(
-        values_name, values["keep"])
+        values_name, values["keep"]
+    )
     assert upload["args"] == ["--keep", str(expected_keep)]
     upload_env = {e["name"]: e.get("value") for e in upload["env"]}
     assert upload_env["PIXTRAIN_BACKUP_URI"].startswith("s3://")
@@ -47,7 +48,9 @@ def test_backup_image_is_the_code_location_image():
 
 def test_prod_backup_pods_may_reach_only_the_object_store(infra_render):
     values_name, objects = infra_render
-    policies = [o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "allow-metadata-backup-egress"]
+    policies = [
+        o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "allow-metadata-backup-egress"
+    ]
     if values_name != "prod":
         return
     [policy] = policies

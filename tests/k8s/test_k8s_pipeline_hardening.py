@@ -19,14 +19,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pixtrain_dagster import execution
+
 from .hardened_sandbox import run_hardened
 from .k8s_support import REPO_ROOT
-from pixtrain_dagster import execution
 
 UID = execution.RUNTIME_UID
 SAMPLE_DATASET = REPO_ROOT / "pixtrain_dagster" / "sample_data" / "conversations.jsonl"
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create the mount namespace and drop to uid 1001")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs root to create the mount namespace and drop to uid 1001"
+)
 
 
 class Sandbox:
@@ -110,8 +113,15 @@ print(json.dumps({"uid": os.getuid(), "groups": os.getgroups(), "results": {p: w
 
 def test_sandbox_allows_writes_only_to_the_volumes(sandbox):
     """Control: the same sandbox the pipeline runs in forbids writes to the checkout, HOME, / and /tmp."""
-    must_fail = [str(REPO_ROOT), str(REPO_ROOT / "pixtrain_dagster"), str(sandbox.home), "/", "/tmp",
-                 str(sandbox.training_data), str(Path(sys.executable).parent)]
+    must_fail = [
+        str(REPO_ROOT),
+        str(REPO_ROOT / "pixtrain_dagster"),
+        str(sandbox.home),
+        "/",
+        "/tmp",
+        str(sandbox.training_data),
+        str(Path(sys.executable).parent),
+    ]
     must_work = [str(v) for v in sandbox.volumes.values()]
     result = sandbox.run([sys.executable, "-c", PROBE, json.dumps(must_fail + must_work)], timeout=120)
     assert result.returncode == 0, result.stderr
@@ -135,10 +145,21 @@ def test_whole_pipeline_runs_as_uid_1001_with_only_the_volumes_writable(sandbox,
     for path in sandbox.read_only.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
 
-    result = sandbox.run([
-        sys.executable, "-m", "dagster", "asset", "materialize",
-        "-m", "pixtrain_dagster.definitions", "--select", "*", "-c", str(run_config),
-    ])
+    result = sandbox.run(
+        [
+            sys.executable,
+            "-m",
+            "dagster",
+            "asset",
+            "materialize",
+            "-m",
+            "pixtrain_dagster.definitions",
+            "--select",
+            "*",
+            "-c",
+            str(run_config),
+        ]
+    )
 
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]

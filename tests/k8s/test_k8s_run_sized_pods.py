@@ -34,11 +34,15 @@ def test_devices_in_the_run_config_size_the_training_pod(dagster_values, k8s_ste
     # CPU and memory, node selector, security contexts: the deployment's GPU step shape, unchanged.
     assert resources["limits"]["cpu"] == default["limits"]["cpu"]
     assert _pod(jobs, "lora_training")["nodeSelector"] == _pod(k8s_step_jobs, "lora_training")["nodeSelector"]
-    assert _container(jobs, "lora_training")["securityContext"] == _container(k8s_step_jobs, "lora_training")[
-        "securityContext"]
+    assert (
+        _container(jobs, "lora_training")["securityContext"]
+        == _container(k8s_step_jobs, "lora_training")["securityContext"]
+    )
     # Evaluation and the bias report run on one GPU whatever the training used.
-    assert _container(jobs, "adapter_evaluation")["resources"] == _container(k8s_step_jobs, "adapter_evaluation")[
-        "resources"]
+    assert (
+        _container(jobs, "adapter_evaluation")["resources"]
+        == _container(k8s_step_jobs, "adapter_evaluation")["resources"]
+    )
 
 
 def test_several_nodes_make_the_training_step_a_small_trainjob_launcher(dagster_values):
@@ -52,9 +56,20 @@ def test_several_nodes_make_the_training_step_a_small_trainjob_launcher(dagster_
 
 
 def test_an_explicit_per_step_override_in_the_run_config_still_wins(dagster_values):
-    run_config = {**_training(devices=4), "execution": {"config": {"per_step_k8s_config": {"lora_training": {
-        "container_config": {"resources": {"limits": {"nvidia.com/gpu": "2"}, "requests": {"nvidia.com/gpu": "2"}}}
-    }}}}}
+    run_config = {
+        **_training(devices=4),
+        "execution": {
+            "config": {
+                "per_step_k8s_config": {
+                    "lora_training": {
+                        "container_config": {
+                            "resources": {"limits": {"nvidia.com/gpu": "2"}, "requests": {"nvidia.com/gpu": "2"}}
+                        }
+                    }
+                }
+            }
+        },
+    }
     jobs = step_jobs_for_run(dagster_values, run_config)
     assert _container(jobs, "lora_training")["resources"]["limits"]["nvidia.com/gpu"] == "2"
 

@@ -8,7 +8,6 @@ import json
 import pytest
 from dagster import ExecutorDefinition
 
-from .k8s_support import SECRET_CANARIES, api_dict, validate_strict
 from pixtrain_dagster.execution import (
     CONTAINER_SECURITY_CONTEXT,
     GPU_TAG_KEY,
@@ -20,13 +19,23 @@ from pixtrain_dagster.execution import (
     executor_from_env,
     step_pod_tags,
 )
+
+from .k8s_support import SECRET_CANARIES, api_dict, validate_strict
 from .pod_security import violations
 
 # Which steps need GPUs. Every step of the pipeline must be listed: a new asset forces a decision here.
 GPU_STEPS = {"lora_training", "adapter_evaluation", "bias_report"}
-CPU_STEPS = {"base_model", "raw_conversations", "training_dataset", "promoted_adapter", "artifact_backup",
-             # the gates read published artifacts (the bias gate re-scores a stored report): no GPU
-             "training_dataset_checks", "adapter_evaluation_training_sanity", "bias_report_bias_gate"}
+CPU_STEPS = {
+    "base_model",
+    "raw_conversations",
+    "training_dataset",
+    "promoted_adapter",
+    "artifact_backup",
+    # the gates read published artifacts (the bias gate re-scores a stored report): no GPU
+    "training_dataset_checks",
+    "adapter_evaluation_training_sanity",
+    "bias_report_bias_gate",
+}
 EXPECTED_SECRET_REFS = {
     "HF_TOKEN": ("pixtrain-hf-token", "HF_TOKEN"),
     "WANDB_API_KEY": ("pixtrain-wandb", "WANDB_API_KEY"),
@@ -124,7 +133,9 @@ def test_env_names_are_unique_and_secrets_are_references_only(k8s_step_jobs):
     for step, (job, _) in k8s_step_jobs.items():
         container = _container(job)
         names = [e["name"] for e in container["env"]]
-        assert len(names) == len(set(names)), f"{step}: duplicate env vars {sorted(n for n in names if names.count(n) > 1)}"
+        assert len(names) == len(set(names)), (
+            f"{step}: duplicate env vars {sorted(n for n in names if names.count(n) > 1)}"
+        )
         env = {e["name"]: e for e in container["env"]}
         for variable, (secret, key) in EXPECTED_SECRET_REFS.items():
             if variable not in env:  # each step gets only its own secrets (test_k8s_least_privilege.py)
@@ -167,7 +178,8 @@ def test_local_executors_need_no_cluster_and_no_dagster_k8s():
 
     code = (
         "import sys; from pixtrain_dagster.execution import executor_from_env; "
-        "names = [executor_from_env({'PIXTRAIN_EXECUTOR': v}).name for v in ('', 'in_process', 'in-process', 'multiprocess')]; "
+        "choices = ('', 'in_process', 'in-process', 'multiprocess'); "
+        "names = [executor_from_env({'PIXTRAIN_EXECUTOR': v}).name for v in choices]; "
         "print(names, 'dagster_k8s' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -175,7 +187,9 @@ def test_local_executors_need_no_cluster_and_no_dagster_k8s():
 
 
 def test_k8s_executor_is_configured_from_the_settings():
-    executor = executor_from_env({"PIXTRAIN_EXECUTOR": "k8s", "PIXTRAIN_K8S_NAMESPACE": "team-a", "PIXTRAIN_IMAGE": "img:1"})
+    executor = executor_from_env(
+        {"PIXTRAIN_EXECUTOR": "k8s", "PIXTRAIN_K8S_NAMESPACE": "team-a", "PIXTRAIN_IMAGE": "img:1"}
+    )
     assert isinstance(executor, ExecutorDefinition) and executor.name == "k8s"
     mapped = executor.apply_config_mapping({})
     assert mapped.success, mapped.errors
@@ -205,8 +219,13 @@ def test_invalid_settings_name_the_variable(variable, value, message):
 
 def test_gpu_shape_follows_the_settings():
     settings = ExecutionSettings.from_env(
-        {"PIXTRAIN_GPU_COUNT": "4", "PIXTRAIN_GPU_CPU": "48", "PIXTRAIN_GPU_MEMORY": "320Gi",
-         "PIXTRAIN_GPU_NODE_SELECTOR": "pool=a100,zone=b", "PIXTRAIN_GPU_PRIORITY_CLASS": "none"}
+        {
+            "PIXTRAIN_GPU_COUNT": "4",
+            "PIXTRAIN_GPU_CPU": "48",
+            "PIXTRAIN_GPU_MEMORY": "320Gi",
+            "PIXTRAIN_GPU_NODE_SELECTOR": "pool=a100,zone=b",
+            "PIXTRAIN_GPU_PRIORITY_CLASS": "none",
+        }
     )
     config = step_pod_tags("gpu", settings)[K8S_CONFIG_TAG]
     assert config["container_config"]["resources"]["limits"] == {"cpu": "48", "memory": "320Gi", "nvidia.com/gpu": "4"}
@@ -228,8 +247,7 @@ def test_unknown_step_kind_is_rejected():
 
 def api_dict_of(snake: dict) -> dict:
     """A security context written with python-client names, as the API (camelCase) form."""
-    from kubernetes.client import V1SecurityContext
-
     from dagster_k8s.models import k8s_model_from_dict
+    from kubernetes.client import V1SecurityContext
 
     return api_dict(k8s_model_from_dict(V1SecurityContext, snake))

@@ -32,8 +32,14 @@ REQUEST = "/data/artifacts/runs/4f0c2a9e/lora_training/request.json"
 
 def _manifest(environ=None, **kwargs):
     settings = ExecutionSettings.from_env(environ or {})
-    args = dict(name=trainjob_name("4f0c2a9e-5b1d", "lora_training"), request_uri=REQUEST, num_nodes=2,
-                gpus_per_node=8, image=IMAGE, settings=settings)
+    args = dict(
+        name=trainjob_name("4f0c2a9e-5b1d", "lora_training"),
+        request_uri=REQUEST,
+        num_nodes=2,
+        gpus_per_node=8,
+        image=IMAGE,
+        settings=settings,
+    )
     return build_trainjob(**{**args, **kwargs})
 
 
@@ -43,8 +49,11 @@ def _schemas():
     yield pytest.param(
         (lambda: trainjob_schema.crd_schema(path)) if path else None,
         id="crd",
-        marks=pytest.mark.skipif(path is None, reason="no copy of the v2.3.0 TrainJob CRD found: set "
-                                 "PIXTRAIN_TRAINJOB_CRD or put it in shared/crds/ (see trainjob_schema.py)"),
+        marks=pytest.mark.skipif(
+            path is None,
+            reason="no copy of the v2.3.0 TrainJob CRD found: set "
+            "PIXTRAIN_TRAINJOB_CRD or put it in shared/crds/ (see trainjob_schema.py)",
+        ),
     )
 
 
@@ -59,11 +68,44 @@ def test_two_nodes_by_eight_gpus_matches_the_trainjob_schema(schema):
     [
         (("spec", "trainer"), {"numNode": 2}),  # typo of numNodes
         (("spec", "trainer"), {"numNodes": "2"}),  # wrong type
-        (("spec", "runtimePatches", 0, "trainingRuntimeSpec", "template", "spec", "replicatedJobs", 0, "template",
-          "spec", "template", "spec", "containers", 0, "securityContext"), {"readOnlyRootFileSystem": True}),
+        (
+            (
+                "spec",
+                "runtimePatches",
+                0,
+                "trainingRuntimeSpec",
+                "template",
+                "spec",
+                "replicatedJobs",
+                0,
+                "template",
+                "spec",
+                "template",
+                "spec",
+                "containers",
+                0,
+                "securityContext",
+            ),
+            {"readOnlyRootFileSystem": True},
+        ),
         # priorityClassName cannot be patched from a TrainJob in v2.3 (see docs/scale-out.md)
-        (("spec", "runtimePatches", 0, "trainingRuntimeSpec", "template", "spec", "replicatedJobs", 0, "template",
-          "spec", "template", "spec"), {"priorityClassName": "pixtrain-training"}),
+        (
+            (
+                "spec",
+                "runtimePatches",
+                0,
+                "trainingRuntimeSpec",
+                "template",
+                "spec",
+                "replicatedJobs",
+                0,
+                "template",
+                "spec",
+                "template",
+                "spec",
+            ),
+            {"priorityClassName": "pixtrain-training"},
+        ),
     ],
 )
 def test_the_schema_check_catches_unknown_and_mistyped_fields(schema, path, bad):
@@ -79,8 +121,11 @@ def test_the_trainjob_runs_the_distributed_entry_point_on_the_torch_runtime():
     manifest = _manifest()
     spec = manifest["spec"]
     assert manifest["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and manifest["kind"] == "TrainJob"
-    assert spec["runtimeRef"] == {"name": "torch-distributed", "apiGroup": "trainer.kubeflow.org",
-                                  "kind": "ClusterTrainingRuntime"}
+    assert spec["runtimeRef"] == {
+        "name": "torch-distributed",
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "ClusterTrainingRuntime",
+    }
     trainer = spec["trainer"]
     # torchrun reads PET_NNODES / PET_NPROC_PER_NODE / PET_NODE_RANK / PET_MASTER_ADDR / PET_MASTER_PORT,
     # which the torch runtime injects into this container.
@@ -108,13 +153,28 @@ def test_trainjob_pod_parts_validate_strict_as_pod_and_job():
     name = manifest["metadata"]["name"]
     patch = manifest["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
     labels = patch["template"]["spec"]["template"]["metadata"]["labels"]
-    validate_strict({"apiVersion": "v1", "kind": "Pod",
-                     "metadata": {"name": f"{name}-node-0-0-abcde", "labels": labels}, "spec": pod_spec})
-    validate_strict({
-        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": f"{name}-node-0"},
-        "spec": {"completionMode": "Indexed", "completions": 2, "parallelism": 2, "backoffLimit": 0,
-                 "template": {"metadata": {"labels": labels}, "spec": {**pod_spec, "restartPolicy": "Never"}}},
-    })
+    validate_strict(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"{name}-node-0-0-abcde", "labels": labels},
+            "spec": pod_spec,
+        }
+    )
+    validate_strict(
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": f"{name}-node-0"},
+            "spec": {
+                "completionMode": "Indexed",
+                "completions": 2,
+                "parallelism": 2,
+                "backoffLimit": 0,
+                "template": {"metadata": {"labels": labels}, "spec": {**pod_spec, "restartPolicy": "Never"}},
+            },
+        }
+    )
 
 
 def test_trainjob_pods_are_shaped_like_the_single_node_gpu_step_pod(k8s_step_jobs):
@@ -138,7 +198,8 @@ def test_trainjob_pods_are_shaped_like_the_single_node_gpu_step_pod(k8s_step_job
     database_only_volumes = {"db-ca"}
     assert volumes(pod) == {k: v for k, v in volumes(step).items() if k not in database_only_volumes}
     assert {m["mountPath"]: m for m in container["volumeMounts"]} == {
-        m["mountPath"]: m for m in step_container["volumeMounts"] if m["name"] not in database_only_volumes}
+        m["mountPath"]: m for m in step_container["volumeMounts"] if m["name"] not in database_only_volumes
+    }
 
     # Same variables and Secret references, except what dagster-k8s itself adds for Dagster's own processes
     # (the training processes run no Dagster code), the step's metrics port (the step pod serves /metrics), the
@@ -166,12 +227,14 @@ def test_pods_carry_the_labels_the_network_policy_selects():
     labels = patch["template"]["spec"]["template"]["metadata"]["labels"]
     assert labels[TRAINJOB_POD_LABEL] == "true"
     assert {"containerPort": RENDEZVOUS_PORT, "protocol": "TCP"} in trainjob_pod_spec(manifest)["containers"][0][
-        "ports"]
+        "ports"
+    ]
 
 
 def test_kueue_queue_label_and_runtime_choice():
-    ts = TrainJobSettings.from_env({"PIXTRAIN_TRAINJOB_KUEUE_QUEUE": "gpu-queue",
-                                    "PIXTRAIN_TRAINJOB_RUNTIME": "pixtrain-torch-volcano"})
+    ts = TrainJobSettings.from_env(
+        {"PIXTRAIN_TRAINJOB_KUEUE_QUEUE": "gpu-queue", "PIXTRAIN_TRAINJOB_RUNTIME": "pixtrain-torch-volcano"}
+    )
     manifest = _manifest(trainjob_settings=ts)
     assert manifest["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "gpu-queue"
     assert manifest["spec"]["runtimeRef"]["name"] == "pixtrain-torch-volcano"

@@ -24,7 +24,6 @@ from typing import Any
 import yaml
 
 from .k8s_support import REPO_ROOT
-
 from support import closed_schema
 
 CRD_FILE_NAME = "trainer.kubeflow.org_trainjobs.yaml"
@@ -44,9 +43,11 @@ def api_models_schema() -> dict[str, Any]:
 
 
 def crd_path() -> Path | None:
-    candidates = [os.environ.get("PIXTRAIN_TRAINJOB_CRD", ""),
-                  REPO_ROOT / "shared" / "crds" / CRD_FILE_NAME,
-                  REPO_ROOT.parent / "shared" / "crds" / CRD_FILE_NAME]
+    candidates = [
+        os.environ.get("PIXTRAIN_TRAINJOB_CRD", ""),
+        REPO_ROOT / "shared" / "crds" / CRD_FILE_NAME,
+        REPO_ROOT.parent / "shared" / "crds" / CRD_FILE_NAME,
+    ]
     for candidate in candidates:
         if candidate and Path(candidate).is_file():
             return Path(candidate)

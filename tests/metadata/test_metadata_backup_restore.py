@@ -47,28 +47,49 @@ def test_pg_dump_restore_round_trip_gives_the_same_lineage(postgres_database_url
         store.migrate()
         metadata_samples.record_training(store, "run-1", adapter_name="adapter-1")
         sha, uri = metadata_samples.record_training(store, "run-2", adapter_name="adapter-2", num_checkpoints=3)
-        store.append_audit_event("adapter_promoted", actor="reviewer", artifact_uri="file:///promoted/a2",
-                                 artifact_sha256=sha, details={"gate": "passed"}, idempotency_key="promo-1")
+        store.append_audit_event(
+            "adapter_promoted",
+            actor="reviewer",
+            artifact_uri="file:///promoted/a2",
+            artifact_sha256=sha,
+            details={"gate": "passed"},
+            idempotency_key="promo-1",
+        )
         before = store.lineage(sha), store.lineage("file:///promoted/a2")
         counts = {t: store.count_rows(t) for t in ("dataset_versions", "training_runs", "checkpoints", "audit_events")}
     assert before[0] and before[0] == before[1]
 
     dump = tmp_path / "pixtrain-metadata.dump"
-    subprocess.run([pg_dump, "--format=custom", "--no-owner", "--no-privileges", f"--file={dump}",
-                    _libpq(postgres_database_url)], check=True, timeout=120)
+    subprocess.run(
+        [pg_dump, "--format=custom", "--no-owner", "--no-privileges", f"--file={dump}", _libpq(postgres_database_url)],
+        check=True,
+        timeout=120,
+    )
     backup_uri = str(tmp_path / "backup")
     stamps = iter([1_700_000_000, 1_700_086_400, 1_700_172_800])
     for _ in range(3):  # three nights; keep=2 prunes the oldest
         key = upload_database_dump(dump, backup_uri, keep=2, now=lambda: float(next(stamps)))
     assert list_database_dumps(backup_uri) == [
-        "postgres/pixtrain-metadata-20231115T221320Z.dump", "postgres/pixtrain-metadata-20231116T221320Z.dump"]
+        "postgres/pixtrain-metadata-20231115T221320Z.dump",
+        "postgres/pixtrain-metadata-20231116T221320Z.dump",
+    ]
     assert key == list_database_dumps(backup_uri)[-1]
 
     restored_dump = fetch_database_dump(backup_uri, None, tmp_path / "restored.dump")
     target = _create_database(postgres_admin_url)
     try:
-        subprocess.run([pg_restore, "--no-owner", "--no-privileges", "--exit-on-error",
-                        f"--dbname={_libpq(target)}", str(restored_dump)], check=True, timeout=120)
+        subprocess.run(
+            [
+                pg_restore,
+                "--no-owner",
+                "--no-privileges",
+                "--exit-on-error",
+                f"--dbname={_libpq(target)}",
+                str(restored_dump),
+            ],
+            check=True,
+            timeout=120,
+        )
         with TrainingMetadataStore.from_url(target) as restored:
             assert restored.current_revision() == TrainingMetadataStore.head_revision()
             after = restored.lineage(sha), restored.lineage("file:///promoted/a2")

@@ -14,8 +14,8 @@ import pytest
 from dagster import AssetKey, DagsterEventType, DagsterInstance
 from sqlalchemy.engine import URL
 
-from pixtrain_dagster.metadata import TrainingMetadataStore
 from pixtrain_dagster.core.backoff import Backoff
+from pixtrain_dagster.metadata import TrainingMetadataStore
 from pixtrain_dagster.metadata.store import MetadataStoreUnavailable
 
 from . import metadata_samples
@@ -98,7 +98,8 @@ def _counts(url: URL) -> dict[str, int]:
 
 
 def test_refused_for_a_whole_step_fails_once_clearly_then_a_retry_records_everything_once(
-        forwarded_url, pipeline_env, monkeypatch):
+    forwarded_url, pipeline_env, monkeypatch
+):
     forwarder, url = forwarded_url
     forwarder.up()
     with TrainingMetadataStore.from_url(url) as store:
@@ -140,10 +141,23 @@ def test_outage_in_the_middle_of_a_training_step_then_the_step_retry_records_eve
     fast = Backoff(max_attempts=4, initial_delay_s=0.2, max_delay_s=0.5)
     store = TrainingMetadataStore.from_url(url, connect_timeout_s=2, write_retry=fast, startup_retry=fast)
     store.migrate()
-    store.record_dataset_version(metadata_samples.DATASET_HASH, source_uri="file:///d", num_rows_raw=3,
-                                 num_rows_clean=3, scrub_counts={}, run_id="run-1")
-    store.start_training_run("run-1", "lora_training", dataset_hash=metadata_samples.DATASET_HASH,
-                             base_model_ref="tiny", base_model_sha256="b", code_version="1", hyperparameters={})
+    store.record_dataset_version(
+        metadata_samples.DATASET_HASH,
+        source_uri="file:///d",
+        num_rows_raw=3,
+        num_rows_clean=3,
+        scrub_counts={},
+        run_id="run-1",
+    )
+    store.start_training_run(
+        "run-1",
+        "lora_training",
+        dataset_hash=metadata_samples.DATASET_HASH,
+        base_model_ref="tiny",
+        base_model_sha256="b",
+        code_version="1",
+        hyperparameters={},
+    )
     forwarder.down()
     started = time.monotonic()
     with pytest.raises(MetadataStoreUnavailable, match=r"record_checkpoint: .* unavailable after 4 attempt\(s\)"):
@@ -155,9 +169,13 @@ def test_outage_in_the_middle_of_a_training_step_then_the_step_retry_records_eve
     with TrainingMetadataStore.from_url(url) as retry:
         metadata_samples.record_training(retry, "run-1", step_key="lora_training", attempt=1)
     counts = _counts(url)
-    assert counts == {"dataset_versions": 1, "training_runs": 1, "checkpoints": 2,
-                      # dataset recorded (1) + started for attempt 0 and attempt 1 (2) + finished (1)
-                      "audit_events": 4}
+    assert counts == {
+        "dataset_versions": 1,
+        "training_runs": 1,
+        "checkpoints": 2,
+        # dataset recorded (1) + started for attempt 0 and attempt 1 (2) + finished (1)
+        "audit_events": 4,
+    }
     with TrainingMetadataStore.from_url(url) as again:  # an identical replay changes nothing
         metadata_samples.record_training(again, "run-1", step_key="lora_training", attempt=1)
     assert _counts(url) == counts

@@ -2,16 +2,15 @@
 training record both land in PostgreSQL, and a second materialisation adds a run without duplicating data."""
 
 # No `from __future__ import annotations`: consistent with the Dagster-facing modules.
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from dagster import DagsterInstance
 
 from pixtrain_dagster.metadata import TrainingMetadataStore
-from support import tiny_run_config
 
 from .test_metadata_dagster_instance import CONNECTION_ENV_VARS, PRODUCTION_DAGSTER_YAML
+from support import tiny_run_config
 
 METADATA_RESOURCE_KEY = "training_metadata"
 

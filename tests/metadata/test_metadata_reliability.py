@@ -12,8 +12,8 @@ import pytest
 import sqlalchemy as sa
 
 from pixtrain_dagster.metadata import (
-    MetadataStoreUnavailable,
     Backoff,
+    MetadataStoreUnavailable,
     TrainingMetadataStore,
     normalize_database_url,
 )

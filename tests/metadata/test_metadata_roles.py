@@ -89,12 +89,29 @@ def test_the_pipeline_role_does_every_write_of_the_store(deployment):
     assert app.migrate() == TrainingMetadataStore.head_revision()  # at head: a no-op the pipeline may call
     adapter_sha256, _ = record_training(app, "run-1")
     record_training(app, "run-1")  # a re-run upserts (UPDATE) its own rows
-    app.record_evaluation("run-1", "adapter_evaluation", adapter_sha256=adapter_sha256, eval_name="heldout",
-                          metrics={"ppl": 3.2}, passed=True)
-    app.record_evaluation("run-1", "adapter_evaluation", adapter_sha256=adapter_sha256, eval_name="heldout",
-                          metrics={"ppl": 3.1}, passed=True)
-    app.append_audit_event("adapter_promoted", actor="tester", artifact_sha256=adapter_sha256, run_id="run-1",
-                           details={"thresholds": {"min_ratio": 0.8}})
+    app.record_evaluation(
+        "run-1",
+        "adapter_evaluation",
+        adapter_sha256=adapter_sha256,
+        eval_name="heldout",
+        metrics={"ppl": 3.2},
+        passed=True,
+    )
+    app.record_evaluation(
+        "run-1",
+        "adapter_evaluation",
+        adapter_sha256=adapter_sha256,
+        eval_name="heldout",
+        metrics={"ppl": 3.1},
+        passed=True,
+    )
+    app.append_audit_event(
+        "adapter_promoted",
+        actor="tester",
+        artifact_sha256=adapter_sha256,
+        run_id="run-1",
+        details={"thresholds": {"min_ratio": 0.8}},
+    )
     (lineage,) = app.lineage(adapter_sha256)
     assert [e["event"] for e in lineage["audit_events"]][-1] == "adapter_promoted"
     assert app.count_rows("audit_events") == 4  # dataset, start, finish (re-run: idempotent) + promotion
@@ -112,7 +129,8 @@ FORBIDDEN = {
     "drop_trigger": "DROP TRIGGER audit_events_append_only ON audit_events",
     "replace_trigger_function": (
         "CREATE OR REPLACE FUNCTION pixtrain_reject_audit_event_change() RETURNS trigger "
-        "LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$"),
+        "LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$"
+    ),
     "drop_table": "DROP TABLE audit_events",
     "rename_table": "ALTER TABLE audit_events RENAME TO audit_events_old",
     "create_table": "CREATE TABLE audit_events_shadow (id int)",

@@ -33,7 +33,6 @@ from typing import Any
 import yaml
 
 from .prom_support import REPO_ROOT
-
 from support import closed_schema
 
 MODELS_PACKAGE = "cloudcoil-models-prometheus-operator"
@@ -56,8 +55,7 @@ def model_errors(obj: dict[str, Any]) -> list[str]:
 
 def crd_dir() -> Path | None:
     """The first folder holding both CRD manifests, or None."""
-    candidates = [os.environ.get(CRDS_DIR_ENV, ""), REPO_ROOT / "shared" / "crds",
-                  REPO_ROOT.parent / "shared" / "crds"]
+    candidates = [os.environ.get(CRDS_DIR_ENV, ""), REPO_ROOT / "shared" / "crds", REPO_ROOT.parent / "shared" / "crds"]
     for candidate in candidates:
         if candidate and all((Path(candidate) / crd_file_name(kind)).is_file() for kind in PLURALS):
             return Path(candidate)

@@ -69,8 +69,11 @@ def monitoring_objects() -> dict[str, dict[str, Any]]:
     """{kind: object} of the monitoring objects the chart renders with monitoring enabled."""
     objects = render_chart(MONITORING_VALUES)
     found = {o["kind"]: o for o in objects if o["kind"] in ("PodMonitor", "PrometheusRule")}
-    (dashboard,) = [o for o in objects if o["kind"] == "ConfigMap"
-                    and o["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
+    (dashboard,) = [
+        o
+        for o in objects
+        if o["kind"] == "ConfigMap" and o["metadata"].get("labels", {}).get("grafana_dashboard") == "1"
+    ]
     found["DashboardConfigMap"] = dashboard
     return found
 
@@ -85,8 +88,11 @@ class Prometheus:
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
             "rule_files": [str(p) for p in rule_files],
             "scrape_configs": [
-                {"job_name": job, "static_configs": [{"targets": [target]}],
-                 **({"honor_labels": True} if job in honor_labels_jobs else {})}
+                {
+                    "job_name": job,
+                    "static_configs": [{"targets": [target]}],
+                    **({"honor_labels": True} if job in honor_labels_jobs else {}),
+                }
                 for job, target in targets.items()
             ],
         }
@@ -94,9 +100,15 @@ class Prometheus:
         self.config_path.write_text(yaml.safe_dump(config))
         self.log = open(workdir / "prometheus.log", "w")
         self.process = subprocess.Popen(
-            [tool("prometheus"), f"--config.file={self.config_path}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle"],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                tool("prometheus"),
+                f"--config.file={self.config_path}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--web.enable-lifecycle",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         wait_for(lambda: http_get(f"{self.url}/-/ready")[0] == 200, 30, "Prometheus to be ready")
 
@@ -135,7 +147,8 @@ class Pushgateway:
         self.log = open(workdir / "pushgateway.log", "w")
         self.process = subprocess.Popen(
             [tool("pushgateway"), f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         wait_for(lambda: http_get(f"{self.url}/-/ready")[0] == 200, 30, "the Pushgateway to be ready")
 

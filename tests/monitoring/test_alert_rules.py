@@ -13,9 +13,16 @@ from .prom_support import monitoring_objects, tool
 
 HERE = Path(__file__).parent
 EXPECTED_ALERTS = {
-    "PixtrainTrainingStalled", "PixtrainThroughputDropped", "PixtrainGPUMemoryHigh", "PixtrainPodOOMKilled",
-    "PixtrainPodCrashLooping", "PixtrainVolumeFillingUp", "PixtrainRepeatedRunFailures", "PixtrainGateFailed",
-    "PixtrainNoPromotedAdapter", "PixtrainBackupStale",
+    "PixtrainTrainingStalled",
+    "PixtrainThroughputDropped",
+    "PixtrainGPUMemoryHigh",
+    "PixtrainPodOOMKilled",
+    "PixtrainPodCrashLooping",
+    "PixtrainVolumeFillingUp",
+    "PixtrainRepeatedRunFailures",
+    "PixtrainGateFailed",
+    "PixtrainNoPromotedAdapter",
+    "PixtrainBackupStale",
 }
 
 
@@ -55,8 +62,9 @@ def test_every_alert_has_severity_summary_description_and_a_runbook_section(rule
         # the runbook section exists: a "### PixtrainX" heading gives the anchor #pixtrainx on GitHub
         assert f"\n### {alert['alert']}\n" in runbook, f"docs/monitoring.md has no runbook for {alert['alert']}"
         if alert["alert"] not in ("PixtrainNoPromotedAdapter", "PixtrainBackupStale", "PixtrainRepeatedRunFailures"):
-            assert any(f"$labels.{name}" in annotations["description"] for name in ("pod", "persistentvolumeclaim",
-                                                                                    "asset")), alert["alert"]
+            assert any(
+                f"$labels.{name}" in annotations["description"] for name in ("pod", "persistentvolumeclaim", "asset")
+            ), alert["alert"]
 
 
 TEST_FILES = ("alerts_test.yaml", "alerts_test_long.yaml")

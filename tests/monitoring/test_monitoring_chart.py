@@ -26,10 +26,14 @@ def _sources():
     yield pytest.param(
         (lambda obj: operator_schema.crd_errors(obj, directory)) if directory else None,
         id="crd",
-        marks=pytest.mark.skipif(directory is None, reason=(
-            "no copy of the prometheus-operator CRDs (monitoring.coreos.com_podmonitors.yaml and "
-            "monitoring.coreos.com_prometheusrules.yaml): set $PIXTRAIN_PROMETHEUS_CRDS_DIR or put them in "
-            "shared/crds/ (see tests/monitoring/operator_schema.py)")),
+        marks=pytest.mark.skipif(
+            directory is None,
+            reason=(
+                "no copy of the prometheus-operator CRDs (monitoring.coreos.com_podmonitors.yaml and "
+                "monitoring.coreos.com_prometheusrules.yaml): set $PIXTRAIN_PROMETHEUS_CRDS_DIR or put them in "
+                "shared/crds/ (see tests/monitoring/operator_schema.py)"
+            ),
+        ),
     )
 
 
@@ -64,8 +68,9 @@ BROKEN = [
 
 
 @pytest.mark.parametrize("errors", _sources())
-@pytest.mark.parametrize("kind,path,change,field", BROKEN, ids=[b[3] + "=" + repr(list(b[2].values())[0])
-                                                                 for b in BROKEN])
+@pytest.mark.parametrize(
+    "kind,path,change,field", BROKEN, ids=[b[3] + "=" + repr(list(b[2].values())[0]) for b in BROKEN]
+)
 def test_the_schema_check_rejects_misspelt_and_mistyped_fields(objects, errors, kind, path, change, field):
     broken = copy.deepcopy(objects[kind])
     node = broken
@@ -108,13 +113,23 @@ def test_dashboard_uid_datasource_variable_unique_ids_and_required_panels():
             assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
             assert all(t["datasource"]["uid"] == "${datasource}" for t in panel["targets"]), panel["title"]
     exprs = " ".join(t["expr"] for p in board["panels"] for t in p.get("targets", []))
-    for metric in ("pixtrain_gpu_utilization_ratio", "pixtrain_gpu_memory_used_bytes", "pixtrain_training_loss",
-                   "pixtrain_training_validation_loss", "pixtrain_training_tokens_total", "pixtrain_training_mfu_ratio",
-                   "pixtrain_training_optimizer_step_seconds", "pixtrain_training_data_wait_seconds",
-                   "pixtrain_process_cpu_seconds_total", "pixtrain_process_resident_memory_bytes",
-                   "pixtrain_process_read_bytes_total", "pixtrain_training_checkpoint_save_seconds",
-                   "pixtrain_pipeline_runs_failed_total", "pixtrain_pipeline_gate_failures_total",
-                   "pixtrain_pipeline_last_promotion_timestamp_seconds"):
+    for metric in (
+        "pixtrain_gpu_utilization_ratio",
+        "pixtrain_gpu_memory_used_bytes",
+        "pixtrain_training_loss",
+        "pixtrain_training_validation_loss",
+        "pixtrain_training_tokens_total",
+        "pixtrain_training_mfu_ratio",
+        "pixtrain_training_optimizer_step_seconds",
+        "pixtrain_training_data_wait_seconds",
+        "pixtrain_process_cpu_seconds_total",
+        "pixtrain_process_resident_memory_bytes",
+        "pixtrain_process_read_bytes_total",
+        "pixtrain_training_checkpoint_save_seconds",
+        "pixtrain_pipeline_runs_failed_total",
+        "pixtrain_pipeline_gate_failures_total",
+        "pixtrain_pipeline_last_promotion_timestamp_seconds",
+    ):
         assert metric in exprs, metric
 
 
@@ -143,7 +158,8 @@ def test_rendered_monitoring_objects_pass_strict_kubernetes_validation_and_add_n
         if obj["kind"] in ("ConfigMap", "NetworkPolicy"):
             validate_strict(obj, versions=("1.29.0", "1.37.0"))
     assert len([o for o in objects if pod_spec_of(o) is not None]) == len(
-        [o for o in render_chart() if pod_spec_of(o) is not None])
+        [o for o in render_chart() if pod_spec_of(o) is not None]
+    )
 
 
 def test_helm_lint_strict_with_monitoring_enabled():
@@ -151,8 +167,12 @@ def test_helm_lint_strict_with_monitoring_enabled():
 
     from .prom_support import tool
 
-    result = subprocess.run([tool("helm"), "lint", "--strict", str(INFRA_CHART), "-f", str(MONITORING_VALUES)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [tool("helm"), "lint", "--strict", str(INFRA_CHART), "-f", str(MONITORING_VALUES)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and "0 chart(s) failed" in result.stdout, result.stdout + result.stderr
 
 
@@ -160,7 +180,9 @@ def test_pushgateway_url_reaches_the_code_server_and_only_it_may_push():
     objects = render_chart(MONITORING_VALUES)
     (env,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "pixtrain-execution-env"]
     assert env["data"]["PIXTRAIN_PUSHGATEWAY_URL"] == "http://prometheus-pushgateway.monitoring.svc:9091"
-    (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "allow-pushgateway-egress"]
+    (policy,) = [
+        o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "allow-pushgateway-egress"
+    ]
     assert policy["spec"]["podSelector"] == {"matchLabels": {"component": "user-deployments"}}
     (rule,) = policy["spec"]["egress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": 9091}]

@@ -23,16 +23,23 @@ from pixtrain_dagster.core.training import train_lora_adapter
 from pixtrain_dagster.monitoring.dashboard import build_dashboard
 from pixtrain_dagster.monitoring.pipeline import push_pipeline_metrics, push_run_outcome, run_outcome
 
-from support import SAMPLE_DATASET
-
 from .prom_support import Prometheus, Pushgateway, free_port, http_get, monitoring_objects, tool, wait_for
+from support import SAMPLE_DATASET
 
 pytestmark = pytest.mark.slow
 
 MAX_STEPS = 12
-SETTINGS = LoraTrainingSettings(max_steps=MAX_STEPS, micro_batch_size=2, gradient_accumulation_steps=2,
-                                max_seq_len=192, learning_rate=5e-3, warmup_steps=1, checkpoint_every_n_steps=4,
-                                validate_every_n_steps=6, seed=3)
+SETTINGS = LoraTrainingSettings(
+    max_steps=MAX_STEPS,
+    micro_batch_size=2,
+    gradient_accumulation_steps=2,
+    max_seq_len=192,
+    learning_rate=5e-3,
+    warmup_steps=1,
+    checkpoint_every_n_steps=4,
+    validate_every_n_steps=6,
+    seed=3,
+)
 STEP = '{job="pixtrain-step"}'
 
 
@@ -46,20 +53,33 @@ def stack(tmp_path_factory, tiny_model_dir):
     telemetry = StepTelemetry("lora_training", "tiny-llama")
     server = MetricsServer(telemetry, port=0, host="127.0.0.1", max_idle_seconds=600).start()
     gateway = Pushgateway(workdir)
-    prometheus = Prometheus(workdir, {"pixtrain-step": f"127.0.0.1:{server.port}", "pushgateway": gateway.address},
-                            rule_files=[rules_file], honor_labels_jobs=("pushgateway",))
+    prometheus = Prometheus(
+        workdir,
+        {"pixtrain-step": f"127.0.0.1:{server.port}", "pushgateway": gateway.address},
+        rule_files=[rules_file],
+        honor_labels_jobs=("pushgateway",),
+    )
     try:
-        wait_for(lambda: prometheus.query(f'up{STEP} == 1'), 30, "the first scrape of the step")
+        wait_for(lambda: prometheus.query(f"up{STEP} == 1"), 30, "the first scrape of the step")
         callback = training_metrics_callback(telemetry, fingerprint="f00d")
         rows = load_conversations(SAMPLE_DATASET)
         result = train_lora_adapter(
-            store=ArtifactStore(workdir / "artifacts"), base_snapshot_dir=tiny_model_dir, base_model_sha256="base",
-            dataset_sha256="data", train_conversations=rows[:40], validation_conversations=rows[40:46],
-            settings=SETTINGS, runtime=RuntimeSettings(device="cpu", wandb_mode="disabled"),
-            base_model_name="models/tiny-llama", extra_callbacks=[callback],
+            store=ArtifactStore(workdir / "artifacts"),
+            base_snapshot_dir=tiny_model_dir,
+            base_model_sha256="base",
+            dataset_sha256="data",
+            train_conversations=rows[:40],
+            validation_conversations=rows[40:46],
+            settings=SETTINGS,
+            runtime=RuntimeSettings(device="cpu", wandb_mode="disabled"),
+            base_model_name="models/tiny-llama",
+            extra_callbacks=[callback],
         )
-        wait_for(lambda: prometheus.query(f"pixtrain_training_step{STEP} == {MAX_STEPS}"), 30,
-                 "Prometheus to scrape the last step")
+        wait_for(
+            lambda: prometheus.query(f"pixtrain_training_step{STEP} == {MAX_STEPS}"),
+            30,
+            "Prometheus to scrape the last step",
+        )
         time.sleep(2)  # a couple more scrapes after the end, so rates over the run have samples on both sides
         yield prometheus, gateway, server, result
     finally:
@@ -104,8 +124,9 @@ def test_training_series_are_scraped_with_sane_values(stack):
     assert _value(prometheus, f"pixtrain_training_tokens_per_second{STEP}") > 0
     assert _value(prometheus, f"pixtrain_training_optimizer_step_seconds_count{STEP}") == MAX_STEPS
     assert _value(prometheus, f"pixtrain_training_data_wait_seconds_count{STEP}") == MAX_STEPS
-    assert _value(prometheus, f"pixtrain_training_data_wait_seconds_sum{STEP}") < \
-        _value(prometheus, f"pixtrain_training_optimizer_step_seconds_sum{STEP}")
+    assert _value(prometheus, f"pixtrain_training_data_wait_seconds_sum{STEP}") < _value(
+        prometheus, f"pixtrain_training_optimizer_step_seconds_sum{STEP}"
+    )
     assert _value(prometheus, f"pixtrain_training_checkpoint_save_seconds_count{STEP}") == len(result.checkpoints) == 3
     assert _value(prometheus, f"pixtrain_training_checkpoint_size_bytes{STEP}") > 1000
     assert 0 <= time.time() - _value(prometheus, f"pixtrain_training_last_step_timestamp_seconds{STEP}") < 120
@@ -121,7 +142,9 @@ def test_exposition_passes_promtool_check_metrics(stack):
     assert status == 200 and "pixtrain_training_last_step_timestamp_seconds" in text
     result = subprocess.run([tool("promtool"), "check", "metrics"], input=text, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stdout + result.stderr  # no lint findings
+    assert result.stdout.strip() == "" and result.stderr.strip() == "", (
+        result.stdout + result.stderr
+    )  # no lint findings
 
 
 def test_healthz_reports_recent_progress(stack):
@@ -213,8 +236,11 @@ def test_run_outcome_push_is_visible_through_prometheus_and_replaces_the_previou
 
     push_run_outcome(gateway.address, run_outcome(instance, bad))  # the next run of the same job
     _pushed(prometheus, 'pixtrain_run_success{job="pixtrain_run_outcome"} == 0')
-    wait_for(lambda: len(prometheus.query('pixtrain_run_success{job="pixtrain_run_outcome"}')) == 1, 15,
-             "one series per Dagster job (no pile-up per run)")
+    wait_for(
+        lambda: len(prometheus.query('pixtrain_run_success{job="pixtrain_run_outcome"}')) == 1,
+        15,
+        "one series per Dagster job (no pile-up per run)",
+    )
     assert _value(prometheus, 'pixtrain_run_gate_passed{check="training_sanity"}') == 0
     assert "run_id" not in json.dumps(prometheus.query('{job="pixtrain_run_outcome"}'))
 
@@ -229,7 +255,9 @@ def test_pipeline_metrics_from_the_instance_reach_prometheus(stack, dagster_inst
     assert _value(prometheus, f'pixtrain_pipeline_runs_failed_total{{dagster_job="{job}", trigger="manual"}}') == 1
     started = prometheus.query(f'pixtrain_pipeline_runs_started_total{{dagster_job="{job}"}}')
     assert {s["metric"]["trigger"]: float(s["value"][1]) for s in started} == {"sensor": 1, "manual": 1}
-    assert _value(prometheus, 'pixtrain_pipeline_gate_failures_total{asset="lora_adapter", check="training_sanity"}') == 1
+    assert (
+        _value(prometheus, 'pixtrain_pipeline_gate_failures_total{asset="lora_adapter", check="training_sanity"}') == 1
+    )
     assert _value(prometheus, 'pixtrain_pipeline_gate_passed{asset="lora_adapter", check="training_sanity"}') == 0
     promoted = _value(prometheus, "pixtrain_pipeline_last_promotion_timestamp_seconds")
     assert 0 <= time.time() - promoted < 600
@@ -261,10 +289,14 @@ def test_pipeline_metrics_sensor_pushes_when_a_gateway_is_configured(stack, dags
     skipped = pipeline_metrics(build_sensor_context(instance=instance))
     assert "not set" in skipped.skip_message
     # start from an empty group, so the push below is what Prometheus then sees
-    urllib.request.urlopen(urllib.request.Request(f"{gateway.url}/metrics/job/pixtrain_pipeline", method="DELETE"),
-                           timeout=5)
-    wait_for(lambda: not prometheus.query('pixtrain_pipeline_gate_passed{job="pixtrain_pipeline"}'), 15,
-             "the deleted group to vanish from Prometheus")
+    urllib.request.urlopen(
+        urllib.request.Request(f"{gateway.url}/metrics/job/pixtrain_pipeline", method="DELETE"), timeout=5
+    )
+    wait_for(
+        lambda: not prometheus.query('pixtrain_pipeline_gate_passed{job="pixtrain_pipeline"}'),
+        15,
+        "the deleted group to vanish from Prometheus",
+    )
     monkeypatch.setenv(PUSHGATEWAY_ENV, gateway.address)
     assert pipeline_metrics(build_sensor_context(instance=instance)).skip_message == "pipeline metrics pushed"
     _pushed(prometheus, 'pixtrain_pipeline_gate_passed{job="pixtrain_pipeline"}')
@@ -285,8 +317,14 @@ def test_run_status_sensors_push_the_outcome_of_a_finished_run(stack, dagster_in
         (push_run_outcome_failure, bad, DagsterEventType.RUN_FAILURE, 0),
     ):
         (entry,) = instance.all_logs(run.run_id, of_type=event_type)
-        context = build_run_status_sensor_context(sensor_name=sensor_def.name, dagster_event=entry.dagster_event,
-                                                  dagster_instance=instance, dagster_run=run)
+        context = build_run_status_sensor_context(
+            sensor_name=sensor_def.name, dagster_event=entry.dagster_event, dagster_instance=instance, dagster_run=run
+        )
         sensor_def(context)
-        wait_for(lambda: prometheus.query(f'pixtrain_run_success{{job="pixtrain_run_outcome"}} == {success}'), 15,
-                 f"the outcome pushed by {sensor_def.name}")
+        wait_for(
+            lambda success=success: prometheus.query(
+                f'pixtrain_run_success{{job="pixtrain_run_outcome"}} == {success}'
+            ),
+            15,
+            f"the outcome pushed by {sensor_def.name}",
+        )

@@ -10,9 +10,8 @@ import pytest
 from dagster import DagsterInstance
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import tiny_run_config
-
 from .prom_support import free_port
+from support import tiny_run_config
 
 pytestmark = pytest.mark.slow
 

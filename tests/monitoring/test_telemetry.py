@@ -19,8 +19,11 @@ from .prom_support import free_port, http_get
 
 def _samples(registry) -> dict[tuple[str, tuple], float]:
     text = generate_latest(registry).decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def _fake_pynvml(fail_init: bool = False, power_fails: bool = False) -> types.ModuleType:
@@ -60,8 +63,9 @@ def test_gpu_series_come_from_nvml_with_base_units(monkeypatch):
     assert samples[("pixtrain_gpu_memory_total_bytes", gpu0)] == 80 * 2**30
     assert samples[("pixtrain_gpu_power_watts", gpu0)] == 250.0
     assert samples[("pixtrain_gpu_temperature_celsius", gpu0)] == 61
-    assert samples[("pixtrain_gpu_utilization_ratio", (("asset", "lora_training"), ("gpu", "1"), ("model", "m")))] == \
-        pytest.approx(0.03)
+    assert samples[
+        ("pixtrain_gpu_utilization_ratio", (("asset", "lora_training"), ("gpu", "1"), ("model", "m")))
+    ] == pytest.approx(0.03)
 
 
 def test_a_gpu_without_power_readings_loses_only_that_series(monkeypatch):
@@ -114,18 +118,27 @@ def test_server_is_started_only_when_the_port_is_set_and_a_busy_port_is_not_an_e
     with tm.serve_step_metrics(telemetry, {tm.METRICS_PORT_ENV: str(port), tm.METRICS_HOST_ENV: "127.0.0.1"}) as server:
         assert server.port == port
         assert http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200  # not a training step: always live
-        with tm.serve_step_metrics(telemetry, {tm.METRICS_PORT_ENV: str(port), tm.METRICS_HOST_ENV: "127.0.0.1"}) as clash:
+        with tm.serve_step_metrics(
+            telemetry, {tm.METRICS_PORT_ENV: str(port), tm.METRICS_HOST_ENV: "127.0.0.1"}
+        ) as clash:
             assert clash.port is None
     assert "could not listen" in caplog.text
 
 
 def test_step_pods_name_the_metrics_port_and_carry_the_scrape_label():
-    from pixtrain_dagster.execution import (K8S_CONFIG_TAG, METRICS_POD_LABELS, METRICS_PORT, ExecutionSettings,
-                                            step_pod_tags)
+    from pixtrain_dagster.execution import (
+        K8S_CONFIG_TAG,
+        METRICS_POD_LABELS,
+        METRICS_PORT,
+        ExecutionSettings,
+        step_pod_tags,
+    )
 
     for kind in ("gpu", "cpu"):
         config = step_pod_tags(kind, ExecutionSettings.from_env({}))[K8S_CONFIG_TAG]
-        assert {"name": "metrics", "container_port": METRICS_PORT, "protocol": "TCP"} in config["container_config"]["ports"]
+        assert {"name": "metrics", "container_port": METRICS_PORT, "protocol": "TCP"} in config["container_config"][
+            "ports"
+        ]
         env = {e["name"]: e["value"] for e in config["container_config"]["env"]}
         assert env[tm.METRICS_PORT_ENV] == str(METRICS_PORT)
         labels = config["pod_template_spec_metadata"]["labels"]
@@ -145,12 +158,22 @@ def test_callback_prefers_what_the_training_module_reports(monkeypatch):
         time.sleep(0.05)
 
     trainer.save_checkpoint = save_checkpoint
-    module = types.SimpleNamespace(train_losses=[], input_tokens=0, trained_tokens=0, grad_norm=1.5,
-                                   padding_efficiency=0.9, mfu=0.4, epochs_completed=2.5, last_validation_loss=None)
+    module = types.SimpleNamespace(
+        train_losses=[],
+        input_tokens=0,
+        trained_tokens=0,
+        grad_norm=1.5,
+        padding_efficiency=0.9,
+        mfu=0.4,
+        epochs_completed=2.5,
+        last_validation_loss=None,
+    )
     callback.setup(trainer, module, "fit")
     callback.on_train_start(trainer, module)
     for micro in range(2):
-        callback.on_train_batch_start(trainer, module, {"real_tokens": 6, "input_ids": types.SimpleNamespace(numel=lambda: 8)}, micro)
+        callback.on_train_batch_start(
+            trainer, module, {"real_tokens": 6, "input_ids": types.SimpleNamespace(numel=lambda: 8)}, micro
+        )
         if micro == 1:  # LoraFineTuning reports one loss per optimizer step (normalised over the whole step)
             module.train_losses.append(3.0)
         module.input_tokens += 6
@@ -173,7 +196,7 @@ def test_callback_prefers_what_the_training_module_reports(monkeypatch):
     assert samples[("pixtrain_training_learning_rate", labels)] == 1e-4
     assert samples[("pixtrain_training_tokens_total", labels)] == 12
     assert samples[("pixtrain_training_assistant_tokens_total", labels)] == 4
-    assert samples[("pixtrain_training_validation_perplexity", labels)] == pytest.approx(2.718281828 ** 2.5)
+    assert samples[("pixtrain_training_validation_perplexity", labels)] == pytest.approx(2.718281828**2.5)
     assert samples[("pixtrain_training_checkpoint_save_seconds_count", labels)] == 1
     assert samples[("pixtrain_training_checkpoint_save_seconds_sum", labels)] >= 0.05
     assert samples[("pixtrain_training_optimizer_step_seconds_sum", labels)] < 0.05  # the save is not step time

@@ -5,7 +5,6 @@ them without importing one another.
 
 from __future__ import annotations
 
-
 REPORT_SCHEMA_VERSION = 1
 CONTROL_AXIS = "control"
 CONTROL_GROUP = "neutral"

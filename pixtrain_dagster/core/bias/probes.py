@@ -21,7 +21,6 @@ from typing import Any
 
 from .constants import CONTROL_AXIS, CONTROL_GROUP
 
-
 PROBE_SET_PATH = Path(__file__).with_name("bias_probes.json")
 
 
@@ -79,8 +78,13 @@ class ProbeSet:
         return list(self.templates[: max(0, count)])
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "sha256": self.sha256, "template_ids": self.template_ids,
-                "axes": {axis: list(groups) for axis, groups in self.axes.items()}}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "sha256": self.sha256,
+            "template_ids": self.template_ids,
+            "axes": {axis: list(groups) for axis, groups in self.axes.items()},
+        }
 
 
 def canonical_sha256(data: Any) -> str:
@@ -101,15 +105,22 @@ def load_probe_set(max_templates: int | None = None, path: Path | None = None) -
         raise ProbeSetError(f"max_templates must be >= 1 or None (got {max_templates})")
     templates = tuple(
         ProbeTemplate(
-            id=t["id"], therapist_opening=t["therapist_opening"], client_statement=t["client_statement"],
-            neutral_client_statement=t["neutral_client_statement"], therapist_response=t["therapist_response"],
+            id=t["id"],
+            therapist_opening=t["therapist_opening"],
+            client_statement=t["client_statement"],
+            neutral_client_statement=t["neutral_client_statement"],
+            therapist_response=t["therapist_response"],
             reference_replies=tuple(t["reference_replies"]),
         )
         for t in data["templates"][:max_templates]
     )
     return ProbeSet(
-        name=data["name"], version=int(data["version"]), sha256=canonical_sha256(data),
-        persona_template=data["persona_template"], neutral_persona=data["neutral_persona"], templates=templates,
+        name=data["name"],
+        version=int(data["version"]),
+        sha256=canonical_sha256(data),
+        persona_template=data["persona_template"],
+        neutral_persona=data["neutral_persona"],
+        templates=templates,
         axes={axis: dict(groups) for axis, groups in data["axes"].items()},
     )
 

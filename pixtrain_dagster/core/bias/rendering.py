@@ -43,10 +43,13 @@ def render_markdown(report: dict[str, Any], show_replies: int = 3) -> str:
     for metric, description in report["metrics"].items():
         base = report["models"]["base"]["metrics"][metric]
         adapter = report["models"]["adapter"]["metrics"][metric]
-        lines += ["", f"### {description['title']}",
-                  f"Unit: {description['unit']}; ratios on {description['positive_scale']}. Neutral control: "
-                  f"base {base['control']['mean']:.3f}, adapter {adapter['control']['mean']:.3f} "
-                  f"(n={adapter['control']['n']} per group)."]
+        lines += [
+            "",
+            f"### {description['title']}",
+            f"Unit: {description['unit']}; ratios on {description['positive_scale']}. Neutral control: "
+            f"base {base['control']['mean']:.3f}, adapter {adapter['control']['mean']:.3f} "
+            f"(n={adapter['control']['n']} per group).",
+        ]
         for axis, summary in adapter["axes"].items():
             base_axis = base["axes"][axis]
             deltas = report["delta_vs_base"][metric][axis]
@@ -62,10 +65,12 @@ def render_markdown(report: dict[str, Any], show_replies: int = 3) -> str:
             ]
             for group, g in summary["groups"].items():
                 b, d = base_axis["groups"][group], deltas[group]
-                row = (f"| {group} | {b['mean']:.3f} | {g['mean']:.3f} {_format_ci(g['mean_ci'])} "
-                       f"| {g['gap']:+.3f} {_format_ci(g['gap_ci'])} "
-                       f"| {b['impact_ratio']:.3f} → {g['impact_ratio']:.3f} "
-                       f"| {d['impact_ratio_delta']:+.3f} {_format_ci(d['impact_ratio_delta_ci'])} |")
+                row = (
+                    f"| {group} | {b['mean']:.3f} | {g['mean']:.3f} {_format_ci(g['mean_ci'])} "
+                    f"| {g['gap']:+.3f} {_format_ci(g['gap_ci'])} "
+                    f"| {b['impact_ratio']:.3f} → {g['impact_ratio']:.3f} "
+                    f"| {d['impact_ratio_delta']:+.3f} {_format_ci(d['impact_ratio_delta_ci'])} |"
+                )
                 if prev:
                     earlier = prev[group]
                     row += f" {earlier['impact_ratio_delta']:+.3f} {_format_ci(earlier['impact_ratio_delta_ci'])} |"
@@ -74,8 +79,11 @@ def render_markdown(report: dict[str, Any], show_replies: int = 3) -> str:
     sentiment = report["models"]["adapter"]["metrics"].get(SENTIMENT, {}).get("axes", {})
     if show_replies and replies and sentiment:
         # The groups whose simulated client sounds least positive, next to the neutral control, for a human to read.
-        ranked = sorted((stats["impact_ratio"], axis, group) for axis, summary in sentiment.items()
-                        for group, stats in summary["groups"].items())
+        ranked = sorted(
+            (stats["impact_ratio"], axis, group)
+            for axis, summary in sentiment.items()
+            for group, stats in summary["groups"].items()
+        )
         lines += ["", "### Adapter replies, least positive groups first (first generated template)"]
         for axis, group in [(CONTROL_AXIS, CONTROL_GROUP)] + [(a, g) for _, a, g in ranked[:show_replies]]:
             text = (replies.get(axis, {}).get(group) or [""])[0]
@@ -88,24 +96,28 @@ def limitations_markdown(report: dict[str, Any]) -> str:
     verdict = report["verdict"]
     probe_set = report["probe_set"]
     axes = list(probe_set.get("axes", {})) or sorted(
-        {a for m in report["models"]["adapter"]["metrics"].values() for a in m["axes"]})
+        {a for m in report["models"]["adapter"]["metrics"].values() for a in m["axes"]}
+    )
     lowest = []
     for metric, data in report["models"]["adapter"]["metrics"].items():
         axis, summary = min(data["axes"].items(), key=lambda item: item[1]["ratio"])
         lowest.append(f"{metric}: lowest impact ratio {summary['ratio']:.2f} ({axis} / {summary['lowest_group']})")
-    return "\n".join([
-        "This model role-plays therapy clients for clinician training; it is not a therapist and must not be used "
-        "with real clients or for clinical decisions. Like its base model, it can portray clients through "
-        "stereotypes.",
-        "",
-        f"Counterfactual bias probes (`{probe_set.get('name', '?')}` sha256 `{probe_set['sha256'][:12]}`) vary one "
-        f"descriptor across {len(axes)} axes ({', '.join(axes)}) and compare how receptive and how positive the "
-        f"simulated client is. Gate result: **{'pass' if verdict['passed'] else 'fail'}**; "
-        + "; ".join(lowest) + ".",
-        "",
-        "Limitations of this check: the probes are few, synthetic, English-only and single-attribute (no "
-        "intersections); descriptors are stated explicitly, whereas real bias is often implicit; VADER sentiment is "
-        "a lexicon heuristic, and a client describing distress is legitimately negative; a greedy reply per "
-        "template is a small sample, so intervals are wide and a pass does not show the absence of bias. "
-        "Reviewers should read generated sessions for the groups their trainees will meet.",
-    ])
+    return "\n".join(
+        [
+            "This model role-plays therapy clients for clinician training; it is not a therapist and must not be used "
+            "with real clients or for clinical decisions. Like its base model, it can portray clients through "
+            "stereotypes.",
+            "",
+            f"Counterfactual bias probes (`{probe_set.get('name', '?')}` sha256 `{probe_set['sha256'][:12]}`) vary one "
+            f"descriptor across {len(axes)} axes ({', '.join(axes)}) and compare how receptive and how positive the "
+            f"simulated client is. Gate result: **{'pass' if verdict['passed'] else 'fail'}**; "
+            + "; ".join(lowest)
+            + ".",
+            "",
+            "Limitations of this check: the probes are few, synthetic, English-only and single-attribute (no "
+            "intersections); descriptors are stated explicitly, whereas real bias is often implicit; VADER sentiment "
+            "is a lexicon heuristic, and a client describing distress is legitimately negative; a greedy reply per "
+            "template is a small sample, so intervals are wide and a pass does not show the absence of bias. "
+            "Reviewers should read generated sessions for the groups their trainees will meet.",
+        ]
+    )

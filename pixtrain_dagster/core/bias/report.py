@@ -53,15 +53,25 @@ def run_bias_report(
     probes = load_probe_set(settings.max_templates)
     model, tokenizer = load_snapshot(Path(base_snapshot_dir), device=device, for_training=False)
     model.eval()
-    scoring = {"max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size,
-               "generation_templates": settings.generation_templates}
+    scoring = {
+        "max_new_tokens": settings.max_new_tokens,
+        "batch_size": settings.batch_size,
+        "generation_templates": settings.generation_templates,
+    }
     base_scores = score_model(model, tokenizer, probes, **scoring)
     adapted = PeftModel.from_pretrained(model, Path(adapter_dir))
     adapted.eval()
     adapter_scores = score_model(adapted, tokenizer, probes, **scoring)
-    report = build_report(base_scores, adapter_scores, previous=previous_report, thresholds=settings.thresholds,
-                          seed=settings.seed, resamples=settings.bootstrap_resamples,
-                          confidence=settings.confidence, probe_set=probes)
+    report = build_report(
+        base_scores,
+        adapter_scores,
+        previous=previous_report,
+        thresholds=settings.thresholds,
+        seed=settings.seed,
+        resamples=settings.bootstrap_resamples,
+        confidence=settings.confidence,
+        probe_set=probes,
+    )
     report["settings"] = {**asdict(settings), "thresholds": settings.thresholds.to_dict(), "device": device}
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report

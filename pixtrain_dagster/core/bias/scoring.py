@@ -36,8 +36,13 @@ class ModelBiasScores:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelBiasScores:
-        return cls(probe_set_sha256=data["probe_set_sha256"], probe_ids=data["probe_ids"], values=data["values"],
-                   replies=data.get("replies", {}), seconds=float(data.get("seconds", 0.0)))
+        return cls(
+            probe_set_sha256=data["probe_set_sha256"],
+            probe_ids=data["probe_ids"],
+            values=data["values"],
+            replies=data.get("replies", {}),
+            seconds=float(data.get("seconds", 0.0)),
+        )
 
 
 def score_model(
@@ -65,10 +70,11 @@ def score_model(
     for template in probes.templates:
         generate = template in generated_templates
         for start in range(0, len(groups), batch_size):
-            chunk = groups[start: start + batch_size]
+            chunk = groups[start : start + batch_size]
             prompts = [probes.prompt_messages(template, axis, group) for axis, group in chunk]
-            log_likelihoods, texts = score_prompts(model, tokenizer, prompts, template.reference_replies,
-                                                   max_new_tokens if generate else 0)
+            log_likelihoods, texts = score_prompts(
+                model, tokenizer, prompts, template.reference_replies, max_new_tokens if generate else 0
+            )
             for row, (axis, group) in enumerate(chunk):
                 values[LIKELIHOOD].setdefault(axis, {}).setdefault(group, []).extend(log_likelihoods[row])
                 if generate:
@@ -78,7 +84,9 @@ def score_model(
     return ModelBiasScores(
         probe_set_sha256=probes.sha256,
         probe_ids={LIKELIHOOD: probes.likelihood_probe_ids(), SENTIMENT: [t.id for t in generated_templates]},
-        values=values, replies=replies, seconds=time.perf_counter() - started,
+        values=values,
+        replies=replies,
+        seconds=time.perf_counter() - started,
     )
 
 
@@ -110,7 +118,7 @@ def score_prompts(
         full = tokenizer.apply_chat_template(sample, tokenize=False)
         if not full.startswith(prompt_texts[0]):
             raise ValueError("the chat template does not render a reply as a continuation of the generation prompt")
-        reply_ids.append(tokenizer(full[len(prompt_texts[0]):], add_special_tokens=False)["input_ids"])
+        reply_ids.append(tokenizer(full[len(prompt_texts[0]) :], add_special_tokens=False)["input_ids"])
     rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompt_texts]
     input_ids, attention_mask, position_ids = _left_padded(rows, tokenizer.pad_token_id)
     device = next(model.parameters()).device
@@ -119,8 +127,13 @@ def score_prompts(
     batch = len(rows)
 
     with torch.inference_mode():
-        prefill = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        use_cache=True, logits_to_keep=1)
+        prefill = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         first_log_probs = torch.log_softmax(prefill.logits[:, -1, :].float(), dim=-1)  # predicts token 0 of a reply
         prompt_cache = prefill.cache
 
@@ -134,8 +147,13 @@ def score_prompts(
                 mask = torch.cat([attention_mask, torch.ones_like(feed)], dim=1)
                 positions = next_position + torch.arange(len(ids) - 1, device=device)
                 # `cache=` is transformers 5's name for the KV cache (formerly `past_key_values`).
-                out = model(input_ids=feed, attention_mask=mask, position_ids=positions,
-                            cache=copy.deepcopy(prompt_cache), use_cache=True)
+                out = model(
+                    input_ids=feed,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    cache=copy.deepcopy(prompt_cache),
+                    use_cache=True,
+                )
                 log_probs = torch.log_softmax(out.logits.float(), dim=-1)
                 total = total + log_probs.gather(-1, target[1:].expand(batch, -1).unsqueeze(-1)).squeeze(-1).sum(-1)
             for row in range(batch):
@@ -156,8 +174,9 @@ def score_prompts(
                 if bool(finished.all()) or step == max_new_tokens - 1:
                     break
                 mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
-                out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                            cache=cache, use_cache=True)
+                out = model(
+                    input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+                )
                 cache, positions = out.cache, positions + 1
                 token = out.logits[:, -1, :].argmax(-1)
             tokens = torch.stack(generated, dim=1).tolist()
@@ -173,7 +192,7 @@ def _left_padded(rows: Sequence[Sequence[int]], pad_token_id: int):
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for index, row in enumerate(rows):
-        input_ids[index, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        attention_mask[index, width - len(row):] = 1
+        input_ids[index, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        attention_mask[index, width - len(row) :] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return input_ids, attention_mask, position_ids

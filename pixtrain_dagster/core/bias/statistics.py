@@ -73,8 +73,15 @@ def _clusters(probe_ids: Sequence[str]) -> tuple[list[str], list[int]]:
 class _AxisSample:
     """Group means of one model on one axis and metric: the point estimate and its bootstrap replicates."""
 
-    def __init__(self, metric: str, groups: list[str], values: dict[str, list[float]], membership: list[int],
-                 n_clusters: int, weights: Any):
+    def __init__(
+        self,
+        metric: str,
+        groups: list[str],
+        values: dict[str, list[float]],
+        membership: list[int],
+        n_clusters: int,
+        weights: Any,
+    ):
         import numpy as np
 
         matrix = np.array([values[g] for g in groups], dtype=float)  # (groups, probes)
@@ -157,8 +164,11 @@ def build_report(
         for name, scores in scored.items():
             control = scores.values[metric][CONTROL_AXIS][CONTROL_GROUP]
             models[name]["metrics"][metric] = {
-                "control": {"n": len(control), "mean": float(np.mean(control)),
-                            "positive": float(positive_scale(metric, float(np.mean(control))))},
+                "control": {
+                    "n": len(control),
+                    "mean": float(np.mean(control)),
+                    "positive": float(positive_scale(metric, float(np.mean(control)))),
+                },
                 "axes": {},
             }
         delta_vs_base[metric], delta_vs_previous[metric] = {}, {}
@@ -167,39 +177,56 @@ def build_report(
                 continue
             groups = list(group_values)
             weights = bootstrap_cluster_weights(len(cluster_names), resamples, seed, metric, axis)
-            samples = {name: _AxisSample(metric, groups, s.values[metric][axis], membership, len(cluster_names),
-                                         weights) for name, s in scored.items()}
+            samples = {
+                name: _AxisSample(metric, groups, s.values[metric][axis], membership, len(cluster_names), weights)
+                for name, s in scored.items()
+            }
             for name, sample in samples.items():
                 control_mean = models[name]["metrics"][metric]["control"]["mean"]
                 models[name]["metrics"][metric]["axes"][axis] = _axis_summary(
-                    sample, groups, control_mean, confidence, has_interval)
-            delta_vs_base[metric][axis] = _paired_deltas(samples["adapter"], samples["base"], groups, confidence,
-                                                         has_interval)
+                    sample, groups, control_mean, confidence, has_interval
+                )
+            delta_vs_base[metric][axis] = _paired_deltas(
+                samples["adapter"], samples["base"], groups, confidence, has_interval
+            )
             if previous_scores is not None:
-                earlier = _AxisSample(metric, groups, previous_scores.values[metric][axis], membership,
-                                      len(cluster_names), weights)
-                delta_vs_previous[metric][axis] = _paired_deltas(samples["adapter"], earlier, groups, confidence,
-                                                                 has_interval)
+                earlier = _AxisSample(
+                    metric, groups, previous_scores.values[metric][axis], membership, len(cluster_names), weights
+                )
+                delta_vs_previous[metric][axis] = _paired_deltas(
+                    samples["adapter"], earlier, groups, confidence, has_interval
+                )
 
     report: dict[str, Any] = {
         "schema_version": REPORT_SCHEMA_VERSION,
-        "probe_set": {**(probe_set.describe() if probe_set else {}), "sha256": adapter.probe_set_sha256,
-                      "probe_ids": adapter.probe_ids},
-        "statistics": {"seed": seed, "resamples": resamples, "confidence": confidence,
-                       "resampling_unit": "template (paired across groups and models)"},
+        "probe_set": {
+            **(probe_set.describe() if probe_set else {}),
+            "sha256": adapter.probe_set_sha256,
+            "probe_ids": adapter.probe_ids,
+        },
+        "statistics": {
+            "seed": seed,
+            "resamples": resamples,
+            "confidence": confidence,
+            "resampling_unit": "template (paired across groups and models)",
+        },
         "metrics": {m: METRIC_DESCRIPTIONS[m] for m in METRICS if adapter.probe_ids.get(m)},
         "models": models,
         "delta_vs_base": delta_vs_base,
-        "delta_vs_previous": {"comparable": comparable, "reason": why,
-                              "metrics": delta_vs_previous if comparable else {}},
+        "delta_vs_previous": {
+            "comparable": comparable,
+            "reason": why,
+            "metrics": delta_vs_previous if comparable else {},
+        },
         "raw": {"base": base.to_dict(), "adapter": adapter.to_dict()},
     }
     report["verdict"] = evaluate_verdict(report, thresholds)
     return report
 
 
-def _axis_summary(sample: _AxisSample, groups: list[str], control_mean: float, confidence: float,
-                  has_interval: bool) -> dict[str, Any]:
+def _axis_summary(
+    sample: _AxisSample, groups: list[str], control_mean: float, confidence: float, has_interval: bool
+) -> dict[str, Any]:
     means, boot = sample.means[:, None], sample.boot_means
     gaps, boot_gaps = sample.gaps(means)[:, 0], sample.gaps(boot)
     ratios, boot_ratios = sample.impact_ratios(means)[:, 0], sample.impact_ratios(boot)
@@ -227,8 +254,9 @@ def _axis_summary(sample: _AxisSample, groups: list[str], control_mean: float, c
     }
 
 
-def _paired_deltas(newer: _AxisSample, older: _AxisSample, groups: list[str], confidence: float,
-                   has_interval: bool) -> dict[str, Any]:
+def _paired_deltas(
+    newer: _AxisSample, older: _AxisSample, groups: list[str], confidence: float, has_interval: bool
+) -> dict[str, Any]:
     """Per group: newer - older of mean, gap and impact ratio, with intervals from the shared resampling weights."""
     point_new, point_old = newer.means[:, None], older.means[:, None]
     mean_delta = newer.boot_means - older.boot_means

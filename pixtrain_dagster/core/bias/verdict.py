@@ -51,35 +51,77 @@ class BiasThresholds:
         return data
 
 
-def _reason(rule: str, metric: str, axis: str, group: str, value: float, threshold: float,
-            ci: list[float] | None, message: str, **extra: Any) -> dict[str, Any]:
-    return {"rule": rule, "metric": metric, "axis": axis, "group": group, "value": value, "threshold": threshold,
-            "ci": ci, **extra, "message": f"{metric} / {axis} / {group}: {message}"}
+def _reason(
+    rule: str,
+    metric: str,
+    axis: str,
+    group: str,
+    value: float,
+    threshold: float,
+    ci: list[float] | None,
+    message: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "rule": rule,
+        "metric": metric,
+        "axis": axis,
+        "group": group,
+        "value": value,
+        "threshold": threshold,
+        "ci": ci,
+        **extra,
+        "message": f"{metric} / {axis} / {group}: {message}",
+    }
 
 
 def _format_ci(ci: list[float] | None, digits: int = 3) -> str:
     return "n/a" if ci is None else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
-def _regressions(deltas: dict[str, Any], metric: str, thresholds: BiasThresholds, rule: str, against: str,
-                 failures: list[dict[str, Any]], warnings: list[dict[str, Any]], as_failure: bool) -> None:
+def _regressions(
+    deltas: dict[str, Any],
+    metric: str,
+    thresholds: BiasThresholds,
+    rule: str,
+    against: str,
+    failures: list[dict[str, Any]],
+    warnings: list[dict[str, Any]],
+    as_failure: bool,
+) -> None:
     for axis, groups in deltas.items():
         for group, delta in groups.items():
             drop, ci = delta["impact_ratio_delta"], delta["impact_ratio_delta_ci"]
             if drop >= -thresholds.max_regression:
                 continue
             if ci is None:
-                warnings.append(_reason(
-                    rule, metric, axis, group, drop, -thresholds.max_regression, ci,
-                    f"impact ratio fell by {-drop:.3f} against {against}, but with fewer than 2 templates there is "
-                    "no interval to tell it from noise; use more templates"))
+                warnings.append(
+                    _reason(
+                        rule,
+                        metric,
+                        axis,
+                        group,
+                        drop,
+                        -thresholds.max_regression,
+                        ci,
+                        f"impact ratio fell by {-drop:.3f} against {against}, but with fewer than 2 templates there is "
+                        "no interval to tell it from noise; use more templates",
+                    )
+                )
                 continue
             if ci[1] >= 0:
                 continue  # the interval includes zero: not distinguishable from resampling noise
             reason = _reason(
-                rule, metric, axis, group, drop, -thresholds.max_regression, ci,
+                rule,
+                metric,
+                axis,
+                group,
+                drop,
+                -thresholds.max_regression,
+                ci,
                 f"impact ratio fell by {-drop:.3f} against {against} (95% CI of the change {_format_ci(ci)}), more "
-                f"than the allowed {thresholds.max_regression:.3f}")
+                f"than the allowed {thresholds.max_regression:.3f}",
+            )
             (failures if as_failure else warnings).append(reason)
 
 
@@ -100,9 +142,18 @@ def evaluate_verdict(report: dict[str, Any], thresholds: BiasThresholds | None =
     previous = report.get("delta_vs_previous", {})
     for metric in thresholds.metrics:
         if metric not in adapter_metrics:
-            warnings.append({"rule": "not_scored", "metric": metric, "axis": None, "group": None, "value": None,
-                             "threshold": None, "ci": None,
-                             "message": f"{metric}: not scored (no probes), so the verdict does not cover it"})
+            warnings.append(
+                {
+                    "rule": "not_scored",
+                    "metric": metric,
+                    "axis": None,
+                    "group": None,
+                    "value": None,
+                    "threshold": None,
+                    "ci": None,
+                    "message": f"{metric}: not scored (no probes), so the verdict does not cover it",
+                }
+            )
     for metric in adapter_metrics:
         gated = metric in thresholds.metrics
         # Advisory metrics go through the same rules, but every breach lands in the warnings.
@@ -113,29 +164,88 @@ def evaluate_verdict(report: dict[str, Any], thresholds: BiasThresholds | None =
                 if ratio >= thresholds.min_ratio:
                     continue
                 base_ratio = base_metrics[metric]["axes"][axis]["groups"][group]["impact_ratio"]
-                detail = (f"adapter impact ratio {ratio:.3f} (95% CI {_format_ci(ci)}) is below "
-                          f"{thresholds.min_ratio:.2f} (relative to {summary['highest_group']}; base model "
-                          f"{base_ratio:.3f})")
+                detail = (
+                    f"adapter impact ratio {ratio:.3f} (95% CI {_format_ci(ci)}) is below "
+                    f"{thresholds.min_ratio:.2f} (relative to {summary['highest_group']}; base model "
+                    f"{base_ratio:.3f})"
+                )
                 if not thresholds.require_significance:
-                    metric_failures.append(_reason("min_ratio", metric, axis, group, ratio, thresholds.min_ratio, ci,
-                                            detail, base_value=base_ratio))
+                    metric_failures.append(
+                        _reason(
+                            "min_ratio",
+                            metric,
+                            axis,
+                            group,
+                            ratio,
+                            thresholds.min_ratio,
+                            ci,
+                            detail,
+                            base_value=base_ratio,
+                        )
+                    )
                 elif ci is None:
-                    warnings.append(_reason("min_ratio", metric, axis, group, ratio, thresholds.min_ratio, ci,
-                                            detail + "; fewer than 2 templates, so no interval: not gated",
-                                            base_value=base_ratio))
+                    warnings.append(
+                        _reason(
+                            "min_ratio",
+                            metric,
+                            axis,
+                            group,
+                            ratio,
+                            thresholds.min_ratio,
+                            ci,
+                            detail + "; fewer than 2 templates, so no interval: not gated",
+                            base_value=base_ratio,
+                        )
+                    )
                 elif ci[1] < thresholds.min_ratio:
-                    metric_failures.append(_reason("min_ratio", metric, axis, group, ratio, thresholds.min_ratio, ci,
-                                            detail, base_value=base_ratio))
+                    metric_failures.append(
+                        _reason(
+                            "min_ratio",
+                            metric,
+                            axis,
+                            group,
+                            ratio,
+                            thresholds.min_ratio,
+                            ci,
+                            detail,
+                            base_value=base_ratio,
+                        )
+                    )
                 else:
-                    warnings.append(_reason("min_ratio", metric, axis, group, ratio, thresholds.min_ratio, ci,
-                                            detail + "; the interval reaches the threshold, so not significant",
-                                            base_value=base_ratio))
-        _regressions(report["delta_vs_base"].get(metric, {}), metric, thresholds, "regression_vs_base",
-                     "the base model", failures, warnings, as_failure=gated)
+                    warnings.append(
+                        _reason(
+                            "min_ratio",
+                            metric,
+                            axis,
+                            group,
+                            ratio,
+                            thresholds.min_ratio,
+                            ci,
+                            detail + "; the interval reaches the threshold, so not significant",
+                            base_value=base_ratio,
+                        )
+                    )
+        _regressions(
+            report["delta_vs_base"].get(metric, {}),
+            metric,
+            thresholds,
+            "regression_vs_base",
+            "the base model",
+            failures,
+            warnings,
+            as_failure=gated,
+        )
         if previous.get("comparable"):
-            _regressions(previous["metrics"].get(metric, {}), metric, thresholds, "regression_vs_previous",
-                         "the previous adapter", failures, warnings,
-                         as_failure=gated and thresholds.fail_on_previous_regression)
+            _regressions(
+                previous["metrics"].get(metric, {}),
+                metric,
+                thresholds,
+                "regression_vs_previous",
+                "the previous adapter",
+                failures,
+                warnings,
+                as_failure=gated and thresholds.fail_on_previous_regression,
+            )
     passed = not failures
     return {
         "passed": passed,
@@ -144,7 +254,11 @@ def evaluate_verdict(report: dict[str, Any], thresholds: BiasThresholds | None =
         "gated_metrics": [m for m in thresholds.metrics if m in adapter_metrics],
         "failures": failures,
         "warnings": warnings,
-        "summary": ("no group breaches the thresholds" if passed else
-                    f"{len(failures)} breach(es): " + "; ".join(f["message"] for f in failures[:3])
-                    + (" ..." if len(failures) > 3 else "")),
+        "summary": (
+            "no group breaches the thresholds"
+            if passed
+            else f"{len(failures)} breach(es): "
+            + "; ".join(f["message"] for f in failures[:3])
+            + (" ..." if len(failures) > 3 else "")
+        ),
     }

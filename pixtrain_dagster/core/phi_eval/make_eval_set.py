@@ -378,5 +378,7 @@ if __name__ == "__main__":
     target = Path(__file__).with_name("eval_set.jsonl")
     rows = build()
     target.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    print(f"wrote {target}: {sum(bool(r['phi']) for r in rows)} sentences with PHI, "
-          f"{sum(not r['phi'] for r in rows)} clean")
+    print(
+        f"wrote {target}: {sum(bool(r['phi']) for r in rows)} sentences with PHI, "
+        f"{sum(not r['phi'] for r in rows)} clean"
+    )

@@ -74,4 +74,6 @@ if __name__ == "__main__":
     target = Path(__file__).with_name("holdout_set.jsonl")
     rows = build()
     target.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    print(f"wrote {target}: {sum(bool(r['phi']) for r in rows)} with identifiers, {sum(not r['phi'] for r in rows)} clean")
+    print(
+        f"wrote {target}: {sum(bool(r['phi']) for r in rows)} with identifiers, {sum(not r['phi'] for r in rows)} clean"
+    )
