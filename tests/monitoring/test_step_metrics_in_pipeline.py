@@ -3,7 +3,6 @@ evaluation and bias steps of a real in-process run each serve /metrics while the
 
 from __future__ import annotations
 
-import threading
 import urllib.request
 
 import pytest
@@ -16,40 +15,54 @@ from support import tiny_run_config
 pytestmark = pytest.mark.slow
 
 
+def _scrape(port: int) -> dict[str, float]:
+    """{asset: pixtrain_training_step (or -1 when the step serves only the process series)} from one scrape."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            asset = sample.labels.get("asset")
+            if sample.name == "pixtrain_training_step":
+                found[asset] = max(found.get(asset, -1), sample.value)
+            elif sample.name == "pixtrain_process_resident_memory_bytes":
+                found.setdefault(asset, -1)
+    return found
+
+
 def test_training_evaluation_and_bias_steps_serve_metrics_while_they_run(pipeline_env, tiny_model_dir, monkeypatch):
+    """Scraped from inside each step, right after its server starts and right before it stops: deterministic,
+    unlike a background poller, which on a loaded 2-core machine sometimes missed a short step entirely."""
+    from pixtrain_dagster.core import telemetry
     from pixtrain_dagster.definitions import build_definitions
 
     port = free_port()
     monkeypatch.setenv("PIXTRAIN_METRICS_PORT", str(port))
     monkeypatch.setenv("PIXTRAIN_METRICS_HOST", "127.0.0.1")
-    seen: dict[str, float] = {}  # asset -> highest pixtrain_training_step seen (-1: resource series only)
-    stop = threading.Event()
+    at_start: dict[str, float] = {}
+    at_end: dict[str, float] = {}
+    original = telemetry.serve_step_metrics
 
-    def scrape() -> None:
-        while not stop.wait(0.2):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-                    text = response.read().decode()
-            except OSError:
-                continue  # between steps nothing listens
-            for family in text_string_to_metric_families(text):
-                for sample in family.samples:
-                    asset = sample.labels.get("asset")
-                    if sample.name == "pixtrain_training_step":
-                        seen[asset] = max(seen.get(asset, -1), sample.value)
-                    elif sample.name == "pixtrain_process_resident_memory_bytes":
-                        seen.setdefault(asset, -1)
+    class Observed:
+        def __init__(self, server):
+            self.server = server
 
-    poller = threading.Thread(target=scrape, daemon=True)
-    poller.start()
-    try:
-        job = build_definitions().resolve_implicit_global_asset_job_def()
-        result = job.execute_in_process(run_config=tiny_run_config(tiny_model_dir), instance=DagsterInstance.get())
-    finally:
-        stop.set()
-        poller.join(timeout=5)
+        def __enter__(self):
+            return self.server.__enter__()
+
+        def __exit__(self, *exc_info):
+            at_end.update(_scrape(port))
+            return self.server.__exit__(*exc_info)
+
+    def observed_serve_step_metrics(*args, **kwargs):
+        server = original(*args, **kwargs)  # listening from here on
+        at_start.update(_scrape(port))
+        return Observed(server)
+
+    monkeypatch.setattr(telemetry, "serve_step_metrics", observed_serve_step_metrics)
+    job = build_definitions().resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(run_config=tiny_run_config(tiny_model_dir), instance=DagsterInstance.get())
     assert result.success
-    # TINY_TRAINING_CONFIG trains 4 steps; the server stops well under a second after the last one, so a scrape
-    # every 0.2 s on a loaded 2-core machine may miss step 4 (CI once saw 3): any training step proves the point.
-    assert 1 <= seen.get("lora_training", -1) <= 4
-    assert {"adapter_evaluation", "bias_report"} <= set(seen)
+    assert set(at_start) == set(at_end) == {"lora_training", "adapter_evaluation", "bias_report"}
+    assert at_start["lora_training"] <= 0  # nothing trained yet when the server comes up
+    assert at_end["lora_training"] == 4  # TINY_TRAINING_CONFIG: 4 optimizer steps, all counted before it stops
