@@ -47,6 +47,25 @@ def run_job(run_config, selection=None, raise_on_error=True):
     )
 
 
+def materialize_with_cli(selection: str, config_file: Path, env: dict, timeout: float = 600):
+    """``dagster asset materialize -m pixtrain_dagster.definitions`` as a user runs it, from the repository root."""
+    import subprocess
+    import sys
+
+    command = [
+        str(Path(sys.executable).parent / "dagster"),
+        "asset",
+        "materialize",
+        "-m",
+        "pixtrain_dagster.definitions",
+        "--select",
+        selection,
+        "-c",
+        str(config_file),
+    ]
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def materialized_metadata(result, key):
     [event] = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == key]
     return {k: v.value for k, v in event.materialization.metadata.items()}

@@ -92,8 +92,11 @@ def _two_concurrent_runs(home, tmp_path) -> list[tuple[float, float]]:
     import subprocess
     import sys
 
-    with DagsterInstance.from_config(str(home)):
-        pass  # create the storage once, before two processes race to create it
+    with DagsterInstance.from_config(str(home)) as instance:
+        # Create the storage and the pool's slots once, as on a deployed instance after its first GPU step: two
+        # processes creating the slots at the same moment can both allocate one (Dagster counts, then inserts),
+        # which fresh-clone CI hit once. docs/runbook.md says to initialise the pool at install.
+        instance.event_log_storage.initialize_concurrency_limit_to_default(GPU_POOL)
     script = tmp_path / "gpu_run.py"
     script.write_text(_RUN_SCRIPT)
     env = {**os.environ, "DAGSTER_HOME": str(home)}

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from pixtrain_dagster.core.artifacts import ArtifactStore
 
-from support import REPO_ROOT, materialized_metadata, run_job, tiny_run_config
+from support import materialize_with_cli, materialized_metadata, run_job, tiny_run_config
 
 ALL_KEYS = {
     "base_model",
@@ -141,24 +139,7 @@ def test_empty_landing_location_is_a_clear_error(pipeline_env, tiny_model_dir):
 def test_cli_materialises_the_graph(pipeline_env, tiny_model_dir, tmp_path):
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, max_steps=2)))
-    completed = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "dagster"),
-            "asset",
-            "materialize",
-            "-m",
-            "pixtrain_dagster.definitions",
-            "--select",
-            "*",
-            "-c",
-            str(config_file),
-        ],
-        cwd=REPO_ROOT,
-        env={**os.environ, "PIXTRAIN_EXECUTOR": "in_process"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    completed = materialize_with_cli("*", config_file, {**os.environ, "PIXTRAIN_EXECUTOR": "in_process"})
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "RUN_SUCCESS" in completed.stderr
     instance = DagsterInstance.get()

@@ -4,8 +4,6 @@ resumes exactly, and errors a retry cannot fix fail once."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from pixtrain_dagster.core.conversations import load_conversations
 from pixtrain_dagster.core.settings import LoraTrainingSettings, RuntimeSettings
 from pixtrain_dagster.core.training import train_lora_adapter
 
-from support import REPO_ROOT, SAMPLE_DATASET, tiny_run_config
+from support import SAMPLE_DATASET, materialize_with_cli, tiny_run_config
 
 SETTINGS = LoraTrainingSettings(
     max_steps=6,
@@ -127,24 +125,7 @@ def test_sigkilled_training_step_is_retried_by_dagster_and_ends_byte_identical(p
         KILL_AFTER_CHECKPOINT_ENV: "2",
         "PIXTRAIN_STEP_RETRY_DELAY_S": "0",
     }
-    completed = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "dagster"),
-            "asset",
-            "materialize",
-            "-m",
-            "pixtrain_dagster.definitions",
-            "--select",
-            "lora_adapter,training_checkpoints",
-            "-c",
-            str(config_file),
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    completed = materialize_with_cli("lora_adapter,training_checkpoints", config_file, env)
     assert completed.returncode == 0, completed.stderr[-4000:]
 
     instance = DagsterInstance.get()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from support import REPO_ROOT, SAMPLE_DATASET, tiny_run_config
+from support import REPO_ROOT, SAMPLE_DATASET, materialize_with_cli, tiny_run_config
 
 NOISE = {
     # Dagster
@@ -61,24 +61,7 @@ def test_a_cli_run_through_step_subprocesses_and_torchrun_workers_prints_none_of
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_SILENT", "PIXTRAIN_EXECUTOR", "OMP_NUM_THREADS")}
     # "default" shows DeprecationWarning and ResourceWarning too; the Makefile's CLI entries come after, so win.
     env.update(WANDB_MODE="offline", PYTHONWARNINGS=f"default,{makefile_cli_warnings()}")
-    completed = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "dagster"),
-            "asset",
-            "materialize",
-            "-m",
-            "pixtrain_dagster.definitions",
-            "--select",
-            "*",
-            "-c",
-            str(config_file),
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    completed = materialize_with_cli("*", config_file, env)
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output[-3000:]
     # The run really went through the places that used to warn: workers, W&B, checkpoints, the adapter.
