@@ -87,8 +87,10 @@ def table_metadata(row_count: int, column_schema: TableSchema | None = None) -> 
 
 def code_version_of(fn: Callable[..., Any]) -> str:
     """A version that changes when the code ``fn`` runs changes: its own source, the Config classes in its
-    signature, and every module of this package it reaches (the modules of the names it uses, the modules it
-    imports, and what those import, transitively). Blank and comment-only lines do not count.
+    signature, every module of this package it reaches (the modules of the names it uses, the modules it
+    imports, and what those import, transitively) and the JSON data beside those modules in a subpackage (the bias
+    probe set). Blank and comment-only lines do not count. The unit is the module: a function's version also
+    moves when another function of a module it reaches changes.
 
     Plain text and a regular expression for imports, not syntax trees: this runs when the code location loads.
     """
@@ -97,10 +99,24 @@ def code_version_of(fn: Callable[..., Any]) -> str:
     for parameter in inspect.signature(fn).parameters.values():
         if inspect.isclass(parameter.annotation) and parameter.annotation.__module__.startswith(PACKAGE):
             digest.update(_normalised(inspect.getsource(parameter.annotation)).encode())
-    for module in sorted(_closure(frozenset(_modules_used_by(fn)))):
+    modules = _closure(frozenset(_modules_used_by(fn)))
+    for module in sorted(modules):
         digest.update(f"\0{module}\0".encode())
         digest.update(_normalised(_source(module)).encode())
+    for data_file in sorted({path for module in modules for path in _data_files(module)}):
+        digest.update(f"\0{data_file.relative_to(PACKAGE_DIR)}\0".encode())
+        digest.update(data_file.read_bytes())
     return digest.hexdigest()[:16]
+
+
+@functools.cache
+def _data_files(module: str) -> tuple[Path, ...]:
+    """JSON data shipped beside a module inside a subpackage (the bias probe set): behaviour, not code, but it
+    changes what the asset produces. The package root's folders of sample data are inputs, not behaviour."""
+    folder = _module_file(module).parent
+    if folder == PACKAGE_DIR or folder.parent == PACKAGE_DIR:
+        return ()
+    return tuple(sorted(folder.glob("*.json")))
 
 
 _IMPORT = re.compile(

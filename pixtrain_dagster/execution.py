@@ -403,6 +403,35 @@ def k8s_executor_config(settings: ExecutionSettings | None = None) -> dict[str, 
     return config
 
 
+# What a run may change in a step pod: its size and where it is placed. Nothing else: env would replace
+# PIXTRAIN_GATE_* from the execution ConfigMap (loosening a gate), and accounts, images, commands and volumes
+# are the deployment's security boundary.
+RUN_OVERRIDABLE = {
+    "container_config": {"resources"},
+    "pod_spec_config": {"node_selector", "tolerations"},
+}
+
+
+def run_pod_overrides(per_step: Any) -> dict[str, Any]:
+    """A run's ``per_step_k8s_config``, checked against RUN_OVERRIDABLE; raises naming the first refused key."""
+    if not per_step:
+        return {}
+    if not isinstance(per_step, Mapping):
+        raise ExecutionSettingsError("execution.config.per_step_k8s_config must map op names to pod settings")
+    for op, config in per_step.items():
+        for section, value in (config or {}).items():
+            allowed = RUN_OVERRIDABLE.get(section, set())
+            refused = sorted(set(value or {}) - allowed) if isinstance(value, Mapping) else [section]
+            if section not in RUN_OVERRIDABLE or refused:
+                raise ExecutionSettingsError(
+                    f"execution.config.per_step_k8s_config.{op}.{section}"
+                    + (f".{refused[0]}" if section in RUN_OVERRIDABLE else "")
+                    + " cannot be set by a run: a run may only change container_config.resources and "
+                    "pod_spec_config.node_selector / tolerations; the rest is the deployment's (docs/scale-out.md)"
+                )
+    return {op: dict(config or {}) for op, config in per_step.items()}
+
+
 def executor_from_env(environ: Mapping[str, str] | None = None) -> ExecutorDefinition:
     """The executor named by PIXTRAIN_EXECUTOR: in_process, multiprocess (default) or k8s."""
     env = os.environ if environ is None else environ
@@ -421,8 +450,8 @@ def executor_from_env(environ: Mapping[str, str] | None = None) -> ExecutorDefin
         deployment = k8s_executor_config(settings)
 
         def with_run_overrides(run_config: dict[str, Any]) -> dict[str, Any]:
-            # Everything comes from the deployment; a run may only add per-step pod overrides.
-            return {**deployment, "per_step_k8s_config": run_config.get("per_step_k8s_config") or {}}
+            # Everything comes from the deployment; a run may only resize a step's pod (run_pod_overrides).
+            return {**deployment, "per_step_k8s_config": run_pod_overrides(run_config.get("per_step_k8s_config"))}
 
         return run_sized_k8s_executor(settings).configured(
             with_run_overrides,

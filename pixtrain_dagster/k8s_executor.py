@@ -19,6 +19,7 @@ from dagster_k8s.container_context import K8sContainerContext
 from dagster_k8s.executor import K8sStepHandler
 from dagster_k8s.job import UserDefinedDagsterK8sConfig
 
+from .core.settings import LoraTrainingSettings
 from .execution import GPU_RESOURCE, ExecutionSettings, load_settings
 
 TRAINING_OP = "lora_training"
@@ -31,8 +32,11 @@ class TrainingShapeError(ValueError):
 def training_pod_shape(
     run_config: Mapping[str, Any], settings: ExecutionSettings, environ: Mapping[str, str] | None = None
 ) -> dict[str, Any] | None:
-    """``dagster-k8s/config`` for this run's lora_training pod from its ``devices`` / ``num_nodes``; None when
-    the run keeps the deployment's shape (neither set, or both 1 with the deployment's GPU count)."""
+    """``dagster-k8s/config`` for this run's lora_training pod from its ``devices`` / ``num_nodes`` (unset: the
+    training config's defaults, as the step will see them); None when that is the deployment's GPU shape.
+
+    Only the GPU count follows ``devices``: CPU, memory and /dev/shm stay the deployment's per-pod values
+    (``execution.gpu.*``), so raise those for runs with many more GPUs than ``execution.gpu.count``."""
     import os
 
     config = (((run_config or {}).get("ops") or {}).get(TRAINING_OP) or {}).get("config") or {}
@@ -47,7 +51,8 @@ def training_pod_shape(
         return trainjob_launcher_k8s_config(
             settings, TrainJobSettings.from_env(os.environ if environ is None else environ)
         )
-    if devices is None or devices == settings.gpu_count:
+    devices = LoraTrainingSettings().devices if devices is None else devices  # the training config's default
+    if devices == settings.gpu_count:
         return None
     amounts = {GPU_RESOURCE: str(devices)}
     return {"container_config": {"resources": {"requests": dict(amounts), "limits": dict(amounts)}}}
@@ -86,6 +91,8 @@ def run_sized_k8s_executor(settings: ExecutionSettings | None = None):
         # factory, the handler it built becomes our subclass (same state, one overridden method).
         # dagster-k8s is pinned, and tests/k8s renders every step job through this path.
         handler = built._step_handler  # noqa: SLF001
+        if type(handler) is not K8sStepHandler:  # a dagster-k8s upgrade changed the factory: fail loudly
+            raise TypeError(f"k8s_job_executor built a {type(handler).__name__}, expected K8sStepHandler")
         handler.__class__ = RunSizedK8sStepHandler
         handler.settings = settings
         return built

@@ -110,3 +110,31 @@ def test_model_gates_rerun_alone_and_fail_when_the_adapter_changed_since(pipelin
     assert "different adapter" in " ".join(stale["training_sanity"].metadata["problems"].value)
     assert "different adapter" in " ".join(stale["bias_gate"].metadata["failures"].value)
     assert stale["no_phi_left"].passed is True  # the dataset did not change
+
+
+def test_promotion_alone_is_refused_after_a_recheck_failed_a_dataset_gate(pipeline_env, tiny_model_dir, monkeypatch):
+    """The automation condition sees only the direct parents' checks; the promotion itself reads the latest result
+    of every gate, so a re-check that finds PHI in the training data stops a manual promotion too."""
+    from pixtrain_dagster.core import phi_check
+
+    config = tiny_run_config(tiny_model_dir)
+    config["ops"]["bias_report"]["config"]["generation_templates"] = 0
+    config["ops"]["adapter_evaluation"]["config"]["sample_replies"] = 0
+    assert run_job(config).success
+    monkeypatch.setattr(phi_check, "_CHECKS", [*phi_check._CHECKS, ("NEW_RULE", re.compile(r"\bfeel\b", re.I))])
+    assert _checks(_recheck(raise_on_error=False))["no_phi_left"].passed is False
+
+    promote = run_job({}, selection=["promoted_adapter"], raise_on_error=False)
+    assert not promote.success
+    [failure] = [e for e in promote.all_events if e.is_step_failure]
+    assert "the latest no_phi_left check on training_dataset failed" in failure.event_specific_data.error.message
+
+
+def test_a_failing_dataset_gate_stops_training_in_the_same_run(pipeline_env, tiny_model_dir, monkeypatch):
+    from pixtrain_dagster.core import phi_check
+
+    monkeypatch.setattr(phi_check, "_CHECKS", [*phi_check._CHECKS, ("NEW_RULE", re.compile(r"\bfeel\b", re.I))])
+    result = run_job(tiny_run_config(tiny_model_dir), selection=TRAINING_ASSETS, raise_on_error=False)
+    assert _checks(result)["no_phi_left"].passed is False
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert "training_dataset" in materialized and "lora_adapter" not in materialized  # blocked, not trained

@@ -167,8 +167,16 @@ def test_code_versions_follow_the_code_each_asset_runs(tmp_path):
     assert not changed & {"raw_conversations", "training_dataset", "base_model"}
     core_evaluation.write_text(original)
 
-    # The curation code: both dataset assets' module, but only training_dataset runs it.
+    # The curation code (core/conversations.py): the unit is the module, so raw_conversations, which reads JSONL
+    # through the same module, moves too; the base model snapshot does not.
     conversations = tmp_path / "pixtrain_dagster" / "core" / "conversations.py"
     conversations.write_text(conversations.read_text().replace('return "empty_conversation"', 'return "no_messages"'))
     changed = {key for key, value in _versions(tmp_path).items() if before[key] != value}
     assert "training_dataset" in changed and "base_model" not in changed
+
+    # Data that is behaviour: a changed bias probe set moves bias_report (and what reaches its modules) only.
+    before = _versions(tmp_path)
+    probes = tmp_path / "pixtrain_dagster" / "core" / "bias" / "bias_probes.json"
+    probes.write_text(probes.read_text().replace("hopeful", "hopeful and", 1))
+    changed = {key for key, value in _versions(tmp_path).items() if before[key] != value}
+    assert "bias_report" in changed and not changed & {"raw_conversations", "training_dataset", "base_model"}

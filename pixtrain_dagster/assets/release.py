@@ -2,7 +2,18 @@
 
 import json
 
-from dagster import AssetExecutionContext, AutomationCondition, Failure, MetadataValue, Output, asset
+from dagster import (
+    AssetCheckKey,
+    AssetExecutionContext,
+    AssetKey,
+    AutomationCondition,
+    DagsterInstance,
+    Failure,
+    MetadataValue,
+    Output,
+    asset,
+)
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from ..catalog import PHI_DERIVED, governance_tags, owners, uri_metadata
 from ..core.gate_policy import GatePolicy, GatePolicyError
@@ -82,6 +93,27 @@ def promotion_blockers(
     return blockers
 
 
+# Every blocking check upstream of the promotion: the dataset's (two steps up, which the automation condition's
+# all_deps_blocking_checks_passed does not look at) and the two model gates.
+GATE_CHECKS = (
+    *(AssetCheckKey(AssetKey("training_dataset"), name) for name in ("schema_valid", "no_phi_left", "enough_rows")),
+    AssetCheckKey(AssetKey("adapter_evaluation"), "training_sanity"),
+    AssetCheckKey(AssetKey("bias_report"), "bias_gate"),
+)
+
+
+def failed_gate_checks(instance: DagsterInstance) -> list[str]:
+    """Gates whose latest evaluation failed, e.g. a re-check after a rule change (recheck_gates) that found a
+    problem in data the adapter was trained on: promoting alone must not get past it."""
+    latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(list(GATE_CHECKS))
+    return [
+        f"the latest {key.name} check on {key.asset_key.to_user_string()} failed (run {record.run_id}); fix the "
+        "cause and run the check again (recheck_gates)"
+        for key, record in latest.items()
+        if record.status == AssetCheckExecutionRecordStatus.FAILED
+    ]
+
+
 def model_card(lora_adapter: dict, adapter_evaluation: dict, bias: dict, limitations: str) -> str:
     training = lora_adapter["training"]
     return "\n".join(
@@ -136,6 +168,7 @@ def promoted_adapter(
 
     policy = deployed_policy(context)
     blockers = promotion_blockers(lora_adapter, adapter_evaluation, bias_report, policy)
+    blockers += failed_gate_checks(context.instance)
     if blockers:
         who = step_identity(context)
         training_metadata.get_store().append_audit_event(
