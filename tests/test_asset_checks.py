@@ -66,6 +66,22 @@ def test_dataset_checks_rerun_alone_after_a_rule_or_policy_change(pipeline_env, 
     assert latest["thresholds"]["min_train_records"] == 1000
 
 
+def test_a_tightened_invalid_record_limit_fails_schema_valid_on_recheck(pipeline_env, monkeypatch):
+    import json
+
+    bad = [{"messages": [{"role": "assistant", "content": "no user turn first"}]}] * 2
+    (pipeline_env["landing"] / "more.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    first = run_job({}, selection=DATA_ASSETS)  # 2 of 95 invalid: within the default limit of 20%
+    assert _checks(first)["schema_valid"].passed is True
+
+    monkeypatch.setenv("PIXTRAIN_GATE_MAX_INVALID_FRACTION", "0.01")
+    schema = _checks(_recheck(raise_on_error=False))["schema_valid"]
+    assert schema.passed is False
+    assert schema.metadata["max_invalid_fraction"].value == 0.01
+    assert "of the landed records were invalid (limit 1%)" in " ".join(schema.metadata["first_problems"].value)
+    assert _gate_decisions(pipeline_env)[-1]["thresholds"]["max_invalid_fraction"] == 0.01
+
+
 def test_a_changed_published_dataset_fails_its_checks(pipeline_env):
     assert run_job({}, selection=DATA_ASSETS).success
     store = ArtifactStore(pipeline_env["artifact_root"])

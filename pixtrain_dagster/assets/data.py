@@ -253,12 +253,15 @@ def training_dataset_checks(
     dataset = training_dataset  # the pointer of the latest materialisation (this run's or an earlier one)
     store = artifact_store.store()
     published = store.local_path(dataset["key"])  # verifies every file against the manifest
-    curation = json.loads((published / "curation_report.json").read_text())["config"]
+    curation_report = json.loads((published / "curation_report.json").read_text())
+    curation, report = curation_report["config"], curation_report["report"]
     policy = deployed_policy(context)
-    # The run's own threshold was checked against the policy when the dataset was curated; re-checked here
+    # The run's own thresholds were checked against the policy when the dataset was curated; re-checked here
     # against the policy deployed now.
-    minimum = policy.stricter("min_train_records", curation["min_train_records"])
-    thresholds = {"min_train_records": minimum}
+    thresholds = {
+        "min_train_records": policy.stricter("min_train_records", curation["min_train_records"]),
+        "max_invalid_fraction": policy.stricter("max_invalid_fraction", curation["max_invalid_fraction"]),
+    }
     train = load_conversations(published / "train.jsonl")
     validation = load_conversations(published / "validation.jsonl")
     selected = {key.name for key in context.selected_asset_check_keys}
@@ -271,12 +274,24 @@ def training_dataset_checks(
             for index, messages in enumerate(rows)
             if (problem := validation_problem(messages, curation["max_message_chars"]))
         ]
+        # The share of the landed records curation dropped as invalid: a format problem upstream when high.
+        invalid_fraction = sum(report["dropped_by_reason"].values()) / max(1, report["input_records"])
+        if invalid_fraction > thresholds["max_invalid_fraction"]:
+            problems.append(
+                f"{invalid_fraction:.1%} of the landed records were invalid (limit "
+                f"{thresholds['max_invalid_fraction']:.0%}); see the asset's dropped_by_reason"
+            )
         outcomes["schema_valid"] = not problems
         results.append(
             AssetCheckResult(
                 check_name="schema_valid",
                 passed=not problems,
-                metadata={"invalid_records": len(problems), "first_problems": problems[:5]},
+                metadata={
+                    "invalid_records": len(problems),
+                    "first_problems": problems[:5],
+                    "invalid_input_fraction": round(invalid_fraction, 4),
+                    "max_invalid_fraction": thresholds["max_invalid_fraction"],
+                },
             )
         )
     if "no_phi_left" in selected:
@@ -308,7 +323,7 @@ def training_dataset_checks(
         step_identity(context),
         gate="training_dataset_checks",
         passed=all(outcomes.values()),
-        thresholds={**thresholds, "max_invalid_fraction": curation["max_invalid_fraction"]},
+        thresholds=thresholds,
         policy=policy,
         artifact_uri=dataset["uri"],
         artifact_sha256=dataset["sha256"],
