@@ -40,7 +40,12 @@ def recorded_dataset(context: AssetExecutionContext, training_metadata: Training
     store.record_dataset_version(
         "d" * 64, source_uri="file:///d", num_rows_raw=2, num_rows_clean=2, scrub_counts={}, run_id=step.run_id
     )
-    assert (step.run_id, step.step_key, step.attempt, step.actor) == (context.run_id, "recorded_dataset", 0, "dagster")
+    assert (step.run_id, step.step_key, step.attempt, step.actor) == (
+        context.run.run_id,
+        "recorded_dataset",
+        0,
+        "dagster",
+    )
     return store.backend
 
 
