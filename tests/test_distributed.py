@@ -28,16 +28,9 @@ from pixtrain_dagster.core.distributed import TrainingRequest, result_path, run
 from pixtrain_dagster.core.settings import LoraTrainingSettings
 from pixtrain_dagster.core.training import checkpoint_prefix
 
-from support import SAMPLE_DATASET
+from support import SAMPLE_DATASET, tiny_training_settings
 
-SETTINGS = LoraTrainingSettings(
-    max_steps=6,
-    micro_batch_size=2,
-    gradient_accumulation_steps=2,
-    max_seq_len=192,
-    learning_rate=5e-3,
-    warmup_steps=1,
-    checkpoint_every_n_steps=2,
+SETTINGS = tiny_training_settings(
     seed=9,
     lora_dropout=0.0,
     precision="32-true",

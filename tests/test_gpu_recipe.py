@@ -18,16 +18,10 @@ from pixtrain_dagster.core.conversations import load_conversations
 from pixtrain_dagster.core.settings import LoraTrainingSettings, RuntimeSettings
 from pixtrain_dagster.core.training import train_lora_adapter
 
-from support import SAMPLE_DATASET
+from support import SAMPLE_DATASET, tiny_training_settings
 
-GPU_RECIPE = LoraTrainingSettings(
+GPU_RECIPE = tiny_training_settings(
     max_steps=4,
-    micro_batch_size=2,
-    gradient_accumulation_steps=2,
-    max_seq_len=192,
-    learning_rate=5e-3,
-    warmup_steps=1,
-    checkpoint_every_n_steps=2,
     seed=5,
     precision="bf16-mixed",
     gradient_clip_norm=0.05,

@@ -15,18 +15,9 @@ from pixtrain_dagster.core.conversations import load_conversations
 from pixtrain_dagster.core.settings import LoraTrainingSettings, RuntimeSettings
 from pixtrain_dagster.core.training import train_lora_adapter
 
-from support import SAMPLE_DATASET
+from support import SAMPLE_DATASET, tiny_training_settings
 
-SETTINGS = LoraTrainingSettings(
-    max_steps=6,
-    micro_batch_size=2,
-    gradient_accumulation_steps=2,
-    max_seq_len=192,
-    learning_rate=5e-3,
-    warmup_steps=1,
-    checkpoint_every_n_steps=2,
-    seed=11,
-)
+SETTINGS = tiny_training_settings(seed=11)
 RUNTIME = RuntimeSettings(device="cpu", wandb_mode="disabled")
 
 

@@ -17,25 +17,20 @@ import yaml
 
 from pixtrain_dagster.core.artifacts import ArtifactStore
 from pixtrain_dagster.core.conversations import load_conversations
-from pixtrain_dagster.core.settings import LoraTrainingSettings, RuntimeSettings
+from pixtrain_dagster.core.settings import RuntimeSettings
 from pixtrain_dagster.core.telemetry import MetricsServer, StepTelemetry, training_metrics_callback
 from pixtrain_dagster.core.training import train_lora_adapter
 from pixtrain_dagster.monitoring.dashboard import build_dashboard
 from pixtrain_dagster.monitoring.pipeline import push_pipeline_metrics, push_run_outcome, run_outcome
 
 from .prom_support import Prometheus, Pushgateway, free_port, http_get, monitoring_objects, tool, wait_for
-from support import SAMPLE_DATASET
+from support import SAMPLE_DATASET, tiny_training_settings
 
 pytestmark = pytest.mark.slow
 
 MAX_STEPS = 12
-SETTINGS = LoraTrainingSettings(
+SETTINGS = tiny_training_settings(
     max_steps=MAX_STEPS,
-    micro_batch_size=2,
-    gradient_accumulation_steps=2,
-    max_seq_len=192,
-    learning_rate=5e-3,
-    warmup_steps=1,
     checkpoint_every_n_steps=4,
     validate_every_n_steps=6,
     seed=3,
