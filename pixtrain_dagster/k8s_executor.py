@@ -9,6 +9,7 @@ PIXTRAIN_EXECUTOR=k8s: dagster_k8s costs ~1.6 s to import.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,8 +38,6 @@ def training_pod_shape(
 
     Only the GPU count follows ``devices``: CPU, memory and /dev/shm stay the deployment's per-pod values
     (``execution.gpu.*``), so raise those for runs with many more GPUs than ``execution.gpu.count``."""
-    import os
-
     config = (((run_config or {}).get("ops") or {}).get(TRAINING_OP) or {}).get("config") or {}
     devices, num_nodes = config.get("devices"), config.get("num_nodes")
     for name, value in (("devices", devices), ("num_nodes", num_nodes)):

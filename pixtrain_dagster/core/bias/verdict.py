@@ -169,62 +169,29 @@ def evaluate_verdict(report: dict[str, Any], thresholds: BiasThresholds | None =
                     f"{thresholds.min_ratio:.2f} (relative to {summary['highest_group']}; base model "
                     f"{base_ratio:.3f})"
                 )
+                # Fails when significance is not required, or when the whole interval is below the threshold;
+                # otherwise a warning saying why it is not gated.
                 if not thresholds.require_significance:
-                    metric_failures.append(
-                        _reason(
-                            "min_ratio",
-                            metric,
-                            axis,
-                            group,
-                            ratio,
-                            thresholds.min_ratio,
-                            ci,
-                            detail,
-                            base_value=base_ratio,
-                        )
-                    )
+                    target, note = metric_failures, ""
                 elif ci is None:
-                    warnings.append(
-                        _reason(
-                            "min_ratio",
-                            metric,
-                            axis,
-                            group,
-                            ratio,
-                            thresholds.min_ratio,
-                            ci,
-                            detail + "; fewer than 2 templates, so no interval: not gated",
-                            base_value=base_ratio,
-                        )
-                    )
+                    target, note = warnings, "; fewer than 2 templates, so no interval: not gated"
                 elif ci[1] < thresholds.min_ratio:
-                    metric_failures.append(
-                        _reason(
-                            "min_ratio",
-                            metric,
-                            axis,
-                            group,
-                            ratio,
-                            thresholds.min_ratio,
-                            ci,
-                            detail,
-                            base_value=base_ratio,
-                        )
-                    )
+                    target, note = metric_failures, ""
                 else:
-                    warnings.append(
-                        _reason(
-                            "min_ratio",
-                            metric,
-                            axis,
-                            group,
-                            ratio,
-                            thresholds.min_ratio,
-                            ci,
-                            detail + "; the interval reaches the threshold, so not significant",
-                            base_value=base_ratio,
-                        )
+                    target, note = warnings, "; the interval reaches the threshold, so not significant"
+                target.append(
+                    _reason(
+                        "min_ratio",
+                        metric,
+                        axis,
+                        group,
+                        ratio,
+                        thresholds.min_ratio,
+                        ci,
+                        detail + note,
+                        base_value=base_ratio,
                     )
+                )
         _regressions(
             report["delta_vs_base"].get(metric, {}),
             metric,
