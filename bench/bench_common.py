@@ -61,6 +61,31 @@ def load_bench_conversations(path: Path | None, at_least: int, seed: int) -> lis
     return out
 
 
+def as_sessions(conversations: list[list[dict[str, str]]], max_exchanges: int, seed: int) -> list[list[dict[str, str]]]:
+    """The same number of conversations rebuilt as sessions of 1 to ``max_exchanges`` exchanges (uniformly drawn), each
+    a system prompt then (user, assistant) exchanges taken in order from the source conversations.
+
+    The sample conversations all hold 2 or 3 exchanges (121 to 231 tokens); chat data spreads far wider (one-line
+    check-ins next to long sessions), and that spread is what padding costs. This changes only the lengths."""
+    rng = random.Random(seed)
+    exchanges = [
+        (conversation[i], conversation[i + 1])
+        for conversation in conversations
+        for i in range(len(conversation) - 1)
+        if conversation[i]["role"] == "user" and conversation[i + 1]["role"] == "assistant"
+    ]
+    systems = [c[0] for c in conversations if c and c[0]["role"] == "system"]
+    sessions, taken = [], 0
+    for _ in conversations:
+        count = rng.randint(1, max_exchanges)
+        session = [rng.choice(systems)] if systems else []
+        for k in range(count):
+            session += list(exchanges[(taken + k) % len(exchanges)])
+        taken += count
+        sessions.append(session)
+    return sessions
+
+
 def settings_with(base: Any, **wanted: Any) -> tuple[Any, list[str]]:
     """``dataclasses.replace`` with only the fields this version of the settings has; also the names it lacks."""
     names = {f.name for f in dataclasses.fields(base)}

@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before the clock starts (>= 1)")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16-mixed")
-    parser.add_argument("--attn", default="sdpa", help="attention implementation (settings.attn_implementation)")
+    parser.add_argument("--attn", default="auto", help="attention implementation (settings.attn_implementation)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the inner model")
     parser.add_argument("--liger", action="store_true", help="Liger kernels where installed")
@@ -275,7 +275,7 @@ def run_one(
     # Settings the lead's core gains (issue 8); an older core lacks them. Asking for a non-default one that the core
     # lacks skips the run rather than mislabelling it; a missing precision setting means the core picks its own.
     defaults = {
-        "attn_implementation": "sdpa",
+        "attn_implementation": "auto",
         "gradient_checkpointing": False,
         "compile_model": False,
         "use_liger_kernel": False,

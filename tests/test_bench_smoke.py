@@ -27,7 +27,7 @@ def _load(name: str):
 def test_peer_benchmark_smoke_runs_every_system_in_every_precision(capsys, tmp_path):
     pytest.importorskip("trl", reason="pip install -e '.[bench]' (make venv does)")
     bench = _load("bench_training_peers")
-    results = bench.main(["--smoke", "--json", str(tmp_path / "peers.json")])
+    results = bench.main(["--smoke", "--sessions", "4", "--json", str(tmp_path / "peers.json")])
     out = capsys.readouterr().out
     by_key = {(r["system"], r["precision"]): r for r in results}
     assert set(by_key) == {(s, p) for s in bench.SYSTEMS for p in ("32-true", "bf16-mixed")}
@@ -40,8 +40,30 @@ def test_peer_benchmark_smoke_runs_every_system_in_every_precision(capsys, tmp_p
         assert row["real_tokens_per_second"] == pytest.approx(row["real_tokens"] / row["seconds"])
         assert 0 < row["padding_efficiency"] <= 1
     assert by_key[("core", "32-true")]["core_speedup"] == pytest.approx(1.0)
-    assert "real tok/s" in out and "x the better peer" in out
+    assert "real tok/s" in out and "x the better peer" in out and "as sessions of 1 to 4 exchanges" in out
     assert (tmp_path / "peers.json").is_file()
+
+
+def test_sessions_spread_the_lengths_with_the_source_exchanges():
+    common = _load("bench_common")
+    source = common.load_bench_conversations(None, 300, seed=3)
+    sessions = common.as_sessions(source, 8, seed=3)
+    assert len(sessions) == len(source)
+    exchanges = {
+        (c[i]["content"], c[i + 1]["content"])
+        for c in source
+        for i in range(len(c) - 1)
+        if (c[i]["role"], c[i + 1]["role"]) == ("user", "assistant")
+    }
+    counts = []
+    for session in sessions:
+        assert session[0]["role"] == "system" and [m["role"] for m in session[1:]] == ["user", "assistant"] * (
+            (len(session) - 1) // 2
+        )
+        pairs = list(zip(session[1::2], session[2::2], strict=True))
+        assert all((u["content"], a["content"]) in exchanges for u, a in pairs)
+        counts.append(len(pairs))
+    assert set(counts) == set(range(1, 9))  # every length from 1 to 8 exchanges occurs in 300 draws
 
 
 def test_gpu_benchmark_smoke_runs_on_cpu(capsys):

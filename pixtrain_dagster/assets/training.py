@@ -60,7 +60,10 @@ class LoraTrainingConfig(Config):
     )
     attn_implementation: str = Field(
         default=_DEFAULTS.attn_implementation,
-        description="sdpa, eager, flash_attention_2 (padding-free packed batches on GPU), or a hub kernel name.",
+        description=(
+            "auto (segmented_sdpa: SDPA's causal kernel per packed conversation, no mask; sdpa when compiling), "
+            "sdpa, eager, flash_attention_2 (padding-free packed batches on GPU), or a hub kernel name."
+        ),
     )
     gradient_checkpointing: bool = Field(
         default=_DEFAULTS.gradient_checkpointing,

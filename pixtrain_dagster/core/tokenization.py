@@ -216,7 +216,7 @@ def collate(rows: Sequence[Row], pad_token_id: int, flatten: bool = False) -> di
     if flatten:
         rows = [Row(tuple(segment for row in rows for segment in row.segments))]
     width = max(row.length for row in rows)
-    input_ids, labels, position_ids = [], [], []
+    input_ids, labels, position_ids, segment_lengths = [], [], [], []
     for row in rows:
         ids: list[int] = []
         labs: list[int] = []
@@ -226,6 +226,7 @@ def collate(rows: Sequence[Row], pad_token_id: int, flatten: bool = False) -> di
             labs += [IGNORE_INDEX] + segment.labels[1:]
             pos += list(range(len(segment.input_ids)))
         pad = width - len(ids)
+        segment_lengths += [len(segment.input_ids) for segment in row.segments] + ([pad] if pad else [])
         input_ids.append(ids + [pad_token_id] * pad)
         labels.append(labs + [IGNORE_INDEX] * pad)
         position_ids.append(pos + list(range(pad)))
@@ -235,6 +236,9 @@ def collate(rows: Sequence[Row], pad_token_id: int, flatten: bool = False) -> di
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),
         "position_ids": torch.tensor(position_ids, dtype=torch.long),
+        # Runs of restarting position ids over the rows laid end to end, known here on the host, so that
+        # segmented_sdpa never reads them back from the device.
+        "segment_lengths": segment_lengths,
     }
 
 

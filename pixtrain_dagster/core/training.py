@@ -228,7 +228,7 @@ def _setup_data(
         tokenizer.pad_token_id,
         accumulation=settings.gradient_accumulation_steps,
         # Varlen kernels take the packed micro-batch as one flat row: no padding computed at all.
-        flatten=settings.pack_sequences and settings.attn_implementation in VARLEN_ATTENTION,
+        flatten=settings.pack_sequences and settings.resolved_attn_implementation in VARLEN_ATTENTION,
         world_size=settings.world_size,
         rank=rank,
     )
@@ -255,11 +255,11 @@ def _setup_model(base_snapshot_dir: Path, settings: LoraTrainingSettings, device
         device=device,
         for_training=True,
         dtype=training_dtype(device, precision),
-        attn_implementation=settings.attn_implementation,
+        attn_implementation=settings.resolved_attn_implementation,
     )
     verify_loss_path(model)
     if settings.pack_sequences:
-        verify_packing_isolation(model, settings.attn_implementation)
+        verify_packing_isolation(model, settings.resolved_attn_implementation)
     if settings.use_liger_kernel:
         _apply_liger_kernels(model, device)
     lora = LoraConfig(
@@ -608,7 +608,7 @@ def train_lora_adapter(
         total_parameters=sum(p.numel() for p in peft_model.parameters()),
         device=device,
         precision=precision,
-        attn_implementation=settings.attn_implementation,
+        attn_implementation=settings.resolved_attn_implementation,
         padding_efficiency=module.padding_efficiency,
         peak_memory_bytes=_peak_memory_bytes(device),
         data_wait_seconds=module.prefetcher.wait_seconds if module.prefetcher else 0.0,

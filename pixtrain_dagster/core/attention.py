@@ -1,0 +1,114 @@
+"""Packed-row attention without a mask: PyTorch SDPA's causal kernel run once per conversation.
+
+With plain ``sdpa``, transformers turns restarting position ids into a 4-D block-diagonal mask, so every packed
+row pays for row_length^2 scores (the masked ones included), the mask itself is built and read in every layer, and
+SDPA cannot take its causal fast path. ``segmented_sdpa`` cuts each row at its position-id restarts and runs
+``scaled_dot_product_attention(is_causal=True)`` on each conversation, so attention costs sum(length^2) / 2 and no
+mask exists. Conversations (and the padding after them) are separate segments, so they cannot see each other by
+construction; ``model_checks.verify_packing_isolation`` still checks it at load like any other kernel.
+
+It is for training on packed rows: no KV cache and no padding mask. Generation uses plain ``sdpa``.
+Segment boundaries come from the batch's host-side ``segment_lengths`` when the caller passes them (no device sync
+on a GPU), else from the position ids.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SEGMENTED_SDPA = "segmented_sdpa"
+
+
+def _segment_lengths(position_ids: Any, rows: int, row_length: int) -> list[int]:
+    """Lengths of the runs of positions 0, 1, 2, ... over the flattened rows (each row also starts a segment)."""
+    import torch
+
+    flat = position_ids.expand(rows, row_length).reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten().tolist()
+    if not starts or starts[0] != 0:
+        raise ValueError("segmented_sdpa needs position ids that start every row at 0 (packed training rows)")
+    bounds = starts + [rows * row_length]
+    return [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def segmented_sdpa_attention(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
+    """transformers attention-interface function: (batch, heads, length, dim) in, (batch, length, heads, dim) out."""
+    import torch
+    import torch.nn.functional as F
+
+    for unsupported in ("softcap", "s_aux", "sinks"):
+        if kwargs.get(unsupported) is not None:
+            raise ValueError(
+                f"attn_implementation segmented_sdpa does not support this model's attention ({unsupported}); "
+                "set lora_training's attn_implementation to eager or sdpa"
+            )
+    rows, heads, length, dim = query.shape
+    if key.shape[2] != length:
+        raise ValueError(
+            "segmented_sdpa is for training on packed rows (no KV cache); load the model with sdpa to generate"
+        )
+    lengths = kwargs.get("segment_lengths")
+    if lengths is None:
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            lengths = [length] * rows
+        else:
+            lengths = _segment_lengths(position_ids, rows, length)
+    window = kwargs.get("sliding_window")
+    if window is not None and max(lengths) > window:
+        raise ValueError(
+            f"attn_implementation segmented_sdpa has no sliding window, and this model's layers attend over only "
+            f"{window} tokens while a conversation here has {max(lengths)}; set lora_training's attn_implementation "
+            "to sdpa or flash_attention_2"
+        )
+    kv_heads = key.shape[1]
+    # (rows, heads, length, dim) -> (heads, rows * length, dim): segments are contiguous slices of one flat axis.
+    flat_q = query.transpose(0, 1).reshape(heads, rows * length, dim)
+    flat_k = key.transpose(0, 1).reshape(kv_heads, rows * length, dim)
+    flat_v = value.transpose(0, 1).reshape(kv_heads, rows * length, dim)
+    outputs = []
+    for q, k, v in zip(
+        flat_q.split(lengths, dim=1), flat_k.split(lengths, dim=1), flat_v.split(lengths, dim=1), strict=True
+    ):
+        # A leading batch dim of 1: with 3-D inputs and GQA, SDPA falls back to its math kernel on CPU.
+        outputs.append(
+            F.scaled_dot_product_attention(
+                q[None],
+                k[None],
+                v[None],
+                dropout_p=dropout if module.training else 0.0,
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=kv_heads != heads,
+            )[0]
+        )
+    out = torch.cat(outputs, dim=1)  # (heads, rows * length, dim)
+    return out.reshape(heads, rows, length, dim).permute(1, 2, 0, 3).contiguous(), None
+
+
+def no_mask(*args: Any, attention_mask: Any = None, **kwargs: Any) -> None:
+    """Mask builder for segmented_sdpa: there is no mask; a padding mask from the caller cannot be honoured."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(
+            "segmented_sdpa takes packed rows with position ids, not a padding attention mask; load the model with "
+            "sdpa for padded batches"
+        )
+    return None
+
+
+def register_segmented_sdpa() -> None:
+    """Make ``attn_implementation="segmented_sdpa"`` loadable by transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(SEGMENTED_SDPA, segmented_sdpa_attention)
+    AttentionMaskInterface.register(SEGMENTED_SDPA, no_mask)
