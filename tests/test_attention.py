@@ -109,9 +109,73 @@ def test_what_it_cannot_do_is_refused_with_the_setting_to_change(tiny_model_dir)
     windowed(input_ids=torch.arange(8)[None] + 3, position_ids=torch.arange(4).repeat(2)[None])  # 2 x 4: fits
 
 
-def test_settings_pick_segmented_sdpa_unless_compiling():
-    assert LoraTrainingSettings().resolved_attn_implementation == SEGMENTED_SDPA
-    assert LoraTrainingSettings(compile_model=True).resolved_attn_implementation == "sdpa"
-    assert LoraTrainingSettings(attn_implementation="sdpa").resolved_attn_implementation == "sdpa"
+def test_auto_is_segmented_sdpa_on_cpu_only_and_keeps_the_sdpa_fingerprint():
+    assert LoraTrainingSettings().resolved_attn_implementation("cpu") == SEGMENTED_SDPA
+    assert LoraTrainingSettings().resolved_attn_implementation("cuda") == "sdpa"  # not yet measured on a GPU
+    assert LoraTrainingSettings(compile_model=True).resolved_attn_implementation("cpu") == "sdpa"
+    assert LoraTrainingSettings(attn_implementation="sdpa").resolved_attn_implementation("cpu") == "sdpa"
     with pytest.raises(ValueError, match="compile_model with attn_implementation segmented_sdpa recompiles"):
         LoraTrainingSettings(compile_model=True, attn_implementation=SEGMENTED_SDPA)
+    # Same SDPA maths: runs started before segmented_sdpa existed (default "sdpa") still resume.
+    fingerprints = {
+        LoraTrainingSettings(attn_implementation=a).fingerprint("data") for a in ("auto", "sdpa", SEGMENTED_SDPA)
+    }
+    assert len(fingerprints) == 1
+    assert LoraTrainingSettings(attn_implementation="eager").fingerprint("data") not in fingerprints
+
+
+def test_models_it_does_not_implement_fall_back_to_sdpa_under_auto_and_are_refused_when_asked_for(tmp_path):
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    from pixtrain_dagster.core.attention import segmented_sdpa_misfit
+    from pixtrain_dagster.core.training import _attention_for
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    assert segmented_sdpa_misfit(LlamaConfig(**small), 256) is None
+    assert segmented_sdpa_misfit(Qwen2Config(**small, use_sliding_window=False, sliding_window=16), 256) is None
+    assert segmented_sdpa_misfit(MistralConfig(**small, sliding_window=4096), 256) is None  # window > any row
+    assert "sliding-window attention over 16 tokens" in segmented_sdpa_misfit(
+        MistralConfig(**small, sliding_window=16), 256
+    )
+    assert "soft-capping" in segmented_sdpa_misfit(Gemma2Config(**small, head_dim=8), 256)
+
+    MistralConfig(**small, sliding_window=16).save_pretrained(tmp_path)
+    assert _attention_for(tmp_path, LoraTrainingSettings(max_seq_len=256), "cpu") == "sdpa"
+    with pytest.raises(ValueError, match="does not implement this model's sliding-window.*auto or sdpa"):
+        _attention_for(tmp_path, LoraTrainingSettings(max_seq_len=256, attn_implementation=SEGMENTED_SDPA), "cpu")
+    LlamaConfig(**small).save_pretrained(tmp_path)
+    assert _attention_for(tmp_path, LoraTrainingSettings(), "cpu") == SEGMENTED_SDPA
+
+
+def test_the_kernel_alone_equals_per_conversation_sdpa_and_refuses_what_would_leak():
+    import torch.nn.functional as F
+
+    from pixtrain_dagster.core.attention import segmented_sdpa_attention
+
+    class Module(torch.nn.Module):
+        pass
+
+    module = Module().eval()
+    torch.manual_seed(0)
+    # 2 rows of 6: [3, 3] and [4, 2]; 4 query heads over 2 KV heads; values wider than queries (as in MLA models).
+    query, key, value = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 16)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 0, 1]])
+    out, _ = segmented_sdpa_attention(module, query, key, value, None, position_ids=positions)
+    assert out.shape == (2, 6, 4, 16)
+    for row, cuts in ((0, [(0, 3), (3, 6)]), (1, [(0, 4), (4, 6)])):
+        for a, b in cuts:
+            expected = F.scaled_dot_product_attention(
+                query[row : row + 1, :, a:b],
+                key[row : row + 1, :, a:b].repeat_interleave(2, dim=1),
+                value[row : row + 1, :, a:b].repeat_interleave(2, dim=1),
+                is_causal=True,
+            )
+            torch.testing.assert_close(out[row, a:b], expected[0].transpose(0, 1))
+
+    with pytest.raises(ValueError, match="not an attention mask"):
+        segmented_sdpa_attention(module, query, key, value, torch.zeros(2, 1, 6, 6), position_ids=positions)
+    # Positions that run on from one row into the next would let row 2 see row 1.
+    with pytest.raises(ValueError, match="do not tile 2 rows of 6 positions with every row starting at position 0"):
+        segmented_sdpa_attention(module, query, key, value, None, position_ids=torch.arange(12).view(2, 6))
+    with pytest.raises(ValueError, match="do not tile"):
+        segmented_sdpa_attention(module, query, key, value, None, segment_lengths=[4, 4, 4])

@@ -27,7 +27,7 @@ def _load(name: str):
 def test_peer_benchmark_smoke_runs_every_system_in_every_precision(capsys, tmp_path):
     pytest.importorskip("trl", reason="pip install -e '.[bench]' (make venv does)")
     bench = _load("bench_training_peers")
-    results = bench.main(["--smoke", "--sessions", "4", "--json", str(tmp_path / "peers.json")])
+    results = bench.main(["--smoke", "--sessions", "4", "--micro-batch", "1", "--json", str(tmp_path / "peers.json")])
     out = capsys.readouterr().out
     by_key = {(r["system"], r["precision"]): r for r in results}
     assert set(by_key) == {(s, p) for s in bench.SYSTEMS for p in ("32-true", "bf16-mixed")}
@@ -36,6 +36,7 @@ def test_peer_benchmark_smoke_runs_every_system_in_every_precision(capsys, tmp_p
             # Only the core may lack a precision setting (before issue 8's settings land); it must say so.
             assert system == "core" and precision == "bf16-mixed" and "precision" in row["skipped"], row
             continue
+        # One measured optimizer step of 2 micro-batches (--micro-batch 1 of --batch 2)
         assert row["steps"] == 1 and row["real_tokens"] > 0 and row["seconds"] > 0, row
         assert row["real_tokens_per_second"] == pytest.approx(row["real_tokens"] / row["seconds"])
         assert 0 < row["padding_efficiency"] <= 1
@@ -100,3 +101,18 @@ def test_step_window_excludes_warmup():
     assert window["padding_efficiency"] == 0.5
     with pytest.raises(RuntimeError, match="warm-up"):
         common.StepTimes(warmup=3).window()
+
+
+def test_attention_benchmark_smoke_compares_both_implementations(capsys):
+    bench = _load("bench_attention")
+    results = bench.main(["--smoke"])
+    assert [(r["row_length"], r["attn_implementation"]) for r in results] == [
+        (128, "sdpa"),
+        (128, "segmented_sdpa"),
+        (256, "sdpa"),
+        (256, "segmented_sdpa"),
+    ]
+    for row in results:
+        assert row["real_tokens_per_second"] > 0
+    assert [r["vs_sdpa"] for r in results[::2]] == [1.0, 1.0]
+    assert "x sdpa" in capsys.readouterr().out

@@ -61,8 +61,9 @@ class LoraTrainingConfig(Config):
     attn_implementation: str = Field(
         default=_DEFAULTS.attn_implementation,
         description=(
-            "auto (segmented_sdpa: SDPA's causal kernel per packed conversation, no mask; sdpa when compiling), "
-            "sdpa, eager, flash_attention_2 (padding-free packed batches on GPU), or a hub kernel name."
+            "auto (CPU: segmented_sdpa, SDPA's causal kernel per packed conversation with no mask; GPU or "
+            "compile_model: sdpa), segmented_sdpa, sdpa, eager, flash_attention_2 (padding-free packed batches on "
+            "GPU), or a hub kernel name."
         ),
     )
     gradient_checkpointing: bool = Field(

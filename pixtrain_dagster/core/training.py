@@ -228,7 +228,7 @@ def _setup_data(
         tokenizer.pad_token_id,
         accumulation=settings.gradient_accumulation_steps,
         # Varlen kernels take the packed micro-batch as one flat row: no padding computed at all.
-        flatten=settings.pack_sequences and settings.resolved_attn_implementation in VARLEN_ATTENTION,
+        flatten=settings.pack_sequences and settings.attn_implementation in VARLEN_ATTENTION,
         world_size=settings.world_size,
         rank=rank,
     )
@@ -250,16 +250,17 @@ def _setup_model(base_snapshot_dir: Path, settings: LoraTrainingSettings, device
     from .model_checks import verify_loss_path, verify_packing_isolation
     from .models import load_snapshot, training_dtype
 
+    attn_implementation = _attention_for(base_snapshot_dir, settings, device)
     model, tokenizer = load_snapshot(
         base_snapshot_dir,
         device=device,
         for_training=True,
         dtype=training_dtype(device, precision),
-        attn_implementation=settings.resolved_attn_implementation,
+        attn_implementation=attn_implementation,
     )
     verify_loss_path(model)
     if settings.pack_sequences:
-        verify_packing_isolation(model, settings.resolved_attn_implementation)
+        verify_packing_isolation(model, attn_implementation)
     if settings.use_liger_kernel:
         _apply_liger_kernels(model, device)
     lora = LoraConfig(
@@ -285,6 +286,27 @@ def _setup_model(base_snapshot_dir: Path, settings: LoraTrainingSettings, device
         for layer in peft_model.get_base_model().get_decoder().layers:
             layer.compile(backend=settings.compile_backend)
     return peft_model, tokenizer
+
+
+def _attention_for(base_snapshot_dir: Path, settings: LoraTrainingSettings, device: str) -> str:
+    """The attention implementation to load: the setting resolved for the device, and for the model's attention."""
+    from .attention import SEGMENTED_SDPA, segmented_sdpa_misfit
+
+    chosen = settings.resolved_attn_implementation(device.split(":")[0])
+    if chosen != SEGMENTED_SDPA:
+        return chosen
+    from transformers import AutoConfig
+
+    misfit = segmented_sdpa_misfit(AutoConfig.from_pretrained(base_snapshot_dir), settings.max_seq_len)
+    if misfit is None:
+        return chosen
+    if settings.attn_implementation == "auto":
+        log.info("attn_implementation auto: sdpa, because segmented_sdpa does not implement this model's %s", misfit)
+        return "sdpa"
+    raise ValueError(
+        f"attn_implementation segmented_sdpa does not implement this model's {misfit}; set lora_training's "
+        "attn_implementation to auto or sdpa"
+    )
 
 
 def _apply_liger_kernels(model: Any, device: str) -> None:
@@ -608,7 +630,7 @@ def train_lora_adapter(
         total_parameters=sum(p.numel() for p in peft_model.parameters()),
         device=device,
         precision=precision,
-        attn_implementation=settings.resolved_attn_implementation,
+        attn_implementation=peft_model.get_base_model().config._attn_implementation,
         padding_efficiency=module.padding_efficiency,
         peak_memory_bytes=_peak_memory_bytes(device),
         data_wait_seconds=module.prefetcher.wait_seconds if module.prefetcher else 0.0,
