@@ -1,7 +1,7 @@
 """GPU throughput of this training core: tokens/s, MFU and peak memory, packed, bf16, in one call of <= 8 minutes.
 
     python bench/bench_gpu.py [--models smollm2-135m llama-1b] [--seq-lens 2048 4096] [--tokens-per-step 32768]
-        [--steps 10] [--warmup 3] [--precision bf16-mixed] [--attn NAME] [--gradient-checkpointing]
+        [--steps 10] [--warmup 3] [--precision bf16-mixed] [--attn NAME ...] [--gradient-checkpointing]
         [--compile] [--liger] [--peak-tflops N] [--time-budget 420] [--json OUT.json]
     python bench/bench_gpu.py --smoke      # CPU, tiny sizes: checks that every path runs (tests/test_bench_smoke.py)
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import sys
 import tempfile
@@ -92,7 +93,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before the clock starts (>= 1)")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16-mixed")
-    parser.add_argument("--attn", help="attention implementation (settings.attn_implementation; default: the core's)")
+    parser.add_argument(
+        "--attn",
+        nargs="+",
+        default=[None],
+        help="attention implementation(s) to run each model and length with (settings.attn_implementation; "
+        "default: the core's own choice), e.g. --attn sdpa segmented_sdpa",
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the inner model")
     parser.add_argument("--liger", action="store_true", help="Liger kernels where installed")
@@ -244,7 +251,15 @@ def attention_stats(snapshot: Path, conversations, seq_len: int) -> tuple[float,
 
 
 def run_one(
-    args, name: str, snapshot: Path, seq_len: int, conversations, device: str, scratch: Path, peak: float | None
+    args,
+    name: str,
+    snapshot: Path,
+    seq_len: int,
+    attn: str | None,
+    conversations,
+    device: str,
+    scratch: Path,
+    peak: float | None,
 ) -> dict[str, Any]:
     import lightning as L
     import torch
@@ -270,8 +285,8 @@ def run_one(
         compile_model=args.compile,
         use_liger_kernel=args.liger,
     )
-    if args.attn:  # else the core's own default (an older core knows no "auto")
-        wanted["attn_implementation"] = args.attn
+    if attn:  # else the core's own default (an older core knows no "auto")
+        wanted["attn_implementation"] = attn
     settings, missing = settings_with(LoraTrainingSettings(), **wanted)
     # Settings the lead's core gains (issue 8); an older core lacks them. Asking for a non-default one that the core
     # lacks skips the run rather than mislabelling it; a missing precision setting means the core picks its own.
@@ -369,37 +384,45 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         at_least = max(200, 3 * args.tokens_per_step // 150)  # ~3 steps of rows before the data repeats
         conversations = load_bench_conversations(None, at_least, seed=1234)
         for name, snapshot, origin in snapshots:
-            for seq_len in args.seq_lens:
+            for seq_len, attn in itertools.product(args.seq_lens, args.attn):
                 elapsed = time.perf_counter() - started
                 if elapsed > args.time_budget:
                     results.append(
                         {
                             "model": name,
                             "seq_len": seq_len,
+                            "attn_implementation": attn,
                             "skipped": f"time budget ({elapsed:.0f} s > {args.time_budget:.0f} s)",
                         }
                     )
                     continue
-                print(f"--- {name} ({origin}), sequence {seq_len}", flush=True)
+                print(f"--- {name} ({origin}), sequence {seq_len}, attention {attn or 'default'}", flush=True)
                 try:
                     row = run_one(
                         args,
                         name,
                         snapshot,
                         seq_len,
+                        attn,
                         conversations,
                         device,
-                        scratch / f"{name}-{seq_len}".replace(" ", "_"),
+                        scratch / f"{name}-{seq_len}-{attn}".replace(" ", "_"),
                         peak,
                     )
                 except torch.OutOfMemoryError as error:
-                    row = {"model": name, "seq_len": seq_len, "skipped": f"out of memory: {str(error)[:120]}"}
+                    row = {
+                        "model": name,
+                        "seq_len": seq_len,
+                        "attn_implementation": attn,
+                        "skipped": f"out of memory: {str(error)[:120]}",
+                    }
                 row["weights"] = origin
                 results.append(row)
                 if device == "cuda":
                     torch.cuda.empty_cache()
     print(
-        f"\n{device_name}, {args.precision} (asked), attention {args.attn or 'the core default'}, packed, "
+        f"\n{device_name}, {args.precision} (asked), "
+        f"attention {', '.join(a or 'the core default' for a in args.attn)}, packed, "
         f"LoRA r=8 {'/'.join(args.lora_targets)}, "
         f"{args.tokens_per_step} tokens a step, {args.steps} measured steps after {args.warmup} warm-up; "
         f"total {time.perf_counter() - started:.0f} s"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call of at most 8 minutes: bench/bench_gpu.py on an H200 (SmolLM2-135M shape and a 1.10B
-# Llama, sequences 2048 and 4096, packed, bf16), output and JSON under $OUT.
+# Llama, sequences 2048 and 4096, packed, bf16, attention sdpa and segmented_sdpa), output and JSON under $OUT.
 #
 # The device machine reaches no package registry and gets only the working tree (64 MiB) plus `carry` paths.
 # Its image has Python 3.12 with a CUDA build of torch, transformers, peft, lightning and accelerate, but not
@@ -30,4 +30,4 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 python3 -c "import torch, transformers, peft, lightning; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'peft', peft.__version__, 'lightning', lightning.__version__)" | tee "$OUT/versions.txt"
 timeout 480 python3 bench/bench_gpu.py --tokenizer .gpu-carry/tokenizer --time-budget 380 \
-    --json "$OUT/bench_gpu.json" "$@" 2>&1 | tee "$OUT/bench_gpu.log"
+    --attn sdpa segmented_sdpa --json "$OUT/bench_gpu.json" "$@" 2>&1 | tee "$OUT/bench_gpu.log"

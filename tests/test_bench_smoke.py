@@ -69,13 +69,13 @@ def test_sessions_spread_the_lengths_with_the_source_exchanges():
 
 def test_gpu_benchmark_smoke_runs_on_cpu(capsys):
     bench = _load("bench_gpu")
-    results = bench.main(["--smoke", "--peak-tflops", "1"])
+    results = bench.main(["--smoke", "--peak-tflops", "1", "--attn", "sdpa", "segmented_sdpa"])
     out = capsys.readouterr().out
-    assert [(r["model"].split()[0], r["seq_len"]) for r in results] == [
-        ("tiny-llama", 256),
-        ("tiny-llama", 512),
-        ("tiny-from-config", 256),
-        ("tiny-from-config", 512),
+    assert [(r["model"].split()[0], r["seq_len"], r["attn_implementation"]) for r in results] == [
+        (model, seq_len, attn)
+        for model in ("tiny-llama", "tiny-from-config")
+        for seq_len in (256, 512)
+        for attn in ("sdpa", "segmented_sdpa")
     ]
     for row in results:
         assert "skipped" not in row, row
