@@ -179,3 +179,43 @@ def test_the_kernel_alone_equals_per_conversation_sdpa_and_refuses_what_would_le
         segmented_sdpa_attention(module, query, key, value, None, position_ids=torch.arange(12).view(2, 6))
     with pytest.raises(ValueError, match="do not tile"):
         segmented_sdpa_attention(module, query, key, value, None, segment_lengths=[4, 4, 4])
+
+
+def test_the_cuda_varlen_branch_lays_out_segments_as_the_kernel_expects(monkeypatch):
+    """The varlen kernel itself is CUDA-only (tests/test_gpu_only.py); here a reference with its documented contract
+    ((total, heads, dim) tensors, cumulative int32 offsets, window (-1, 0) = causal) stands in for it on CPU, so the
+    flattening, offsets and reshaping around it are checked against the per-conversation loop."""
+    import torch.nn.attention.varlen as varlen
+    import torch.nn.functional as F
+
+    from pixtrain_dagster.core import attention
+
+    seen = {}
+
+    def reference(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False, **_):
+        assert q.dim() == 3 and cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and max_q == max_k
+        seen.update(window=window_size, gqa=enable_gqa, offsets=cu_q.tolist(), longest=max_q)
+        outs = []
+        for a, b in zip(cu_q.tolist(), cu_q.tolist()[1:], strict=False):
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q[a:b].transpose(0, 1)[None],
+                    k[a:b].transpose(0, 1)[None],
+                    v[a:b].transpose(0, 1)[None],
+                    is_causal=window_size == (-1, 0),
+                    scale=scale,
+                    enable_gqa=enable_gqa,
+                )[0].transpose(0, 1)
+            )
+        return torch.cat(outs)
+
+    monkeypatch.setattr(varlen, "varlen_attn", reference)
+    torch.manual_seed(1)
+    query, key, value = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 0, 1]])
+    module = torch.nn.Module().eval()
+    looped, _ = attention.segmented_sdpa_attention(module, query, key, value, None, position_ids=positions, scaling=0.3)
+    monkeypatch.setattr(attention, "_varlen_kernel_applies", lambda *args: True)
+    flat, _ = attention.segmented_sdpa_attention(module, query, key, value, None, position_ids=positions, scaling=0.3)
+    assert seen == {"window": (-1, 0), "gqa": True, "offsets": [0, 3, 6, 10, 12], "longest": 4}
+    torch.testing.assert_close(flat, looped)

@@ -141,3 +141,42 @@ def test_fsdp_two_gpus_trains_and_resumes_on_one(tmp_path, tiny_model_dir):
     path.write_text(TrainingRequest(**{**asdict(request), "settings": asdict(longer)}).to_json())
     again = run(path)
     assert again["resumed_from_step"] == 4 and again["steps_this_run"] == 0
+
+
+@needs_cuda
+def test_segmented_sdpa_uses_the_varlen_flash_kernel_and_equals_sdpa_with_the_mask(tiny_model_dir, monkeypatch):
+    """PyTorch's varlen flash kernel (torch.nn.attention.varlen) is CUDA-only: `aten::_flash_attention_forward` has no
+    CPU implementation, so on CPU segmented_sdpa takes its per-conversation SDPA loop (tests/test_attention.py)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pixtrain_dagster.core import attention
+    from pixtrain_dagster.core.conversations import load_conversations
+    from pixtrain_dagster.core.loss import summed_token_loss
+    from pixtrain_dagster.core.model_checks import verify_packing_isolation
+    from pixtrain_dagster.core.tokenization import collate, pack_rows, tokenize_conversations
+
+    from support import SAMPLE_DATASET
+
+    attention.register_segmented_sdpa()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenized = tokenize_conversations(tokenizer, load_conversations(SAMPLE_DATASET)[:12], 512)
+    rows = pack_rows(tokenized.conversations, 512, pack=True)
+    batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in collate(rows, tokenizer.pad_token_id or 0).items()}
+    varlen_calls = []
+    original = attention._varlen_attention
+    monkeypatch.setattr(attention, "_varlen_attention", lambda *a, **k: varlen_calls.append(1) or original(*a, **k))
+    results = {}
+    for name in ("sdpa", attention.SEGMENTED_SDPA):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_model_dir, dtype=torch.bfloat16, attn_implementation=name, device_map="cuda"
+        )
+        model.config.use_cache = False
+        loss, _ = summed_token_loss(model.train(), batch)
+        loss.backward()
+        results[name] = (loss.detach().float(), model.model.layers[0].self_attn.q_proj.weight.grad.float())
+        if name == attention.SEGMENTED_SDPA:
+            assert varlen_calls, "the varlen kernel was not used"
+            assert verify_packing_isolation(model, name) >= 0
+    torch.testing.assert_close(results[attention.SEGMENTED_SDPA][0], results["sdpa"][0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(results[attention.SEGMENTED_SDPA][1], results["sdpa"][1], rtol=5e-2, atol=5e-2)

@@ -7,6 +7,8 @@ SDPA cannot take its causal fast path. ``segmented_sdpa`` cuts each row at its p
 mask exists. Conversations (and the padding after them) are separate segments, so they cannot see each other by
 construction; ``model_checks.verify_packing_isolation`` still checks it at load like any other kernel.
 
+On CUDA in bf16/fp16 the segments go through PyTorch's built-in varlen flash kernel (``torch.nn.attention.varlen``)
+in one call per layer; elsewhere (CPU, fp32, attention dropout) through one SDPA call per conversation.
 It is for training on packed rows: no KV cache and no padding mask. Generation uses plain ``sdpa``.
 Segment boundaries come from the batch's host-side ``segment_lengths`` when the caller passes them, else from the
 position ids (read back from the device in every layer). ``segmented_sdpa_misfit`` says, from the config, when a
@@ -100,6 +102,9 @@ def segmented_sdpa_attention(
             f"{window} tokens while a conversation here has {max(lengths)}; set lora_training's attn_implementation "
             "to sdpa or flash_attention_2"
         )
+    dropout_p = dropout if module.training else 0.0
+    if _varlen_kernel_applies(query, value, dropout_p):
+        return _varlen_attention(query, key, value, lengths, scaling), None
     kv_heads, value_dim = key.shape[1], value.shape[-1]
     # (rows, heads, length, dim) -> (heads, rows * length, dim): segments are contiguous slices of one flat axis.
     flat_q = query.transpose(0, 1).reshape(heads, rows * length, dim)
@@ -115,7 +120,7 @@ def segmented_sdpa_attention(
                 q[None],
                 k[None],
                 v[None],
-                dropout_p=dropout if module.training else 0.0,
+                dropout_p=dropout_p,
                 is_causal=True,
                 scale=scaling,
                 enable_gqa=kv_heads != heads,
@@ -123,6 +128,53 @@ def segmented_sdpa_attention(
         )
     out = torch.cat(outputs, dim=1)  # (heads, rows * length, dim)
     return out.reshape(heads, rows, length, value_dim).permute(1, 2, 0, 3).contiguous(), None
+
+
+def _varlen_kernel_applies(query: Any, value: Any, dropout_p: float) -> bool:
+    """On CUDA in bf16/fp16, PyTorch's own varlen flash kernel takes every segment in one call (no kernel launch per
+    conversation and layer, no flash-attn package). It has no dropout and needs equal query and value head sizes."""
+    import importlib.util
+
+    import torch
+
+    return (
+        query.is_cuda
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and dropout_p == 0.0
+        and query.shape[-1] == value.shape[-1] <= 256
+        and importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    )
+
+
+def _varlen_attention(query: Any, key: Any, value: Any, lengths: list[int], scaling: float | None) -> Any:
+    """(rows, heads, length, dim) in, (rows, length, heads, dim) out, through ``torch.nn.attention.varlen``."""
+    import torch
+    from torch.nn.attention.varlen import varlen_attn
+
+    rows, heads, length, dim = query.shape
+
+    def flat(t: Any) -> Any:  # (rows, h, length, d) -> (rows * length, h, d): the segments end to end
+        return t.transpose(1, 2).reshape(rows * length, t.shape[1], t.shape[-1])
+
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    # Built from host integers: copied to the device, never read back from it.
+    cumulative = torch.tensor(bounds, dtype=torch.int32).to(query.device, non_blocking=True)
+    longest = max(lengths)
+    out = varlen_attn(
+        flat(query),
+        flat(key),
+        flat(value),
+        cumulative,
+        cumulative,
+        longest,
+        longest,
+        scale=scaling,
+        window_size=(-1, 0),  # causal
+        enable_gqa=key.shape[1] != heads,
+    )
+    return out.reshape(rows, length, heads, dim)
 
 
 def no_mask(*args: Any, attention_mask: Any = None, **kwargs: Any) -> None:

@@ -14,8 +14,8 @@ PRECISIONS = ("auto", "bf16-mixed", "bf16-true", "32-true")
 # Attention kernels transformers can load by name; a "org/name" string selects a hub kernel from `kernels`.
 # segmented_sdpa is ours (core/attention.py): SDPA's causal kernel per conversation, no mask. auto picks it on CPU
 # (measured faster: bench/bench_attention.py) unless compile_model is on (segment lengths vary per batch and would
-# recompile every step); on a GPU auto stays sdpa until bench/bench_gpu.py --attn segmented_sdpa has been measured
-# there (one kernel launch per conversation and layer may cost more than the masked kernel saves).
+# recompile every step); on a GPU (where it uses PyTorch's varlen flash kernel) auto stays sdpa until
+# bench/gpu_check.sh has compared the two there.
 ATTENTION_IMPLEMENTATIONS = (
     "auto",
     "segmented_sdpa",
