@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device-machine call of at most 8 minutes: bench/bench_gpu.py on an H200 (SmolLM2-135M shape and a 1.10B
-# Llama, sequences 2048 and 4096, packed, bf16, attention sdpa and segmented_sdpa), output and JSON under $OUT.
+# One device-machine call of at most 9 minutes: tests/test_gpu_only.py, then bench/bench_gpu.py on an H200
+# (SmolLM2-135M shape and a 1.10B Llama, sequences 2048 and 4096, packed, bf16, attention sdpa and segmented_sdpa),
+# output and JSON under $OUT.
 #
 # The device machine reaches no package registry and gets only the working tree (64 MiB) plus `carry` paths.
 # Its image has Python 3.12 with a CUDA build of torch, transformers, peft, lightning and accelerate, but not
@@ -9,10 +10,11 @@
 #
 #   echo /.gpu-carry/ >> .git/info/exclude
 #   .venv/bin/python bench/bench_gpu.py --export-tokenizer .gpu-carry/tokenizer      # ~3.5 MB
-#   # optional, to run the pinned versions rather than the image's own:
+#   # pytest for tests/test_gpu_only.py (pure-Python wheels), and optionally the pinned versions of the libraries
+#   # rather than the image's own:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .gpu-carry/whl \
-#       transformers==5.24.0 peft==0.21.2
+#       pytest pluggy iniconfig pygments packaging transformers==5.24.0 peft==0.21.2
 #
 # then call the device tool's run with command "bash bench/gpu_check.sh", carry [".gpu-carry"], timeout_s 540.
 # SmolLM2-135M is then built from its config with random weights (same shapes, so the same throughput and MFU).
@@ -29,5 +31,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MOD
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/nvidia-smi.txt"
 python3 -c "import torch, transformers, peft, lightning; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'peft', peft.__version__, 'lightning', lightning.__version__)" | tee "$OUT/versions.txt"
-timeout 480 python3 bench/bench_gpu.py --tokenizer .gpu-carry/tokenizer --time-budget 380 \
+# The CUDA-only branches first (tests/test_gpu_only.py: varlen kernels, CUDA bookkeeping), then the benchmark.
+if python3 -c "import pytest" 2>/dev/null; then
+  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_only.py 2>&1 | tee "$OUT/test_gpu_only.log"
+else
+  echo "pytest is not installed here: carry its wheels (see the header) to run tests/test_gpu_only.py" \
+      | tee "$OUT/test_gpu_only.log"
+fi
+timeout 400 python3 bench/bench_gpu.py --tokenizer .gpu-carry/tokenizer --time-budget 300 \
     --attn sdpa segmented_sdpa --json "$OUT/bench_gpu.json" "$@" 2>&1 | tee "$OUT/bench_gpu.log"
