@@ -219,3 +219,14 @@ def test_the_cuda_varlen_branch_lays_out_segments_as_the_kernel_expects(monkeypa
     flat, _ = attention.segmented_sdpa_attention(module, query, key, value, None, position_ids=positions, scaling=0.3)
     assert seen == {"window": (-1, 0), "gqa": True, "offsets": [0, 3, 6, 10, 12], "longest": 4}
     torch.testing.assert_close(flat, looped)
+
+
+def test_auto_follows_the_device_that_trains_not_the_one_that_loads(tiny_model_dir):
+    """FSDP loads the base on the CPU and trains on GPUs: auto must choose for the GPU."""
+    from pixtrain_dagster.core.training import _setup_model
+
+    settings = LoraTrainingSettings(max_seq_len=64)
+    on_cpu, _ = _setup_model(tiny_model_dir, settings, "cpu", "32-true")
+    for_gpu, _ = _setup_model(tiny_model_dir, settings, "cpu", "32-true", compute_device="cuda")
+    assert on_cpu.get_base_model().config._attn_implementation == SEGMENTED_SDPA
+    assert for_gpu.get_base_model().config._attn_implementation == "sdpa"

@@ -243,14 +243,23 @@ def _setup_data(
     )
 
 
-def _setup_model(base_snapshot_dir: Path, settings: LoraTrainingSettings, device: str, precision: str):
-    """Base weights straight in the training dtype on the device, checked, with LoRA and the chosen speed-ups."""
+def _setup_model(
+    base_snapshot_dir: Path,
+    settings: LoraTrainingSettings,
+    device: str,
+    precision: str,
+    compute_device: str | None = None,
+):
+    """Base weights straight in the training dtype on the device, checked, with LoRA and the chosen speed-ups.
+
+    ``device`` is where the weights load; ``compute_device`` where they train, if elsewhere (FSDP loads on the CPU).
+    """
     from peft import LoraConfig, get_peft_model
 
     from .model_checks import verify_loss_path, verify_packing_isolation
     from .models import load_snapshot, training_dtype
 
-    attn_implementation = _attention_for(base_snapshot_dir, settings, device)
+    attn_implementation = _attention_for(base_snapshot_dir, settings, compute_device or device)
     model, tokenizer = load_snapshot(
         base_snapshot_dir,
         device=device,
@@ -569,7 +578,7 @@ def train_lora_adapter(
     L.seed_everything(settings.seed, workers=True, verbose=False)
     place = _setup_device(settings, runtime)
     device, precision, local_rank = place.device, place.precision, place.local_rank
-    peft_model, tokenizer = _setup_model(base_snapshot_dir, settings, place.load_on, precision)
+    peft_model, tokenizer = _setup_model(base_snapshot_dir, settings, place.load_on, precision, place.device)
     data = _setup_data(tokenizer, settings, train_conversations, validation_conversations, place.rank)
     module = LoraFineTuning(peft_model, settings, data.train, data.validation, pin_memory=device == "cuda")
 
