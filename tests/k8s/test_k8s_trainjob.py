@@ -57,6 +57,23 @@ def _schemas():
     )
 
 
+# The node pods' spec inside a TrainJob's runtime patch.
+_POD_SPEC = (
+    "spec",
+    "runtimePatches",
+    0,
+    "trainingRuntimeSpec",
+    "template",
+    "spec",
+    "replicatedJobs",
+    0,
+    "template",
+    "spec",
+    "template",
+    "spec",
+)
+
+
 @pytest.mark.parametrize("schema", _schemas())
 def test_two_nodes_by_eight_gpus_matches_the_trainjob_schema(schema):
     assert trainjob_schema.errors(_manifest(), schema()) == []
@@ -69,41 +86,12 @@ def test_two_nodes_by_eight_gpus_matches_the_trainjob_schema(schema):
         (("spec", "trainer"), {"numNode": 2}),  # typo of numNodes
         (("spec", "trainer"), {"numNodes": "2"}),  # wrong type
         (
-            (
-                "spec",
-                "runtimePatches",
-                0,
-                "trainingRuntimeSpec",
-                "template",
-                "spec",
-                "replicatedJobs",
-                0,
-                "template",
-                "spec",
-                "template",
-                "spec",
-                "containers",
-                0,
-                "securityContext",
-            ),
+            _POD_SPEC + ("containers", 0, "securityContext"),
             {"readOnlyRootFileSystem": True},
         ),
         # priorityClassName cannot be patched from a TrainJob in v2.3 (see docs/scale-out.md)
         (
-            (
-                "spec",
-                "runtimePatches",
-                0,
-                "trainingRuntimeSpec",
-                "template",
-                "spec",
-                "replicatedJobs",
-                0,
-                "template",
-                "spec",
-                "template",
-                "spec",
-            ),
+            _POD_SPEC,
             {"priorityClassName": "pixtrain-training"},
         ),
     ],
