@@ -126,7 +126,7 @@ def _two_concurrent_runs(home, tmp_path) -> list[tuple[float, float]]:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        for out, role in zip(outs, ("first", "second"))
+        for out, role in zip(outs, ("first", "second"), strict=True)
     ]
     for proc in procs:
         _, err = proc.communicate(timeout=180)
