@@ -283,6 +283,16 @@ def step_volumes(settings: ExecutionSettings) -> tuple[list[dict[str, Any]], lis
     return volumes, mounts
 
 
+# torch and OpenMP size their thread pools by the node's cores, not the pod's CPU limit: a 16-CPU pod on a
+# 128-core node would start 128 threads per pool and spend its quota being throttled. The downward API hands
+# the container its limit, rounded up to whole CPUs; torchrun workers in one pod split it (launch.py), and
+# TrainJob pods get their share per process (trainjob.py).
+CPU_LIMIT_THREADS_ENV: dict[str, Any] = {
+    "name": "OMP_NUM_THREADS",
+    "value_from": {"resource_field_ref": {"resource": "limits.cpu", "divisor": "1"}},
+}
+
+
 def _step_env(settings: ExecutionSettings) -> list[dict[str, Any]]:
     # DAGSTER_HOME is set by dagster-k8s itself from the run launcher's dagster_home; don't set it twice.
     # No secrets here: this layer is shared by every step; each step's op tags add the secrets it needs.
@@ -322,7 +332,7 @@ def _step_pod_tags_for(kind: StepKind, settings: ExecutionSettings, secrets: tup
         "security_context": dict(CONTAINER_SECURITY_CONTEXT),
         # /metrics and /healthz of the step (pixtrain_dagster.core.telemetry), scraped by the PodMonitor.
         "ports": [{"name": METRICS_PORT_NAME, "container_port": METRICS_PORT, "protocol": "TCP"}],
-        "env": [{"name": "PIXTRAIN_METRICS_PORT", "value": str(METRICS_PORT)}],
+        "env": [{"name": "PIXTRAIN_METRICS_PORT", "value": str(METRICS_PORT)}, CPU_LIMIT_THREADS_ENV],
     }
     pod_spec: dict[str, Any] = {
         "security_context": dict(POD_SECURITY_CONTEXT),

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -65,9 +65,8 @@ def run_torchrun_in_pod(request: TrainingRequest, processes: int, log: Callable[
             str(request_file),
         ]
         log(f"launching {processes} training processes: torchrun --standalone --nproc-per-node={processes}")
-        # torchrun's own default (one OpenMP thread per process: the GPUs do the math), set here so it doesn't
-        # print a banner saying it chose it; an OMP_NUM_THREADS in the environment still wins.
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or "1"}
+        # Set here, so torchrun does not choose one thread per process itself and print a banner saying so.
+        env = {**os.environ, "OMP_NUM_THREADS": str(omp_threads_per_worker(processes, os.environ))}
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env
         )
@@ -95,6 +94,17 @@ def run_torchrun_in_pod(request: TrainingRequest, processes: int, log: Callable[
         if code != 0:
             raise RuntimeError(f"torchrun exited with {code}; the lines above are the training processes' output")
         return result_from_summary(json.loads(result_path(request_file).read_text()))
+
+
+def omp_threads_per_worker(processes: int, environ: Mapping[str, str]) -> int:
+    """OpenMP threads for each of ``processes`` workers: the step's CPU budget split between them, at least one.
+
+    The budget is ``OMP_NUM_THREADS`` when set (in a step pod, the pod's CPU limit: execution.py), else the CPUs
+    this process may run on. Without the split every worker would start a full budget's threads.
+    """
+    raw = environ.get("OMP_NUM_THREADS", "").strip()
+    budget = int(raw) if raw.isdigit() and int(raw) > 0 else len(os.sched_getaffinity(0))
+    return max(1, budget // processes)
 
 
 def _check_visible_gpus(request: TrainingRequest, processes: int) -> None:

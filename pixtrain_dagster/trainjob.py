@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -214,6 +215,8 @@ def build_trainjob(
             "the TrainJob needs the step image: set PIXTRAIN_IMAGE or pass the image of the running step pod"
         )
 
+    from kubernetes.utils import parse_quantity  # dagster-k8s's dependency; only where a TrainJob is built
+
     volumes, mounts = step_volumes(settings)
     volumes = [*volumes, {"name": "dshm", "empty_dir": {"medium": "Memory", "size_limit": settings.gpu_shm_size}}]
     mounts = [*mounts, {"name": "dshm", "mount_path": SHM_PATH}]
@@ -222,6 +225,9 @@ def build_trainjob(
     env = [
         *step_env(settings),
         {"name": "PYTORCH_CUDA_ALLOC_CONF", "value": settings.pytorch_cuda_alloc_conf},
+        # The node's CPUs split between its training processes (the step pod's downward-API value would give
+        # each process the whole node's share), and torchrun does not print its one-thread banner.
+        {"name": "OMP_NUM_THREADS", "value": str(max(1, math.ceil(parse_quantity(settings.gpu_cpu)) // gpus_per_node))},
         *secret_env_refs(settings, (WANDB_API_KEY_ENV,)),
     ]
     amounts = {"cpu": settings.gpu_cpu, "memory": settings.gpu_memory, "nvidia.com/gpu": str(gpus_per_node)}

@@ -195,11 +195,13 @@ def test_impossible_scale_out_settings_are_refused_with_the_reason():
         process_rank(LoraTrainingSettings(devices=2))
 
 
-def test_the_training_step_runs_several_processes_inside_its_pod(pipeline_env, tiny_model_dir):
+def test_the_training_step_runs_several_processes_inside_its_pod(pipeline_env, tiny_model_dir, monkeypatch):
     """devices: 2 through Dagster: the step runs torchrun --standalone with two processes (gloo on CPU), publishes
-    rank 0's adapter, and records its checkpoints."""
+    rank 0's adapter, and records its checkpoints. The step's CPU budget (OMP_NUM_THREADS, in a pod its CPU limit)
+    is split between the processes."""
     from support import TRAINING_ASSETS, materialized_metadata, run_job, run_log_messages, tiny_run_config
 
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
     result = run_job(tiny_run_config(tiny_model_dir, devices=2, max_steps=2, lora_dropout=0.0), TRAINING_ASSETS)
     assert result.success
     metadata = materialized_metadata(result, "lora_adapter")
@@ -207,8 +209,23 @@ def test_the_training_step_runs_several_processes_inside_its_pod(pipeline_env, t
     logs = run_log_messages(result)
     assert any("launching 2 training processes" in m for m in logs)
     assert any("[rank 1]" in m for m in logs)  # the second process's output reached the run's log
+    threads = sorted(m.split("] ", 1)[0] + "]: " + m.rsplit(": ", 1)[1] for m in logs if "CPU threads" in m)
+    assert threads == ["[rank 0]: 1 CPU threads", "[rank 1]: 1 CPU threads"], threads
     store = ArtifactStore(pipeline_env["artifact_root"])
     assert store.exists(store.key_of(metadata["dagster/uri"]))
+
+
+@pytest.mark.parametrize(
+    ("budget", "processes", "expected"),
+    [("16", 2, 8), ("16", 3, 5), ("2", 8, 1), (None, 1, "all"), ("", 2, "half"), ("four", 2, "half"), ("0", 1, "all")],
+)
+def test_each_worker_in_a_pod_gets_its_share_of_the_cpu_budget(budget, processes, expected):
+    from pixtrain_dagster.launch import omp_threads_per_worker
+
+    environ = {} if budget is None else {"OMP_NUM_THREADS": budget}
+    usable = len(os.sched_getaffinity(0))  # no valid budget: the CPUs this process may run on
+    want = {"all": usable, "half": max(1, usable // 2)}.get(expected, expected)
+    assert omp_threads_per_worker(processes, environ) == want
 
 
 def test_fsdp_is_configured_to_shard_decoder_layers_and_save_full_state(tiny_model_dir):

@@ -115,6 +115,15 @@ def main(argv: list[str] | None = None) -> None:
     # Lightning prints through a console handler of its own; propagating to the root handler too doubled each line.
     logging.getLogger("lightning").propagate = False
     install_library_filters()  # train_lora_adapter installs them too; here they also cover loading and imports
+    import torch
+
+    # The thread count shows whether this process got its share of the pod's CPUs (launch.py, trainjob.py).
+    logging.getLogger(__name__).info(
+        "process %s of %s: %d CPU threads",
+        os.environ.get("RANK", "0"),
+        os.environ.get("WORLD_SIZE", "1"),
+        torch.get_num_threads(),
+    )
     run(args.request)
 
 

@@ -145,6 +145,17 @@ def test_env_names_are_unique_and_secrets_are_references_only(k8s_step_jobs):
         assert {"configMapRef": {"name": "pixtrain-execution-env"}} in container["envFrom"], step
 
 
+def test_every_step_sizes_its_thread_pools_by_its_cpu_limit_not_the_nodes_cores(k8s_step_jobs):
+    """torch and OpenMP count the node's cores; the downward API gives OMP_NUM_THREADS the container's CPU limit
+    (rounded up to whole CPUs by the kubelet)."""
+    for step, (job, _) in k8s_step_jobs.items():
+        env = {e["name"]: e for e in _container(job)["env"]}
+        assert env["OMP_NUM_THREADS"] == {
+            "name": "OMP_NUM_THREADS",
+            "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1"}},
+        }, step
+
+
 def test_no_secret_value_reaches_a_job(k8s_step_jobs):
     """The Jobs were built with secret values in the environment (SECRET_CANARIES): none may be copied."""
     for step, (job, _) in k8s_step_jobs.items():

@@ -197,7 +197,23 @@ def test_trainjob_pods_are_shaped_like_the_single_node_gpu_step_pod(k8s_step_job
     env = {e["name"]: e for e in container["env"]}
     dagster_only = {n for n in step_env if n.startswith("DAGSTER_")}
     assert set(env) == set(step_env) - dagster_only - {"PIXTRAIN_DB_PASSWORD", "PIXTRAIN_METRICS_PORT"}
-    assert all(env[n] == step_env[n] for n in env)
+    # OpenMP threads: the step pod's whole CPU limit (one process); a TrainJob node's share per process.
+    per_process = {"OMP_NUM_THREADS"}
+    assert all(env[n] == step_env[n] for n in env if n not in per_process)
+    assert step_env["OMP_NUM_THREADS"]["valueFrom"] == {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1"}}
+    assert env["OMP_NUM_THREADS"] == {"name": "OMP_NUM_THREADS", "value": container["resources"]["limits"]["cpu"]}
+
+
+@pytest.mark.parametrize(
+    ("gpu_cpu", "gpus_per_node", "threads"),
+    [("16", 8, "2"), ("16", 2, "8"), ("48", 8, "6"), ("12500m", 4, "3"), ("4", 8, "1"), ("1", 2, "1")],
+)
+def test_each_training_process_gets_its_share_of_the_node_cpus(gpu_cpu, gpus_per_node, threads):
+    """torchrun starts num_proc_per_node processes in a node pod; each would otherwise size its OpenMP pool by the
+    host's cores. The share is the pod's CPU limit (rounded up, as the downward API does) over the processes."""
+    manifest = _manifest({"PIXTRAIN_GPU_CPU": gpu_cpu}, gpus_per_node=gpus_per_node)
+    env = {e["name"]: e for e in manifest["spec"]["trainer"]["env"]}
+    assert env["OMP_NUM_THREADS"] == {"name": "OMP_NUM_THREADS", "value": threads}
 
 
 def test_secrets_go_by_reference_only():
