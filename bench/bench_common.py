@@ -203,3 +203,39 @@ def write_json(path: Path | None, payload: Any) -> None:
     if path is not None:
         path.write_text(json.dumps(payload, indent=2, default=str))
         print(f"wrote {path}")
+
+
+def measured_matmul_rate(config: Any, tokens: int, device: str, dtype_name: str, repeats: int = 3) -> float:
+    """FLOP/s this device reaches on the model's own matrix multiplications: every decoder linear (q, k, v, o,
+    gate, up, down) forward ``tokens x in x out`` and its activation gradient ``tokens x out x in``, plus the
+    output layer, each timed (best of ``repeats`` after a warm-up), total FLOPs over total time. Dividing it by the
+    FLOPs a token needs gives the rate no implementation can beat on this device (elementwise work, attention
+    and the optimizer only lower it)."""
+    import torch
+
+    dtype = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16}[dtype_name]
+    hidden, inter = int(config.hidden_size), int(config.intermediate_size)
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    linears = [(hidden, heads * head_dim), (hidden, kv), (hidden, kv), (heads * head_dim, hidden)]
+    linears += [(hidden, inter), (hidden, inter), (inter, hidden)]
+    shapes = [(tokens, i, o) for i, o in linears] + [(tokens, o, i) for i, o in linears]
+    shapes.append((tokens, hidden, int(config.vocab_size)))
+    total_flops = total_seconds = 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        best = float("inf")
+        for attempt in range(repeats + 1):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            a @ b
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if attempt:  # the first is the warm-up
+                best = min(best, time.perf_counter() - start)
+        total_flops += 2.0 * m * k * n
+        total_seconds += best
+    return total_flops / total_seconds

@@ -17,8 +17,9 @@ pass, accumulated; default all at once), maximum length and precision. Labels ar
 
 Reported: real (non-padding) tokens per second between the end of the ``--warmup``-th optimizer step and the end of
 the last one (start-up, tokenisation, the first step and everything after training are excluded), padding
-efficiency (real tokens / tokens in the input tensors), and each peer's rate relative to the core. Prints; never
-asserts a speed.
+efficiency (real tokens / tokens in the input tensors), each peer's rate relative to the core, and the ceiling:
+the device's measured rate on the model's own matrix multiplications over the model FLOPs a real token needs
+(core/throughput.py), which no system can exceed, with each system's share of it. Prints; never asserts a speed.
 
 Data: the repository's sample conversations (pixtrain_dagster/sample_data/conversations.jsonl, synthetic,
 93 conversations, 2 or 3 exchanges, 121 to 231 tokens) repeated in shuffled copies, unless --data names another
@@ -44,6 +45,7 @@ from bench_common import (  # noqa: E402
     as_sessions,
     lenient_packing_probe,
     load_bench_conversations,
+    measured_matmul_rate,
     print_table,
     settings_with,
     smollm2_snapshot,
@@ -305,6 +307,46 @@ def print_length_statistics(snapshot: Path, conversations, max_len: int) -> None
     )
 
 
+def useful_flops_per_real_token(args, snapshot: Path, conversations, device: str) -> tuple[float, str]:
+    """The model FLOPs a real token of this data needs (core/throughput.py's formula): attention per conversation,
+    output layer only where a labelled token is predicted, backward activation gradients through the frozen base.
+    Padding, unneeded logits and masked attention are extra work a system may do, not needed work."""
+    from pixtrain_dagster.core.throughput import lora_flops_per_token, segment_attention_length
+
+    model, tokenizer = _peft_model(args, snapshot, "cpu")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rows = _tokenized(tokenizer, conversations, args.max_len)
+    lengths = [len(r["input_ids"]) for r in rows]
+    labelled = sum(sum(label != -100 for label in r["labels"]) for r in rows)
+    attention, head = segment_attention_length(lengths), labelled / sum(lengths)
+    flops = lora_flops_per_token(model.get_base_model().config, trainable, attention, head)
+    return flops, f"attention context {attention:.0f} tokens, output layer on {head:.0%} of positions"
+
+
+def print_ceiling(results: list[dict[str, Any]], precision: str) -> None:
+    """What the device allows: its measured matmul rate over the FLOPs a real token needs, per run (rows merged
+    with --report may come from runs on different data or machines)."""
+    runs: dict[tuple[float, float], list[dict[str, Any]]] = {}
+    for row in results:
+        if row["precision"] == precision and "real_tokens_per_second" in row and row.get("matmul_gflops"):
+            runs.setdefault((row["matmul_gflops"] * 1e9, row["flops_per_real_token"]), []).append(row)
+    for (rate, flops), rows in runs.items():
+        ceiling = rate / flops
+        print(
+            f"{precision}: the model's matrix multiplications run at {rate / 1e9:.1f} GFLOP/s on this device and a "
+            f"real token needs {flops / 1e6:.3g} MFLOP, so no system exceeds {ceiling:.0f} real tok/s here"
+        )
+        for row in rows:
+            print(f"  {row['system']}: {row['real_tokens_per_second'] / ceiling:.0%} of that ceiling")
+        peers = [r for r in rows if r["system"] != "core"]
+        if peers:
+            best = max(peers, key=lambda r: r["real_tokens_per_second"])
+            print(
+                f"  3x the better peer ({best['system']}) would be {3 * best['real_tokens_per_second']:.0f} real "
+                f"tok/s: {3 * best['real_tokens_per_second'] / ceiling:.2f}x the ceiling"
+            )
+
+
 RUNNERS = {"core": run_core, "hf-trainer": run_hf_trainer, "trl-sft": run_trl_sft}
 
 
@@ -377,6 +419,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
                 f"per CPU-second ({best['system']}), "
                 f"{core['real_tokens_per_second'] / best['real_tokens_per_second']:.2f}x by wall clock"
             )
+        print_ceiling(results, precision)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -409,10 +452,32 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if args.sessions:
             conversations = as_sessions(conversations, args.sessions, args.seed)
         print_length_statistics(snapshot, conversations, args.max_len)
+        flops, basis = useful_flops_per_real_token(args, snapshot, conversations, device)
+        print(f"a real token needs {flops / 1e6:.3g} model MFLOP ({basis})", flush=True)
+        from transformers import AutoConfig
+
+        matmul = {
+            precision: measured_matmul_rate(
+                AutoConfig.from_pretrained(snapshot), args.micro_batch * args.max_len, device, precision
+            )
+            for precision in args.precision
+        }
+        for precision, rate in matmul.items():
+            print(
+                f"{precision}: the model's matmuls at {args.micro_batch} x {args.max_len} tokens: "
+                f"{rate / 1e9:.1f} GFLOP/s",
+                flush=True,
+            )
         for precision in args.precision:
             for system in args.systems:
                 print(f"--- {system} {precision} on {device}", flush=True)
-                row: dict[str, Any] = {"system": system, "precision": precision, "device": device}
+                row: dict[str, Any] = {
+                    "system": system,
+                    "precision": precision,
+                    "device": device,
+                    "flops_per_real_token": flops,
+                    "matmul_gflops": matmul[precision] / 1e9,
+                }
                 try:
                     row.update(
                         RUNNERS[system](

@@ -42,7 +42,36 @@ def test_peer_benchmark_smoke_runs_every_system_in_every_precision(capsys, tmp_p
         assert 0 < row["padding_efficiency"] <= 1
     assert by_key[("core", "32-true")]["core_speedup"] == pytest.approx(1.0)
     assert "real tok/s" in out and "x the better peer" in out and "as sessions of 1 to 4 exchanges" in out
+    # The ceiling: the device's rate on the model's matmuls over the FLOPs a real token needs; nothing beats it.
+    for row in (r for r in results if "real_tokens_per_second" in r):
+        assert row["flops_per_real_token"] > 0 and row["matmul_gflops"] > 0, row
+        assert row["real_tokens_per_second"] * row["flops_per_real_token"] <= row["matmul_gflops"] * 1e9, row
+    assert "no system exceeds" in out and "of that ceiling" in out and "3x the better peer" in out
     assert (tmp_path / "peers.json").is_file()
+
+
+def test_the_ceiling_counts_the_data_as_the_cores_own_mfu_does(tmp_path):
+    """The benchmark's FLOPs per real token use the attention context and output-layer share the core computes
+    for its MFU (training.py _setup_data), on the same conversations."""
+    from transformers import AutoTokenizer
+
+    from pixtrain_dagster.core.settings import LoraTrainingSettings
+    from pixtrain_dagster.core.throughput import lora_flops_per_token
+    from pixtrain_dagster.core.training import _setup_data
+
+    bench, common = _load("bench_training_peers"), _load("bench_common")
+    args = bench.parse_args(["--smoke", "--sessions", "6"])
+    snapshot = common.tiny_snapshot(tmp_path)
+    conversations = common.as_sessions(common.load_bench_conversations(None, 60, seed=5), 6, seed=5)
+    flops, basis = bench.useful_flops_per_real_token(args, snapshot, conversations, "cpu")
+
+    tokenizer = AutoTokenizer.from_pretrained(snapshot)
+    data = _setup_data(tokenizer, LoraTrainingSettings(max_seq_len=args.max_len), conversations, conversations[:2])
+    model, _ = bench._peft_model(args, snapshot, "cpu")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    config = model.get_base_model().config
+    assert flops == pytest.approx(lora_flops_per_token(config, trainable, data.attention_length, data.head_fraction))
+    assert data.head_fraction < 1 and f"{data.attention_length:.0f} tokens" in basis
 
 
 def test_sessions_spread_the_lengths_with_the_source_exchanges():
@@ -119,3 +148,19 @@ def test_attention_benchmark_smoke_compares_both_implementations(capsys):
             segmented["real_tokens_per_second"] / sdpa["real_tokens_per_second"]
         )
     assert "x sdpa" in capsys.readouterr().out
+
+
+def test_rows_merged_from_several_runs_each_get_their_own_ceiling(capsys):
+    bench = _load("bench_training_peers")
+    run_a = {"precision": "32-true", "matmul_gflops": 100.0, "flops_per_real_token": 5e8}  # ceiling 200 tok/s
+    run_b = {"precision": "32-true", "matmul_gflops": 150.0, "flops_per_real_token": 5e8}  # ceiling 300 tok/s
+    rows = [
+        {**run_a, "system": "core", "real_tokens_per_second": 150.0},
+        {**run_a, "system": "hf-trainer", "real_tokens_per_second": 100.0},
+        {**run_b, "system": "core", "real_tokens_per_second": 150.0},
+    ]
+    bench.print_ceiling(rows, "32-true")
+    out = capsys.readouterr().out
+    assert "no system exceeds 200 real tok/s" in out and "no system exceeds 300 real tok/s" in out
+    assert "core: 75% of that ceiling" in out and "core: 50% of that ceiling" in out
+    assert "would be 300 real tok/s: 1.50x the ceiling" in out  # run a's peer only
