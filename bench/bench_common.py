@@ -205,37 +205,48 @@ def write_json(path: Path | None, payload: Any) -> None:
         print(f"wrote {path}")
 
 
-def measured_matmul_rate(config: Any, tokens: int, device: str, dtype_name: str, repeats: int = 3) -> float:
-    """FLOP/s this device reaches on the model's own matrix multiplications: every decoder linear (q, k, v, o,
-    gate, up, down) forward ``tokens x in x out`` and its activation gradient ``tokens x out x in``, plus the
-    output layer, each timed (best of ``repeats`` after a warm-up), total FLOPs over total time. Dividing it by the
-    FLOPs a token needs gives the rate no implementation can beat on this device (elementwise work, attention
-    and the optimizer only lower it)."""
+def matmul_seconds_per_token(
+    config: Any, tokens: int, device: str, precision: str, head_fraction: float, repeats: int = 2
+) -> tuple[float, float]:
+    """Seconds a trained token spends in the frozen model's matrix multiplications alone, each shape timed on this
+    device as autograd runs it (best of ``repeats`` after a warm-up, ``tokens`` rows): every decoder linear
+    (q, k, v, o, gate, up, down) forward ``x @ W.T`` and activation gradient ``g @ W``, once per layer, and the
+    output layer's two for the ``head_fraction`` of positions that predict a labelled token. Returns (seconds a
+    token, FLOP/s over that mix). Its inverse bounds real tokens/s: attention, LoRA, element-wise work, the
+    optimizer and the framework only add to it."""
     import torch
 
-    dtype = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16}[dtype_name]
+    dtype = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16}[precision]
     hidden, inter = int(config.hidden_size), int(config.intermediate_size)
     heads = int(config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
     kv = int(getattr(config, "num_key_value_heads", None) or heads) * head_dim
-    linears = [(hidden, heads * head_dim), (hidden, kv), (hidden, kv), (heads * head_dim, hidden)]
-    linears += [(hidden, inter), (hidden, inter), (inter, hidden)]
-    shapes = [(tokens, i, o) for i, o in linears] + [(tokens, o, i) for i, o in linears]
-    shapes.append((tokens, hidden, int(config.vocab_size)))
-    total_flops = total_seconds = 0.0
-    for m, k, n in shapes:
-        a = torch.randn(m, k, device=device, dtype=dtype)
-        b = torch.randn(k, n, device=device, dtype=dtype)
+    layers = int(config.num_hidden_layers)
+    decoder = [(hidden, heads * head_dim), (hidden, kv), (hidden, kv), (heads * head_dim, hidden)]
+    decoder += [(hidden, inter), (hidden, inter), (inter, hidden)]
+    weighted = [((i, o), layers) for i, o in decoder] + [((hidden, int(config.vocab_size)), head_fraction)]
+
+    def best_time(run) -> float:
         best = float("inf")
         for attempt in range(repeats + 1):
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            a @ b
+            run()
             if device == "cuda":
                 torch.cuda.synchronize()
             if attempt:  # the first is the warm-up
                 best = min(best, time.perf_counter() - start)
-        total_flops += 2.0 * m * k * n
-        total_seconds += best
-    return total_flops / total_seconds
+        return best
+
+    seconds = flops = 0.0
+    for (fan_in, fan_out), count in weighted:
+        weight = torch.randn(fan_out, fan_in, device=device, dtype=dtype)
+        x = torch.randn(tokens, fan_in, device=device, dtype=dtype)
+        grad = torch.randn(tokens, fan_out, device=device, dtype=dtype)
+        forward = best_time(lambda x=x, w=weight: torch.nn.functional.linear(x, w))
+        backward = best_time(lambda g=grad, w=weight: g @ w)  # the input's gradient, as autograd computes it
+        both = forward + backward
+        seconds += count * both
+        flops += count * 2 * (2.0 * tokens * fan_in * fan_out)
+    return seconds / tokens, flops / seconds

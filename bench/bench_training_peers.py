@@ -17,9 +17,10 @@ pass, accumulated; default all at once), maximum length and precision. Labels ar
 
 Reported: real (non-padding) tokens per second between the end of the ``--warmup``-th optimizer step and the end of
 the last one (start-up, tokenisation, the first step and everything after training are excluded), padding
-efficiency (real tokens / tokens in the input tensors), each peer's rate relative to the core, and the ceiling:
-the device's measured rate on the model's own matrix multiplications over the model FLOPs a real token needs
-(core/throughput.py), which no system can exceed, with each system's share of it. Prints; never asserts a speed.
+efficiency (real tokens / tokens in the input tensors), each peer's rate relative to the core, the model FLOPs a real
+token of the data needs (core/throughput.py), and a ceiling: the time the frozen model's matrix multiplications
+alone take per token on this device, timed shape by shape (bench_common.matmul_seconds_per_token), whose inverse no
+system can beat, with each system's share of it. Prints; never asserts a speed.
 
 Data: the repository's sample conversations (pixtrain_dagster/sample_data/conversations.jsonl, synthetic,
 93 conversations, 2 or 3 exchanges, 121 to 231 tokens) repeated in shuffled copies, unless --data names another
@@ -45,7 +46,7 @@ from bench_common import (  # noqa: E402
     as_sessions,
     lenient_packing_probe,
     load_bench_conversations,
-    measured_matmul_rate,
+    matmul_seconds_per_token,
     print_table,
     settings_with,
     smollm2_snapshot,
@@ -307,10 +308,11 @@ def print_length_statistics(snapshot: Path, conversations, max_len: int) -> None
     )
 
 
-def useful_flops_per_real_token(args, snapshot: Path, conversations, device: str) -> tuple[float, str]:
+def useful_flops_per_real_token(args, snapshot: Path, conversations, device: str) -> tuple[float, float, str]:
     """The model FLOPs a real token of this data needs (core/throughput.py's formula): attention per conversation,
     output layer only where a labelled token is predicted, backward activation gradients through the frozen base.
-    Padding, unneeded logits and masked attention are extra work a system may do, not needed work."""
+    Padding, unneeded logits and masked attention are extra work a system may do, not needed work. Returns
+    (FLOPs, the share of positions that predict a labelled token, a description)."""
     from pixtrain_dagster.core.throughput import lora_flops_per_token, segment_attention_length
 
     model, tokenizer = _peft_model(args, snapshot, "cpu")
@@ -320,21 +322,21 @@ def useful_flops_per_real_token(args, snapshot: Path, conversations, device: str
     labelled = sum(sum(label != -100 for label in r["labels"]) for r in rows)
     attention, head = segment_attention_length(lengths), labelled / sum(lengths)
     flops = lora_flops_per_token(model.get_base_model().config, trainable, attention, head)
-    return flops, f"attention context {attention:.0f} tokens, output layer on {head:.0%} of positions"
+    return flops, head, f"attention context {attention:.0f} tokens, output layer on {head:.0%} of positions"
 
 
 def print_ceiling(results: list[dict[str, Any]], precision: str) -> None:
-    """What the device allows: its measured matmul rate over the FLOPs a real token needs, per run (rows merged
+    """What the device allows: the time the frozen model's matmuls alone take per real token, per run (rows merged
     with --report may come from runs on different data or machines)."""
     runs: dict[tuple[float, float], list[dict[str, Any]]] = {}
     for row in results:
-        if row["precision"] == precision and "real_tokens_per_second" in row and row.get("matmul_gflops"):
-            runs.setdefault((row["matmul_gflops"] * 1e9, row["flops_per_real_token"]), []).append(row)
-    for (rate, flops), rows in runs.items():
-        ceiling = rate / flops
+        if row["precision"] == precision and "real_tokens_per_second" in row and row.get("ceiling_tokens_per_second"):
+            runs.setdefault((row["ceiling_tokens_per_second"], row["matmul_gflops"]), []).append(row)
+    for (ceiling, gflops), rows in runs.items():
         print(
-            f"{precision}: the model's matrix multiplications run at {rate / 1e9:.1f} GFLOP/s on this device and a "
-            f"real token needs {flops / 1e6:.3g} MFLOP, so no system exceeds {ceiling:.0f} real tok/s here"
+            f"{precision}: the frozen model's matrix multiplications alone take {1e3 / ceiling:.2f} ms a real token "
+            f"here ({gflops:.1f} GFLOP/s over their shapes), so no system exceeds about {ceiling:.0f} real tok/s "
+            "(attention, LoRA, element-wise work and the optimizer come on top)"
         )
         for row in rows:
             print(f"  {row['system']}: {row['real_tokens_per_second'] / ceiling:.0%} of that ceiling")
@@ -452,22 +454,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if args.sessions:
             conversations = as_sessions(conversations, args.sessions, args.seed)
         print_length_statistics(snapshot, conversations, args.max_len)
-        flops, basis = useful_flops_per_real_token(args, snapshot, conversations, device)
+        flops, head_fraction, basis = useful_flops_per_real_token(args, snapshot, conversations, device)
         print(f"a real token needs {flops / 1e6:.3g} model MFLOP ({basis})", flush=True)
         from transformers import AutoConfig
 
-        matmul = {
-            precision: measured_matmul_rate(
-                AutoConfig.from_pretrained(snapshot), args.micro_batch * args.max_len, device, precision
-            )
-            for precision in args.precision
-        }
-        for precision, rate in matmul.items():
-            print(
-                f"{precision}: the model's matmuls at {args.micro_batch} x {args.max_len} tokens: "
-                f"{rate / 1e9:.1f} GFLOP/s",
-                flush=True,
-            )
+        config = AutoConfig.from_pretrained(snapshot)
+        tokens = args.micro_batch * args.max_len
+        matmul = {p: matmul_seconds_per_token(config, tokens, device, p, head_fraction) for p in args.precision}
         for precision in args.precision:
             for system in args.systems:
                 print(f"--- {system} {precision} on {device}", flush=True)
@@ -476,7 +469,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     "precision": precision,
                     "device": device,
                     "flops_per_real_token": flops,
-                    "matmul_gflops": matmul[precision] / 1e9,
+                    "ceiling_tokens_per_second": 1 / matmul[precision][0],
+                    "matmul_gflops": matmul[precision][1] / 1e9,
                 }
                 try:
                     row.update(

@@ -283,10 +283,10 @@ def step_volumes(settings: ExecutionSettings) -> tuple[list[dict[str, Any]], lis
     return volumes, mounts
 
 
-# torch and OpenMP size their thread pools by the node's cores, not the pod's CPU limit: a 16-CPU pod on a
-# 128-core node would start 128 threads per pool and spend its quota being throttled. The downward API hands
-# the container its limit, rounded up to whole CPUs; torchrun workers in one pod split it (launch.py), and
-# TrainJob pods get their share per process (trainjob.py).
+# torch sizes its intra-op (OpenMP) thread pool by the node's cores, not the pod's CPU limit: a 16-CPU pod on a
+# 128-core node would start 128 threads and spend its quota being throttled. The downward API hands the
+# container its limit, rounded up to whole CPUs; torchrun workers in one pod split it (launch.py), and TrainJob
+# pods get their share per process (trainjob.py).
 CPU_LIMIT_THREADS_ENV: dict[str, Any] = {
     "name": "OMP_NUM_THREADS",
     "value_from": {"resource_field_ref": {"resource": "limits.cpu", "divisor": "1"}},

@@ -5,6 +5,7 @@ the same request, and the step reads rank 0's result and publishes the asset out
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -100,11 +101,24 @@ def omp_threads_per_worker(processes: int, environ: Mapping[str, str]) -> int:
     """OpenMP threads for each of ``processes`` workers: the step's CPU budget split between them, at least one.
 
     The budget is ``OMP_NUM_THREADS`` when set (in a step pod, the pod's CPU limit: execution.py), else the CPUs
-    this process may run on. Without the split every worker would start a full budget's threads.
+    this process may use (:func:`usable_cpus`). Without the split every worker would start a full budget's threads.
     """
     raw = environ.get("OMP_NUM_THREADS", "").strip()
-    budget = int(raw) if raw.isdigit() and int(raw) > 0 else len(os.sched_getaffinity(0))
+    budget = int(raw) if raw.isdigit() and int(raw) > 0 else usable_cpus()
     return max(1, budget // processes)
+
+
+def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container started with
+    ``--cpus``), which the affinity does not show."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 CPU controller here: the affinity is all we know
+    return cpus
 
 
 def _check_visible_gpus(request: TrainingRequest, processes: int) -> None:

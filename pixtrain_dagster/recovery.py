@@ -6,7 +6,7 @@
   automation sensor, the landing sensor, the schedule, the CLI). The run tag ``pixtrain/gpu`` only the
   ``train_adapter`` job sets is no longer what holds the line.
   Dagster claims a slot by check-then-update, so two steps claiming in the same milliseconds can both
-  start (docs/runbook.md says what bounds that).
+  start, and the slot is freed when the first of them ends (docs/runbook.md says what bounds that).
 * They also carry ``gpu_step_retry_policy()``: an infrastructure failure (pre-empted node, OOM-killed or
   SIGKILLed step process, a database or storage blip that outlasted the store's own retries) retries the
   step with exponential backoff and jitter; training resumes from the newest valid checkpoint.

@@ -20,6 +20,7 @@ def _load(name: str):
     sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
@@ -63,7 +64,7 @@ def test_the_ceiling_counts_the_data_as_the_cores_own_mfu_does(tmp_path):
     args = bench.parse_args(["--smoke", "--sessions", "6"])
     snapshot = common.tiny_snapshot(tmp_path)
     conversations = common.as_sessions(common.load_bench_conversations(None, 60, seed=5), 6, seed=5)
-    flops, basis = bench.useful_flops_per_real_token(args, snapshot, conversations, "cpu")
+    flops, head_fraction, basis = bench.useful_flops_per_real_token(args, snapshot, conversations, "cpu")
 
     tokenizer = AutoTokenizer.from_pretrained(snapshot)
     data = _setup_data(tokenizer, LoraTrainingSettings(max_seq_len=args.max_len), conversations, conversations[:2])
@@ -71,7 +72,8 @@ def test_the_ceiling_counts_the_data_as_the_cores_own_mfu_does(tmp_path):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = model.get_base_model().config
     assert flops == pytest.approx(lora_flops_per_token(config, trainable, data.attention_length, data.head_fraction))
-    assert data.head_fraction < 1 and f"{data.attention_length:.0f} tokens" in basis
+    assert head_fraction == pytest.approx(data.head_fraction) and head_fraction < 1
+    assert f"{data.attention_length:.0f} tokens" in basis
 
 
 def test_sessions_spread_the_lengths_with_the_source_exchanges():
@@ -152,8 +154,8 @@ def test_attention_benchmark_smoke_compares_both_implementations(capsys):
 
 def test_rows_merged_from_several_runs_each_get_their_own_ceiling(capsys):
     bench = _load("bench_training_peers")
-    run_a = {"precision": "32-true", "matmul_gflops": 100.0, "flops_per_real_token": 5e8}  # ceiling 200 tok/s
-    run_b = {"precision": "32-true", "matmul_gflops": 150.0, "flops_per_real_token": 5e8}  # ceiling 300 tok/s
+    run_a = {"precision": "32-true", "ceiling_tokens_per_second": 200.0, "matmul_gflops": 100.0}
+    run_b = {"precision": "32-true", "ceiling_tokens_per_second": 300.0, "matmul_gflops": 150.0}
     rows = [
         {**run_a, "system": "core", "real_tokens_per_second": 150.0},
         {**run_a, "system": "hf-trainer", "real_tokens_per_second": 100.0},
@@ -161,6 +163,29 @@ def test_rows_merged_from_several_runs_each_get_their_own_ceiling(capsys):
     ]
     bench.print_ceiling(rows, "32-true")
     out = capsys.readouterr().out
-    assert "no system exceeds 200 real tok/s" in out and "no system exceeds 300 real tok/s" in out
+    assert "5.00 ms a real token" in out and "no system exceeds about 300 real tok/s" in out
     assert "core: 75% of that ceiling" in out and "core: 50% of that ceiling" in out
     assert "would be 300 real tok/s: 1.50x the ceiling" in out  # run a's peer only
+
+
+def test_the_matmul_ceiling_times_the_models_own_mix_of_shapes():
+    """The timed mix is the frozen model's: every decoder linear forward and backward once per layer, and the output
+    layer's two only for the share of positions that need it, i.e. 4 x (the decoder's linear parameters + that share
+    of the output layer's) FLOPs a token (core/throughput.py counts the same)."""
+    from transformers import LlamaConfig
+
+    from pixtrain_dagster.core.throughput import linear_parameters
+
+    common = _load("bench_common")
+    config = LlamaConfig(
+        num_hidden_layers=3,
+        hidden_size=128,
+        intermediate_size=384,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=2048,
+    )
+    for head_fraction in (0.0, 0.4, 1.0):
+        seconds, rate = common.matmul_seconds_per_token(config, 64, "cpu", "32-true", head_fraction, repeats=1)
+        expected = 4 * (linear_parameters(config) + head_fraction * config.vocab_size * config.hidden_size)
+        assert seconds > 0 and seconds * rate == pytest.approx(expected)

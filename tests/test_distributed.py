@@ -201,7 +201,7 @@ def test_the_training_step_runs_several_processes_inside_its_pod(pipeline_env, t
     is split between the processes."""
     from support import TRAINING_ASSETS, materialized_metadata, run_job, run_log_messages, tiny_run_config
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
     result = run_job(tiny_run_config(tiny_model_dir, devices=2, max_steps=2, lora_dropout=0.0), TRAINING_ASSETS)
     assert result.success
     metadata = materialized_metadata(result, "lora_adapter")
@@ -210,7 +210,7 @@ def test_the_training_step_runs_several_processes_inside_its_pod(pipeline_env, t
     assert any("launching 2 training processes" in m for m in logs)
     assert any("[rank 1]" in m for m in logs)  # the second process's output reached the run's log
     threads = sorted(m.split("] ", 1)[0] + "]: " + m.rsplit(": ", 1)[1] for m in logs if "CPU threads" in m)
-    assert threads == ["[rank 0]: 1 CPU threads", "[rank 1]: 1 CPU threads"], threads
+    assert threads == ["[rank 0]: 2 CPU threads", "[rank 1]: 2 CPU threads"], threads
     store = ArtifactStore(pipeline_env["artifact_root"])
     assert store.exists(store.key_of(metadata["dagster/uri"]))
 
@@ -220,12 +220,27 @@ def test_the_training_step_runs_several_processes_inside_its_pod(pipeline_env, t
     [("16", 2, 8), ("16", 3, 5), ("2", 8, 1), (None, 1, "all"), ("", 2, "half"), ("four", 2, "half"), ("0", 1, "all")],
 )
 def test_each_worker_in_a_pod_gets_its_share_of_the_cpu_budget(budget, processes, expected):
-    from pixtrain_dagster.launch import omp_threads_per_worker
+    from pixtrain_dagster.launch import omp_threads_per_worker, usable_cpus
 
     environ = {} if budget is None else {"OMP_NUM_THREADS": budget}
-    usable = len(os.sched_getaffinity(0))  # no valid budget: the CPUs this process may run on
+    usable = usable_cpus()  # no valid budget: the CPUs this process may use
     want = {"all": usable, "half": max(1, usable // 2)}.get(expected, expected)
     assert omp_threads_per_worker(processes, environ) == want
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "cap"),
+    [("200000 100000", 2), ("150000 100000", 2), ("50000 100000", 1), ("max 100000", None), (None, None)],
+)
+def test_usable_cpus_follow_a_container_cpu_quota(tmp_path, cpu_max, cap):
+    """docker --cpus 2 on a 64-core host: the affinity says 64, the cgroup quota 2."""
+    from pixtrain_dagster.launch import usable_cpus
+
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max + "\n")
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(path) == (affinity if cap is None else min(affinity, cap))
 
 
 def test_fsdp_is_configured_to_shard_decoder_layers_and_save_full_state(tiny_model_dir):

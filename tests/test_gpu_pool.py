@@ -76,11 +76,20 @@ from pixtrain_dagster.recovery import GPU_POOL
 span_file, holder_started = Path(sys.argv[1]), Path(sys.argv[2])
 
 @asset(pool=GPU_POOL)
-def gpu_work():
+def gpu_work(context):
     started = time.time()
     if sys.argv[3] == "first":
         holder_started.write_text("")  # the first run holds its slot now: the second may ask for one
-    time.sleep(4.0)
+        # Hold the slot until the second run's step has asked for one (queued, or let through), however slow
+        # this machine is, then a little longer so a step let through overlaps for sure.
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if len(context.instance.event_log_storage.get_concurrency_info(GPU_POOL).pending_steps) >= 2:
+                break
+            time.sleep(0.05)
+        else:
+            sys.exit("the second run's GPU step never asked for a slot")
+        time.sleep(2.0)
     span_file.write_text(json.dumps([started, time.time()]))
 
 job = Definitions(assets=[gpu_work], jobs=[define_asset_job("gpu_job", [gpu_work])]).resolve_job_def("gpu_job")
@@ -98,10 +107,11 @@ def _two_concurrent_runs(home, tmp_path) -> list[tuple[float, float]]:
     while the first one's GPU step is running.
 
     Both processes start together (imports overlap), but the second launches its run only once the first's
-    step holds the slot. Dagster's claim is check-then-update without a compare-and-set (SQLite and
-    Postgres alike), so two claims in the same few milliseconds can both succeed; fresh-clone CI hit that
-    once. That race is Dagster's, documented in docs/runbook.md with what bounds it; this test checks our
-    configuration: a run that reaches the GPU while another holds it waits.
+    step holds the slot, and the first keeps it until the second's step has asked for one, however slow the
+    machine. Dagster's claim is check-then-update without a compare-and-set (SQLite and Postgres alike), so two
+    claims in the same few milliseconds can both succeed; fresh-clone CI hit that once. That race is Dagster's,
+    documented in docs/runbook.md with what bounds it; this test checks our configuration: a run that reaches
+    the GPU while another holds it waits.
     """
     import json
     import os

@@ -139,7 +139,7 @@ def test_step_pods_name_the_metrics_port_and_carry_the_scrape_label():
         assert {"name": "metrics", "container_port": METRICS_PORT, "protocol": "TCP"} in config["container_config"][
             "ports"
         ]
-        env = {e["name"]: e["value"] for e in config["container_config"]["env"]}
+        env = {e["name"]: e.get("value") for e in config["container_config"]["env"]}
         assert env[tm.METRICS_PORT_ENV] == str(METRICS_PORT)
         labels = config["pod_template_spec_metadata"]["labels"]
         assert METRICS_POD_LABELS.items() <= labels.items() and labels["pixtrain/step-kind"] == kind
