@@ -83,12 +83,21 @@ def test_packing_isolation_holds_and_is_verified_at_load(tiny_model_dir):
 
 
 def test_what_it_cannot_do_is_refused_with_the_setting_to_change(tiny_model_dir):
-    model = _model(tiny_model_dir, SEGMENTED_SDPA).eval()
+    from peft import LoraConfig, get_peft_model
+
+    from pixtrain_dagster.core.models import load_snapshot
+
+    # As training loads it: transformers itself drops a padding mask for an implementation without a mask function.
+    model, _ = load_snapshot(tiny_model_dir, "cpu", for_training=False, attn_implementation=SEGMENTED_SDPA)
     ids = torch.tensor([[5, 6, 7, 8]])
-    with pytest.raises(ValueError, match="padding attention mask; load the model with sdpa"):
+    with pytest.raises(ValueError, match="not a padding attention mask.*load the model with sdpa for padded"):
         model(input_ids=ids, attention_mask=torch.tensor([[0, 1, 1, 1]]))
-    with pytest.raises(ValueError, match="no KV cache.*load the model with sdpa to generate"):
+    with pytest.raises(ValueError, match="not a padding attention mask.*load the model with sdpa for padded"):
+        get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))(ids, torch.ones(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="KV cache.*load the model with sdpa .*to generate"):
         model.generate(ids, max_new_tokens=2, do_sample=False, use_cache=True)
+    model.set_attn_implementation("sdpa")  # switched (or loaded) with sdpa, masks are welcome
+    model(input_ids=ids, attention_mask=torch.tensor([[0, 1, 1, 1]]))
 
     from transformers import MistralConfig
 

@@ -57,6 +57,33 @@ def segmented_sdpa_misfit(config: Any, max_seq_len: int) -> str | None:
     return None
 
 
+def packed_causal_mask(position_ids: Any) -> Any:
+    """(rows, length) position ids -> (rows, 1, length, length) bool mask, True where a position may attend: causal
+    within each run of restarting positions (a conversation, or the padding after them), nothing across runs. The
+    mask transformers builds for sdpa from packed position ids, built without reading anything back from the
+    device."""
+    import torch
+
+    restarts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
+    conversation = restarts.cumsum(-1)
+    length = position_ids.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    return ((conversation[:, :, None] == conversation[:, None, :]) & causal)[:, None]
+
+
+def full_attention_within(config: Any, row_length: int) -> bool:
+    """Whether every layer attends over the whole causal context of a row of ``row_length`` (no sliding window
+    shorter than the row, no chunked attention): then one causal mask serves every layer."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(config, "attention_chunk_size", None):
+        return False
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    return (
+        window is None or window >= row_length or (layer_types is not None and "sliding_attention" not in layer_types)
+    )
+
+
 def segmented_sdpa_attention(
     module: Any,
     query: Any,
@@ -79,8 +106,8 @@ def segmented_sdpa_attention(
             )
     if attention_mask is not None:
         raise ValueError(
-            "segmented_sdpa takes packed rows with position ids, not an attention mask; load the model with sdpa "
-            "to pass one"
+            "segmented_sdpa takes packed rows with position ids, not an attention mask (nor a KV cache: it is for "
+            "training); load the model with sdpa for padded batches or to generate"
         )
     rows, heads, length, dim = query.shape
     if key.shape[2] != length:
@@ -177,20 +204,28 @@ def _varlen_attention(query: Any, key: Any, value: Any, lengths: list[int], scal
     return out.reshape(rows, length, heads, dim)
 
 
-def no_mask(*args: Any, attention_mask: Any = None, **kwargs: Any) -> None:
-    """Mask builder for segmented_sdpa: there is no mask; a padding mask from the caller cannot be honoured."""
-    if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError(
-            "segmented_sdpa takes packed rows with position ids, not a padding attention mask; load the model with "
-            "sdpa for padded batches"
-        )
-    return None
-
-
 def register_segmented_sdpa() -> None:
-    """Make ``attn_implementation="segmented_sdpa"`` loadable by transformers (idempotent)."""
+    """Make ``attn_implementation="segmented_sdpa"`` loadable by transformers (idempotent).
+
+    No mask function is registered for it, on purpose: for such an implementation transformers builds no mask
+    and skips reading the position ids back from the device to look for packed rows (a host synchronisation in
+    every forward). It also drops a caller's 2-D padding mask without a word, so models loaded for segmented_sdpa
+    get :func:`refuse_padding_masks` (core/models.py load_snapshot does it)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(SEGMENTED_SDPA, segmented_sdpa_attention)
-    AttentionMaskInterface.register(SEGMENTED_SDPA, no_mask)
+
+
+def refuse_padding_masks(model: Any) -> None:
+    """Refuse an attention mask at the decoder's door while it runs segmented_sdpa, which cannot honour one (a
+    left-padded batch would attend to its padding). Checks only whether a mask was passed: no device read-back."""
+
+    def check(module: Any, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        if mask is not None and getattr(module.config, "_attn_implementation", None) == SEGMENTED_SDPA:
+            raise ValueError(
+                "segmented_sdpa takes packed rows with position ids, not a padding attention mask (nor a KV cache: "
+                "it is for training); load the model with sdpa for padded batches or to generate"
+            )
+
+    model.get_decoder().register_forward_pre_hook(check, with_kwargs=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .attention import SEGMENTED_SDPA
+from .attention import SEGMENTED_SDPA, full_attention_within, packed_causal_mask
 from .tokenization import IGNORE_INDEX
 
 # model_type -> (config attribute, operation). Soft-capping is read from any config that has it.
@@ -70,24 +70,52 @@ def _chunk_loss(hidden: Any, targets: Any, head: Any, transform: Callable[[Any],
     return F.cross_entropy(labelled_logits(head, hidden, transform), targets, reduction="sum")
 
 
+def decoder_inputs(config: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    """Position ids and attention inputs for the decoder, chosen so that the forward reads nothing back from the
+    device when the batch says enough on the host (collate's ``segment_lengths``).
+
+    Left alone, transformers finds packed rows by reading the position ids back (a host synchronisation in every
+    forward). segmented_sdpa gets the host's segment lengths. sdpa on packed or padded rows gets the
+    block-diagonal causal mask transformers would build, built on the device without the read-back. Rows that are
+    each one whole conversation keep transformers' path: its read-back finds no packing and lets SDPA use its
+    causal kernel (flash on GPUs), worth more than the synchronisation. Models with sliding-window or chunked
+    attention build their own per-layer masks: they keep transformers' path too.
+    """
+    implementation = getattr(config, "_attn_implementation", None)
+    position_ids = batch["position_ids"]
+    lengths = batch.get("segment_lengths")
+    if lengths is None:
+        return {"position_ids": position_ids}
+    if implementation == SEGMENTED_SDPA:
+        return {"position_ids": position_ids, "segment_lengths": lengths}
+    rows, width = position_ids.shape
+    packed_or_padded = len(lengths) > rows
+    if implementation == "sdpa" and packed_or_padded and full_attention_within(config, width):
+        return {"position_ids": position_ids, "attention_mask": packed_causal_mask(position_ids)}
+    return {"position_ids": position_ids}
+
+
 def summed_token_loss(model: Any, batch: dict[str, Any], chunk_tokens: int = 2048) -> tuple[Any, Any]:
-    """(sum of per-token losses, number of labelled tokens) for one batch; no cache, so packing masks apply."""
+    """(sum of per-token losses, number of labelled tokens) for one batch; no cache, so packing masks apply.
+
+    Batches from ``collate`` name their labelled positions, so nothing here waits on the device; other batches
+    (hand-built in tests) are selected with a boolean mask, which does."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
     decoder, head, config = decoder_and_head(model)
     transform = output_transform(config)
-    extra = {}
-    if getattr(config, "_attn_implementation", None) == SEGMENTED_SDPA and "segment_lengths" in batch:
-        extra["segment_lengths"] = batch["segment_lengths"]
-    hidden = decoder(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **extra
-    ).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    mask = targets != IGNORE_INDEX
-    selected, wanted = hidden[:, :-1][mask], targets[mask]
+    hidden = decoder(input_ids=batch["input_ids"], use_cache=False, **decoder_inputs(config, batch)).last_hidden_state
+    if "labelled_positions" in batch:
+        positions = batch["labelled_positions"]
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        wanted, count = batch["labelled_targets"], int(positions.shape[0])
+    else:
+        targets = batch["labels"][:, 1:]
+        mask = targets != IGNORE_INDEX
+        selected, wanted, count = hidden[:, :-1][mask], targets[mask], mask.sum()
     if selected.size(0) <= chunk_tokens:
-        return _chunk_loss(selected, wanted, head, transform), mask.sum()
+        return _chunk_loss(selected, wanted, head, transform), count
     total = selected.new_zeros((), dtype=torch.float32)
     for hidden_chunk, target_chunk in zip(selected.split(chunk_tokens), wanted.split(chunk_tokens), strict=True):
         if torch.is_grad_enabled():
@@ -95,4 +123,4 @@ def summed_token_loss(model: Any, batch: dict[str, Any], chunk_tokens: int = 204
             total = total + checkpoint(_chunk_loss, hidden_chunk, target_chunk, head, transform, use_reentrant=False)
         else:
             total = total + _chunk_loss(hidden_chunk, target_chunk, head, transform)
-    return total, mask.sum()
+    return total, count

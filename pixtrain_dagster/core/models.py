@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import sha256_file
-from .attention import SEGMENTED_SDPA, register_segmented_sdpa
+from .attention import SEGMENTED_SDPA, refuse_padding_masks, register_segmented_sdpa
 from .settings import PACKAGED_SMOLLM2
 
 
@@ -203,6 +203,8 @@ def load_snapshot(folder: Path, device: str, for_training: bool, dtype: Any = No
             f"({str(error).splitlines()[0][:300]}); install its kernel package (flash-attn for flash_attention_2, "
             "kernels for hub kernels) or choose another attn_implementation (sdpa, or eager for Gemma 2)"
         ) from None
+    if attn_implementation == SEGMENTED_SDPA:
+        refuse_padding_masks(model)
     if for_training:
         # from_pretrained returns eval mode; and a KV cache would make packed sequences attend to each other.
         model.config.use_cache = False
