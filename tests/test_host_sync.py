@@ -18,8 +18,21 @@ from pixtrain_dagster.core.tokenization import collate, pack_rows, tokenize_conv
 
 from support import SAMPLE_DATASET
 
-# Ops that need a device value on the host (CUDA synchronises for each).
-READ_BACKS = {"aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.masked_select", "aten.equal"}
+# Ops whose output size or value the host needs from the device (CUDA synchronises for each).
+READ_BACKS = {
+    "aten._local_scalar_dense",  # .item(), bool(tensor), int(tensor)
+    "aten.nonzero",
+    "aten.masked_select",
+    "aten.equal",
+    "aten.allclose",
+    "aten._unique2",
+    "aten.unique_dim",
+    "aten.unique_consecutive",
+    "aten.bincount",
+    "aten.histc",
+}
+# Tensor methods that copy to the host: no op on a CPU tensor, so they are watched directly.
+HOST_COPIES = ("tolist", "cpu", "numpy", "item")
 HOST_KEYS = ("segment_lengths", "labelled_positions", "labelled_targets")
 
 
@@ -31,16 +44,30 @@ class ReadBacks(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket._qualified_op_name.replace("::", ".")
         indices = [a for arg in args if isinstance(arg, (list, tuple)) for a in arg if isinstance(a, torch.Tensor)]
-        if name in READ_BACKS or (name.startswith("aten.index") and any(i.dtype == torch.bool for i in indices)):
+        if (
+            name in READ_BACKS
+            or (name.startswith("aten.index") and any(i.dtype in (torch.bool, torch.uint8) for i in indices))
+            or (name == "aten.repeat_interleave" and (kwargs or {}).get("output_size") is None)
+        ):
             self.seen.append(name)
         return func(*args, **(kwargs or {}))
 
 
-def _read_backs(model, batch, chunk_tokens=2048) -> list[str]:
-    model.zero_grad()
-    with ReadBacks() as recorder:
-        loss, _ = summed_token_loss(model, batch, chunk_tokens)
-        loss.backward()
+def _read_backs(model, batch, monkeypatch, chunk_tokens=2048) -> list[str]:
+    recorder = ReadBacks()
+    with monkeypatch.context() as patch:
+        for method in HOST_COPIES:
+            original = getattr(torch.Tensor, method)
+
+            def watched(self, *args, _name=method, _original=original, **kwargs):
+                recorder.seen.append(f"Tensor.{_name}")
+                return _original(self, *args, **kwargs)
+
+            patch.setattr(torch.Tensor, method, watched)
+        model.zero_grad()
+        with recorder:
+            loss, _ = summed_token_loss(model, batch, chunk_tokens)
+            loss.backward()
     return recorder.seen
 
 
@@ -75,21 +102,25 @@ def batches(tiny_model_dir):
     ],
 )
 def test_the_training_loss_reads_nothing_back_from_the_device(
-    tiny_model_dir, batches, attn_implementation, layout, expected
+    tiny_model_dir, batches, attn_implementation, layout, expected, monkeypatch
 ):
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(_model(tiny_model_dir, attn_implementation), LoraConfig(r=4, target_modules=["q_proj"]))
-    assert _read_backs(model, batches[layout]) == expected
-    assert _read_backs(model, batches[layout], chunk_tokens=16) == expected  # the chunked, recomputed loss too
+    assert _read_backs(model, batches[layout], monkeypatch) == expected
+    # the chunked loss, recomputed in backward, too
+    assert _read_backs(model, batches[layout], monkeypatch, chunk_tokens=16) == expected
 
 
-def test_the_recorder_sees_what_used_to_synchronise(tiny_model_dir, batches):
+def test_the_recorder_sees_what_used_to_synchronise(tiny_model_dir, batches, monkeypatch):
     """The same loss without the host's facts: transformers reads the position ids back to find packed rows, and
-    a boolean mask selects the labelled positions (forward and backward)."""
+    a boolean mask selects the labelled positions (forward and backward); segmented_sdpa without the host's
+    lengths reads the position ids back in every layer."""
     bare = {k: v for k, v in batches["packed"].items() if k not in HOST_KEYS}
-    seen = _read_backs(_model(tiny_model_dir, "sdpa"), bare)
+    seen = _read_backs(_model(tiny_model_dir, "sdpa"), bare, monkeypatch)
     assert "aten._local_scalar_dense" in seen and seen.count("aten.index") >= 2 and "aten.index_put" in seen
+    seen = _read_backs(_model(tiny_model_dir, SEGMENTED_SDPA), bare, monkeypatch)
+    assert "aten.nonzero" in seen and "Tensor.tolist" in seen
 
 
 @pytest.mark.parametrize("layout", ["packed", "one conversation a row"])
@@ -115,6 +146,9 @@ def test_models_with_a_shorter_sliding_window_keep_transformers_masks(batches):
     width = packed["input_ids"].shape[1]
     config = MistralConfig(sliding_window=width // 2)
     config._attn_implementation = "sdpa"
+    assert set(decoder_inputs(config, packed)) == {"position_ids"}
+    # Mistral applies its window whatever layer_types says (it never reads them).
+    config.layer_types = ["full_attention"] * config.num_hidden_layers
     assert set(decoder_inputs(config, packed)) == {"position_ids"}
     config.sliding_window = width
     assert set(decoder_inputs(config, packed)) == {"position_ids", "attention_mask"}

@@ -73,15 +73,16 @@ def packed_causal_mask(position_ids: Any) -> Any:
 
 def full_attention_within(config: Any, row_length: int) -> bool:
     """Whether every layer attends over the whole causal context of a row of ``row_length`` (no sliding window
-    shorter than the row, no chunked attention): then one causal mask serves every layer."""
+    shorter than the row, no chunked attention): then one causal mask serves every layer.
+
+    A window in the config counts even where ``layer_types`` names no sliding layer: Mistral, Mixtral, Phi-3 and
+    Starcoder2 apply ``sliding_window`` without reading ``layer_types``, and other models name windowed layers
+    differently."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if getattr(config, "attention_chunk_size", None):
         return False
     window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    return (
-        window is None or window >= row_length or (layer_types is not None and "sliding_attention" not in layer_types)
-    )
+    return window is None or window >= row_length
 
 
 def segmented_sdpa_attention(
@@ -218,7 +219,8 @@ def register_segmented_sdpa() -> None:
 
 def refuse_padding_masks(model: Any) -> None:
     """Refuse an attention mask at the decoder's door while it runs segmented_sdpa, which cannot honour one (a
-    left-padded batch would attend to its padding). Checks only whether a mask was passed: no device read-back."""
+    left-padded batch would attend to its padding). Checks only whether a mask was passed: no device read-back.
+    A model switched to segmented_sdpa after loading (``set_attn_implementation``) needs this call too."""
 
     def check(module: Any, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)

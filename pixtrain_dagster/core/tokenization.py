@@ -230,26 +230,23 @@ def collate(rows: Sequence[Row], pad_token_id: int, flatten: bool = False) -> di
         input_ids.append(ids + [pad_token_id] * pad)
         labels.append(labs + [IGNORE_INDEX] * pad)
         position_ids.append(pos + list(range(pad)))
+    label_tensor = torch.tensor(labels, dtype=torch.long)
     # Where the loss is taken, found here on the host: selecting those positions on the device with a boolean
     # mask would make the host wait for the device to count them, in every forward and again in backward.
-    labelled_positions, labelled_targets = [], []
-    for r, labs in enumerate(labels):
-        for t in range(1, width):
-            if labs[t] != IGNORE_INDEX:
-                labelled_positions.append(r * width + t - 1)  # position t - 1 predicts token t
-                labelled_targets.append(labs[t])
+    predicted = label_tensor[:, 1:]  # position t - 1 predicts token t
+    row_index, column = (predicted != IGNORE_INDEX).nonzero(as_tuple=True)
     return {
         "real_tokens": sum(row.length for row in rows),
         "label_tokens": sum(row.loss_tokens for row in rows),
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
-        "labels": torch.tensor(labels, dtype=torch.long),
+        "labels": label_tensor,
         "position_ids": torch.tensor(position_ids, dtype=torch.long),
         # Runs of restarting position ids over the rows laid end to end, known here on the host, so that
         # segmented_sdpa does not read them back from the device in every layer.
         "segment_lengths": segment_lengths,
         # Flat indices into the (rows x width) positions, and the tokens they predict (core/loss.py).
-        "labelled_positions": torch.tensor(labelled_positions, dtype=torch.long),
-        "labelled_targets": torch.tensor(labelled_targets, dtype=torch.long),
+        "labelled_positions": row_index * width + column,
+        "labelled_targets": predicted[row_index, column],
     }
 
 
