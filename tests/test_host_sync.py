@@ -152,3 +152,15 @@ def test_models_with_a_shorter_sliding_window_keep_transformers_masks(batches):
     assert set(decoder_inputs(config, packed)) == {"position_ids"}
     config.sliding_window = width
     assert set(decoder_inputs(config, packed)) == {"position_ids", "attention_mask"}
+
+
+def test_the_device_built_mask_is_the_one_transformers_builds(tiny_model_dir, batches):
+    from transformers.masking_utils import create_causal_mask
+
+    from pixtrain_dagster.core.attention import packed_causal_mask
+
+    config = _model(tiny_model_dir, "sdpa").config
+    position_ids = batches["packed"]["position_ids"]
+    embeds = torch.zeros(*position_ids.shape, config.hidden_size)
+    theirs = create_causal_mask(config, embeds, None, None, position_ids=position_ids)
+    assert theirs.dtype == torch.bool and torch.equal(packed_causal_mask(position_ids), theirs)
