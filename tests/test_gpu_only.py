@@ -180,3 +180,39 @@ def test_segmented_sdpa_uses_the_varlen_flash_kernel_and_equals_sdpa_with_the_ma
             assert verify_packing_isolation(model, name) >= 0
     torch.testing.assert_close(results[attention.SEGMENTED_SDPA][0], results["sdpa"][0], rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(results[attention.SEGMENTED_SDPA][1], results["sdpa"][1], rtol=5e-2, atol=5e-2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "segmented_sdpa"])
+def test_the_training_loss_never_makes_the_host_wait_for_the_gpu(tiny_model_dir, attn_implementation):
+    """`torch.cuda.set_sync_debug_mode("error")` raises on every synchronising CUDA call; it exists only on CUDA. On
+    CPU, tests/test_host_sync.py records the ops that would synchronise instead."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pixtrain_dagster.core.attention import register_segmented_sdpa
+    from pixtrain_dagster.core.conversations import load_conversations
+    from pixtrain_dagster.core.loss import summed_token_loss
+    from pixtrain_dagster.core.tokenization import collate, pack_rows, tokenize_conversations
+
+    from support import SAMPLE_DATASET
+
+    register_segmented_sdpa()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = pack_rows(
+        tokenize_conversations(tokenizer, load_conversations(SAMPLE_DATASET)[:12], 512).conversations, 512, pack=True
+    )
+    batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in collate(rows, tokenizer.pad_token_id or 0).items()}
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.bfloat16, attn_implementation=attn_implementation, device_map="cuda"
+    )
+    model.config.use_cache = False
+    model.train()
+    summed_token_loss(model, batch)[0].backward()  # warm-up: allocator and kernel choices may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, _ = summed_token_loss(model, batch)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss.detach()).item()
