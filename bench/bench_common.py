@@ -214,17 +214,17 @@ def matmul_seconds_per_token(
     output layer's two for the ``head_fraction`` of positions that predict a labelled token. Returns (seconds a
     token, FLOP/s over that mix). Its inverse bounds real tokens/s: attention, LoRA, element-wise work, the
     optimizer and the framework only add to it."""
+    from collections import Counter
+
     import torch
 
+    from pixtrain_dagster.core.throughput import decoder_linear_shapes
+
     dtype = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16}[precision]
-    hidden, inter = int(config.hidden_size), int(config.intermediate_size)
-    heads = int(config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-    kv = int(getattr(config, "num_key_value_heads", None) or heads) * head_dim
-    layers = int(config.num_hidden_layers)
-    decoder = [(hidden, heads * head_dim), (hidden, kv), (hidden, kv), (heads * head_dim, hidden)]
-    decoder += [(hidden, inter), (hidden, inter), (inter, hidden)]
-    weighted = [((i, o), layers) for i, o in decoder] + [((hidden, int(config.vocab_size)), head_fraction)]
+    weighted: Counter = Counter()  # (in, out) -> how many times a token goes through it
+    for shape in decoder_linear_shapes(config):
+        weighted[shape] += int(config.num_hidden_layers)
+    weighted[(int(config.hidden_size), int(config.vocab_size))] += head_fraction
 
     def best_time(run) -> float:
         best = float("inf")
@@ -240,7 +240,7 @@ def matmul_seconds_per_token(
         return best
 
     seconds = flops = 0.0
-    for (fan_in, fan_out), count in weighted:
+    for (fan_in, fan_out), count in weighted.items():  # each distinct shape timed once
         weight = torch.randn(fan_out, fan_in, device=device, dtype=dtype)
         x = torch.randn(tokens, fan_in, device=device, dtype=dtype)
         grad = torch.randn(tokens, fan_out, device=device, dtype=dtype)

@@ -146,6 +146,11 @@ def test_models_it_does_not_implement_fall_back_to_sdpa_under_auto_and_are_refus
     assert "sliding-window attention over 16 tokens" in segmented_sdpa_misfit(
         MistralConfig(**small, sliding_window=16), 256
     )
+    # Mistral applies its window whatever layer_types says: the window counts (one rule: full_attention_within).
+    full_types = ["full_attention"] * small["num_hidden_layers"]
+    assert "sliding-window" in segmented_sdpa_misfit(
+        MistralConfig(**small, sliding_window=16, layer_types=full_types), 256
+    )
     assert "soft-capping" in segmented_sdpa_misfit(Gemma2Config(**small, head_dim=8), 256)
 
     MistralConfig(**small, sliding_window=16).save_pretrained(tmp_path)

@@ -50,10 +50,10 @@ def segmented_sdpa_misfit(config: Any, max_seq_len: int) -> str | None:
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if getattr(config, "attn_logit_softcapping", None):
         return "attention logit soft-capping"
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if window is not None and (layer_types is None or "sliding_attention" in layer_types) and window < max_seq_len:
-        return f"sliding-window attention over {window} tokens (max_seq_len {max_seq_len})"
+    if not full_attention_within(config, max_seq_len):
+        window = getattr(config, "sliding_window", None)
+        what = f"sliding-window attention over {window} tokens" if window else "chunked attention"
+        return f"{what} (max_seq_len {max_seq_len})"
     return None
 
 

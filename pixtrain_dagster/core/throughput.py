@@ -54,22 +54,31 @@ def _get(config: Any, name: str, default: Any = None) -> Any:
     return getattr(config, name, default)
 
 
-def linear_parameters(config: Any) -> int:
-    """Parameters of the matrix multiplications inside the decoder layers (attention projections and MLP).
-
-    Llama-style layout (Llama, Mistral, Qwen, Gemma, SmolLM): q and o are ``hidden x (heads * head_dim)``, k and v
-    ``hidden x (kv_heads * head_dim)``, and the gated MLP has three ``hidden x intermediate`` matrices. Biases are
-    ignored.
-    """
+def decoder_linear_shapes(config: Any) -> list[tuple[int, int]]:
+    """(in, out) features of each matrix multiplication inside one decoder layer: the q, k, v and o projections
+    and the gated MLP's gate, up and down. Llama-style layout (Llama, Mistral, Qwen, Gemma, SmolLM): q and o are
+    ``hidden x (heads * head_dim)``, k and v ``hidden x (kv_heads * head_dim)``. Biases are ignored."""
     hidden = int(_get(config, "hidden_size"))
     heads = int(_get(config, "num_attention_heads"))
     kv_heads = int(_get(config, "num_key_value_heads") or heads)
     head_dim = int(_get(config, "head_dim") or hidden // heads)
     intermediate = int(_get(config, "intermediate_size"))
+    attention = heads * head_dim
+    return [
+        (hidden, attention),
+        (hidden, kv_heads * head_dim),
+        (hidden, kv_heads * head_dim),
+        (attention, hidden),
+        (hidden, intermediate),
+        (hidden, intermediate),
+        (intermediate, hidden),
+    ]
+
+
+def linear_parameters(config: Any) -> int:
+    """Parameters of the matrix multiplications inside the decoder layers (attention projections and MLP)."""
     layers = int(_get(config, "num_hidden_layers"))
-    attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
-    mlp = hidden * intermediate * 3
-    return layers * (attention + mlp)
+    return layers * sum(fan_in * fan_out for fan_in, fan_out in decoder_linear_shapes(config))
 
 
 def lora_flops_per_token(config: Any, trainable_params: int, seq_len: float, head_fraction: float = 1.0) -> float:
