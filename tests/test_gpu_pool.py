@@ -74,16 +74,22 @@ from dagster import DagsterInstance, Definitions, asset, define_asset_job
 from pixtrain_dagster.recovery import GPU_POOL
 
 span_file, holder_started = Path(sys.argv[1]), Path(sys.argv[2])
+second_ran = holder_started.with_name("second-step-ran")
 
 @asset(pool=GPU_POOL)
 def gpu_work(context):
     started = time.time()
+    if sys.argv[3] == "second":
+        second_ran.write_text("")
     if sys.argv[3] == "first":
         holder_started.write_text("")  # the first run holds its slot now: the second may ask for one
-        # Hold the slot until the second run's step has asked for one (queued, or let through), however slow
-        # this machine is, then a little longer so a step let through overlaps for sure.
+        # Hold the slot until the second run's step has asked for one, however slow this machine is: its request
+        # is queued (a pending row), or it was let through, ran and left (its marker; a step let through may
+        # finish and drop its pending row between two polls), then a little longer so a step let through overlaps.
         deadline = time.time() + 120
         while time.time() < deadline:
+            if second_ran.exists():
+                break
             if len(context.instance.event_log_storage.get_concurrency_info(GPU_POOL).pending_steps) >= 2:
                 break
             time.sleep(0.05)
