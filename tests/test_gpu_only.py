@@ -216,3 +216,51 @@ def test_the_training_loss_never_makes_the_host_wait_for_the_gpu(tiny_model_dir,
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss.detach()).item()
+
+
+@needs_cuda
+@pytest.mark.skipif(
+    importlib.util.find_spec("flash_attn") is None,
+    reason="flash-attn is a CUDA extension: it does not build or import without the CUDA toolkit",
+)
+def test_flash_attention_with_the_batch_cu_seqlens_synchronises_at_most_once(tiny_model_dir):
+    """With the batch's cu_seqlens (core/loss.py decoder_inputs), the one synchronising call left is transformers'
+    packing check in its mask preparation; without them it also derives cu_seqlens in every layer. On CPU,
+    tests/test_host_sync.py checks the same with flash-attn's kernels stood in for."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pixtrain_dagster.core.conversations import load_conversations
+    from pixtrain_dagster.core.loss import summed_token_loss
+    from pixtrain_dagster.core.tokenization import collate, pack_rows, tokenize_conversations
+
+    from support import SAMPLE_DATASET
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = pack_rows(
+        tokenize_conversations(tokenizer, load_conversations(SAMPLE_DATASET)[:12], 512).conversations, 512, pack=True
+    )
+    flat = collate(rows, tokenizer.pad_token_id or 0, flatten=True)
+    batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in flat.items()}
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.bfloat16, attn_implementation="flash_attention_2", device_map="cuda"
+    )
+    model.config.use_cache = False
+    model.train()
+
+    def synchronising_calls(inputs):
+        summed_token_loss(model, inputs)[0].backward()  # warm-up
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                summed_token_loss(model, inputs)[0].backward()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    with_bounds = synchronising_calls(batch)
+    without = synchronising_calls({k: v for k, v in batch.items() if k != "segment_bounds"})
+    assert with_bounds <= 1 < without, (with_bounds, without)

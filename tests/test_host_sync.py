@@ -164,3 +164,107 @@ def test_the_device_built_mask_is_the_one_transformers_builds(tiny_model_dir, ba
     embeds = torch.zeros(*position_ids.shape, config.hidden_size)
     theirs = create_causal_mask(config, embeds, None, None, position_ids=position_ids)
     assert theirs.dtype == torch.bool and torch.equal(packed_causal_mask(position_ids), theirs)
+
+
+def test_collate_bounds_are_the_cu_seqlens_transformers_derives(tiny_model_dir, batches):
+    """flash-attn's cu_seqlens and longest segment, which transformers otherwise derives from the position ids on
+    the device in every layer, are the batch's own ``segment_bounds`` and ``max(segment_lengths)``."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    conversations = tokenize_conversations(tokenizer, load_conversations(SAMPLE_DATASET)[:8], 256).conversations
+    flat = collate(pack_rows(conversations, 256, pack=True), tokenizer.pad_token_id, flatten=True)
+    for batch in (*batches.values(), flat):
+        (cu_q, cu_k), (longest, _) = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
+        assert batch["segment_bounds"].dtype == cu_q.dtype == torch.int32
+        assert torch.equal(batch["segment_bounds"], cu_q) and torch.equal(cu_q, cu_k)
+        assert max(batch["segment_lengths"]) == int(longest)
+
+
+def _flash_attn_stand_in(batch, calls):
+    """flash-attn's functions as transformers imports them, on CPU: its varlen kernel computes causal attention per
+    segment of the flat (tokens, heads, dim) layout. The real kernel reads cu_seqlens on the device; the stand-in
+    takes the host's lengths when given the batch's own bounds, and reads other bounds back (as nothing in the
+    real kernel would)."""
+    import torch.nn.functional as F
+    from transformers.modeling_flash_attention_utils import _lazy_define_process_function
+
+    def attend(q, k, v, scale):  # (length, heads, dim) each
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        return out[0].transpose(0, 1)
+
+    def flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        dropout_p=0.0,
+        softmax_scale=None,
+        causal=False,
+    ):
+        assert causal and dropout_p == 0.0 and cu_seqlens_q is cu_seqlens_k
+        calls.append((cu_seqlens_q is batch["segment_bounds"], type(max_seqlen_q)))
+        own = cu_seqlens_q is batch["segment_bounds"]
+        lengths = batch["segment_lengths"] if own else cu_seqlens_q.diff().tolist()
+        pieces = zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True)
+        return torch.cat([attend(*piece, softmax_scale) for piece in pieces])
+
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+        calls.append(("no varlen", None))
+        return torch.stack([attend(*row, softmax_scale) for row in zip(q, k, v, strict=True)])
+
+    def lazy_import_flash_attention(implementation, *args, **kwargs):
+        assert implementation == "flash_attention_2"
+        functions = (flash_attn_func, flash_attn_varlen_func, None, None, None)
+        return functions, (_lazy_define_process_function(flash_attn_varlen_func), dict)
+
+    return lazy_import_flash_attention
+
+
+def test_flash_attention_gets_the_batch_cu_seqlens_and_reads_back_only_in_mask_preparation(
+    tiny_model_dir, batches, monkeypatch
+):
+    """flash-attn needs CUDA, so only its kernels are stood in for on CPU; transformers' flash-attention path, the
+    model, the PEFT wrapper and the loss are the real ones. Given the batch's cu_seqlens, every layer takes
+    transformers' varlen branch with them (across rows and their padding), the loss and gradients equal sdpa's
+    with the block-diagonal mask, and the only read-back left is transformers' packing check in its mask
+    preparation, once a forward; without them transformers derives cu_seqlens from the position ids in every layer.
+    """
+    import transformers.modeling_flash_attention_utils as fa_utils
+    from peft import LoraConfig, get_peft_model
+
+    batch = batches["packed"]
+    calls = []
+    monkeypatch.setattr(fa_utils, "lazy_import_flash_attention", _flash_attn_stand_in(batch, calls))
+
+    def model_as(name):
+        model = _model(tiny_model_dir, "sdpa")
+        model.config._attn_implementation = name  # transformers refuses to load flash_attention_2 without CUDA
+        return model
+
+    results = {}
+    for name in ("sdpa", "flash_attention_2"):
+        model = model_as(name)
+        loss, _ = summed_token_loss(model, batch)
+        loss.backward()
+        results[name] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+    layers = model.config.num_hidden_layers
+    assert calls == [(True, int)] * layers * 1  # the forward (no recomputation: the loss is one chunk)
+    torch.testing.assert_close(results["flash_attention_2"][0], results["sdpa"][0], rtol=1e-5, atol=1e-5)
+    for name, grad in results["sdpa"][1].items():
+        torch.testing.assert_close(results["flash_attention_2"][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    model = get_peft_model(model_as("flash_attention_2"), LoraConfig(r=4, target_modules=["q_proj"]))
+    assert _read_backs(model, batch, monkeypatch) == ["aten._local_scalar_dense"]
+    # The padding-free layout training uses with flash-attn (one flat row), without the batch's facts.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    conversations = tokenize_conversations(tokenizer, load_conversations(SAMPLE_DATASET)[:8], 256).conversations
+    flat = collate(pack_rows(conversations, 256, pack=True), tokenizer.pad_token_id, flatten=True)
+    calls.clear()
+    seen = _read_backs(model, {k: v for k, v in flat.items() if k not in (*HOST_KEYS, "segment_bounds")}, monkeypatch)
+    assert calls and all(not own for own, _ in calls)
+    assert seen.count("aten.nonzero") >= layers, seen

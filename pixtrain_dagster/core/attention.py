@@ -132,7 +132,7 @@ def segmented_sdpa_attention(
         )
     dropout_p = dropout if module.training else 0.0
     if _varlen_kernel_applies(query, value, dropout_p):
-        return _varlen_attention(query, key, value, lengths, scaling), None
+        return _varlen_attention(query, key, value, lengths, scaling, kwargs.get("segment_bounds")), None
     kv_heads, value_dim = key.shape[1], value.shape[-1]
     # (rows, heads, length, dim) -> (heads, rows * length, dim): segments are contiguous slices of one flat axis.
     flat_q = query.transpose(0, 1).reshape(heads, rows * length, dim)
@@ -174,8 +174,13 @@ def _varlen_kernel_applies(query: Any, value: Any, dropout_p: float) -> bool:
     )
 
 
-def _varlen_attention(query: Any, key: Any, value: Any, lengths: list[int], scaling: float | None) -> Any:
-    """(rows, heads, length, dim) in, (rows, length, heads, dim) out, through ``torch.nn.attention.varlen``."""
+def _varlen_attention(
+    query: Any, key: Any, value: Any, lengths: list[int], scaling: float | None, bounds: Any = None
+) -> Any:
+    """(rows, heads, length, dim) in, (rows, length, heads, dim) out, through ``torch.nn.attention.varlen``.
+
+    ``bounds`` are the cumulative segment offsets already on the device (collate's ``segment_bounds``, copied with
+    the batch); without them they are built from ``lengths`` here, in every layer."""
     import torch
     from torch.nn.attention.varlen import varlen_attn
 
@@ -184,11 +189,14 @@ def _varlen_attention(query: Any, key: Any, value: Any, lengths: list[int], scal
     def flat(t: Any) -> Any:  # (rows, h, length, d) -> (rows * length, h, d): the segments end to end
         return t.transpose(1, 2).reshape(rows * length, t.shape[1], t.shape[-1])
 
-    bounds = [0]
-    for n in lengths:
-        bounds.append(bounds[-1] + n)
-    # Built from host integers: copied to the device, never read back from it.
-    cumulative = torch.tensor(bounds, dtype=torch.int32).to(query.device, non_blocking=True)
+    if bounds is not None and bounds.device == query.device:
+        cumulative = bounds
+    else:
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        # Built from host integers: copied to the device, never read back from it.
+        cumulative = torch.tensor(offsets, dtype=torch.int32).to(query.device, non_blocking=True)
     longest = max(lengths)
     out = varlen_attn(
         flat(query),

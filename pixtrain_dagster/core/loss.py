@@ -75,19 +75,34 @@ def decoder_inputs(config: Any, batch: dict[str, Any]) -> dict[str, Any]:
     device when the batch says enough on the host (collate's ``segment_lengths``).
 
     Left alone, transformers finds packed rows by reading the position ids back (a host synchronisation in every
-    forward). segmented_sdpa gets the host's segment lengths. sdpa on packed or padded rows gets the
-    block-diagonal causal mask transformers would build, built on the device without the read-back. Rows that are
-    each one whole conversation keep transformers' path: its read-back finds no packing and lets SDPA use its
-    causal kernel (flash on GPUs), worth more than the synchronisation. Models with sliding-window or chunked
-    attention build their own per-layer masks: they keep transformers' path too.
+    forward). segmented_sdpa gets the host's segment lengths, flash-attn the batch's cu_seqlens. sdpa on packed or
+    padded rows gets the block-diagonal causal mask transformers would build, built on the device without the
+    read-back. Rows that are each one whole conversation keep transformers' path: its read-back finds no packing
+    and lets SDPA use its causal kernel (flash on GPUs), worth more than the synchronisation. Models with
+    sliding-window or chunked attention build their own per-layer masks: they keep transformers' path too.
     """
+    from .settings import VARLEN_ATTENTION
+
     implementation = getattr(config, "_attn_implementation", None)
     position_ids = batch["position_ids"]
     lengths = batch.get("segment_lengths")
     if lengths is None:
         return {"position_ids": position_ids}
+    bounds = batch.get("segment_bounds")
     if implementation == SEGMENTED_SDPA:
-        return {"position_ids": position_ids, "segment_lengths": lengths}
+        return {"position_ids": position_ids, "segment_lengths": lengths, "segment_bounds": bounds}
+    if implementation in VARLEN_ATTENTION and bounds is not None:
+        # flash-attn's varlen call with the batch's own cu_seqlens: without them transformers derives them from the
+        # position ids again in every layer, reading them back each time. Its mask preparation still reads the position
+        # ids back once a forward to look for packing; that one is kept (docs/training.md).
+        longest = max(lengths)
+        return {
+            "position_ids": position_ids,
+            "cu_seq_lens_q": bounds,
+            "cu_seq_lens_k": bounds,
+            "max_length_q": longest,
+            "max_length_k": longest,
+        }
     rows, width = position_ids.shape
     packed_or_padded = len(lengths) > rows
     if implementation == "sdpa" and packed_or_padded and full_attention_within(config, width):

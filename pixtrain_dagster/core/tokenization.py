@@ -235,6 +235,9 @@ def collate(rows: Sequence[Row], pad_token_id: int, flatten: bool = False) -> di
     # mask would make the host wait for the device to count them, in every forward and again in backward.
     predicted = label_tensor[:, 1:]  # position t - 1 predicts token t
     row_index, column = (predicted != IGNORE_INDEX).nonzero(as_tuple=True)
+    bounds = [0]
+    for length in segment_lengths:
+        bounds.append(bounds[-1] + length)
     return {
         "real_tokens": sum(row.length for row in rows),
         "label_tokens": sum(row.loss_tokens for row in rows),
@@ -244,6 +247,9 @@ def collate(rows: Sequence[Row], pad_token_id: int, flatten: bool = False) -> di
         # Runs of restarting position ids over the rows laid end to end, known here on the host, so that
         # segmented_sdpa does not read them back from the device in every layer.
         "segment_lengths": segment_lengths,
+        # The same runs as cumulative offsets (flash-attn's cu_seqlens): a tensor, so it is pinned and copied to the
+        # device with the batch, once, instead of built in every layer of every forward.
+        "segment_bounds": torch.tensor(bounds, dtype=torch.int32),
         # Flat indices into the (rows x width) positions, and the tokens they predict (core/loss.py).
         "labelled_positions": row_index * width + column,
         "labelled_targets": predicted[row_index, column],
