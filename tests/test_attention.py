@@ -208,7 +208,7 @@ def test_the_cuda_varlen_branch_lays_out_segments_as_the_kernel_expects(monkeypa
 
     def reference(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False, **_):
         assert q.dim() == 3 and cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and max_q == max_k
-        seen.update(window=window_size, gqa=enable_gqa, offsets=cu_q.tolist(), longest=max_q)
+        seen.update(window=window_size, gqa=enable_gqa, offsets=cu_q.tolist(), longest=max_q, bounds=cu_q)
         outs = []
         for a, b in zip(cu_q.tolist(), cu_q.tolist()[1:], strict=False):
             outs.append(
@@ -231,8 +231,35 @@ def test_the_cuda_varlen_branch_lays_out_segments_as_the_kernel_expects(monkeypa
     looped, _ = attention.segmented_sdpa_attention(module, query, key, value, None, position_ids=positions, scaling=0.3)
     monkeypatch.setattr(attention, "_varlen_kernel_applies", lambda *args: True)
     flat, _ = attention.segmented_sdpa_attention(module, query, key, value, None, position_ids=positions, scaling=0.3)
-    assert seen == {"window": (-1, 0), "gqa": True, "offsets": [0, 3, 6, 10, 12], "longest": 4}
+    assert {k: v for k, v in seen.items() if k != "bounds"} == {
+        "window": (-1, 0),
+        "gqa": True,
+        "offsets": [0, 3, 6, 10, 12],
+        "longest": 4,
+    }
     torch.testing.assert_close(flat, looped)
+    # With the batch's offsets already on the device (collate's segment_bounds), the kernel gets that very tensor.
+    bounds = torch.tensor([0, 3, 6, 10, 12], dtype=torch.int32)
+    again, _ = attention.segmented_sdpa_attention(
+        module, query, key, value, None, segment_lengths=[3, 3, 4, 2], segment_bounds=bounds, scaling=0.3
+    )
+    assert seen["bounds"] is bounds
+    torch.testing.assert_close(again, looped)
+
+
+def test_the_varlen_branch_needs_a_torch_whose_kernel_takes_a_window_and_grouped_heads():
+    """Older torch builds have torch.nn.attention.varlen without window_size (so no causal mask) or enable_gqa:
+    segmented_sdpa then takes its per-conversation loop instead of failing with a TypeError mid-training."""
+    from pixtrain_dagster.core.attention import varlen_attn_takes
+
+    def before_windows(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None): ...
+
+    def before_gqa(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)): ...
+
+    assert not varlen_attn_takes(needs_gqa=False, varlen_attn=before_windows)
+    assert varlen_attn_takes(needs_gqa=False, varlen_attn=before_gqa)
+    assert not varlen_attn_takes(needs_gqa=True, varlen_attn=before_gqa)
+    assert varlen_attn_takes(needs_gqa=True)  # the torch pinned here (2.13)
 
 
 def test_auto_follows_the_device_that_trains_not_the_one_that_loads(tiny_model_dir):

@@ -322,6 +322,43 @@ def test_liger_kernel_and_unknown_settings_fail_clearly_on_cpu(tmp_path, tiny_mo
         train(ArtifactStore(tmp_path / "f"), tiny_model_dir, conversations, settings=settings)
 
 
+def test_liger_kernels_are_applied_for_any_cuda_device_name(monkeypatch):
+    """Lightning names the device cuda:0, and FSDP loads on the CPU to train on CUDA: the check is on the compute
+    device's type. Past it, what is left on this machine is the missing package (Liger needs Triton and a GPU)."""
+    import sys
+
+    from pixtrain_dagster.core.training import _apply_liger_kernels
+
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)  # not installed, whatever this venv has
+    for device in ("cuda", "cuda:0", "cuda:3"):
+        with pytest.raises(ValueError, match="liger-kernel package is not installed"):
+            _apply_liger_kernels(torch.nn.Linear(1, 1), device)
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        _apply_liger_kernels(torch.nn.Linear(1, 1), "cpu")
+
+
+@pytest.mark.parametrize(
+    ("attn_implementation", "flat"),
+    [("flash_attention_2", True), ("kernels-community/flash-attn", True), ("sdpa", False), ("segmented_sdpa", False)],
+)
+def test_flash_kernels_hub_ones_included_train_on_one_flat_row(
+    tiny_model_dir, conversations, attn_implementation, flat
+):
+    """A flash kernel given several rows and no cu_seqlens runs one causal kernel across the conversations of a packed
+    row (transformers finds packing from position ids only in a batch of one row): every flash kernel, a hub one
+    too, gets the packed micro-batch as one flat row, and the batch's cu_seqlens (tests/test_host_sync.py)."""
+    from transformers import AutoTokenizer
+
+    from pixtrain_dagster.core.training import _setup_data
+
+    settings = LoraTrainingSettings(
+        **{**GPU_RECIPE.__dict__, "attn_implementation": attn_implementation, "micro_batch_size": 4}
+    )
+    data = _setup_data(AutoTokenizer.from_pretrained(tiny_model_dir), settings, *conversations)
+    rows, width = data.train.batch(0)["input_ids"].shape
+    assert (rows, width == data.train.batch(0)["real_tokens"]) == ((1, True) if flat else (4, False))
+
+
 def test_the_gpu_recipe_through_dagster(pipeline_env, tiny_model_dir):
     """The lora_training step as Dagster runs it, with the GPU recipe's settings, on CPU; then resumes through
     Dagster with nothing left to train."""

@@ -268,3 +268,30 @@ def test_flash_attention_gets_the_batch_cu_seqlens_and_reads_back_only_in_mask_p
     seen = _read_backs(model, {k: v for k, v in flat.items() if k not in (*HOST_KEYS, "segment_bounds")}, monkeypatch)
     assert calls and all(not own for own, _ in calls)
     assert seen.count("aten.nonzero") >= layers, seen
+
+
+def test_flash_kernels_get_cu_seqlens_others_their_own_inputs(batches, monkeypatch):
+    """By the mask function transformers registers: flash attention's (flash_attention_2/3/4, and a hub flash kernel
+    once loaded, which registers under its own name) means no mask and cu_seqlens from the batch."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask, sdpa_mask
+
+    from pixtrain_dagster.core.loss import takes_cu_seqlens
+
+    monkeypatch.setitem(
+        ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "kernels-community/flash-attn", flash_attention_mask
+    )
+    monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "kernels-community/msa", sdpa_mask)
+    config = MistralConfig()
+    for name, takes in [
+        ("flash_attention_2", True),
+        ("flash_attention_3", True),
+        ("kernels-community/flash-attn", True),
+        ("kernels-community/msa", False),  # a hub kernel wrapped with sdpa's mask
+        ("sdpa", False),
+        (SEGMENTED_SDPA, False),
+        ("eager", False),
+        (None, False),
+    ]:
+        assert takes_cu_seqlens(name) is takes, name
+        config._attn_implementation = name
+        assert ("cu_seq_lens_q" in decoder_inputs(config, batches["packed"])) is takes, name

@@ -131,7 +131,7 @@ def segmented_sdpa_attention(
             "to sdpa or flash_attention_2"
         )
     dropout_p = dropout if module.training else 0.0
-    if _varlen_kernel_applies(query, value, dropout_p):
+    if _varlen_kernel_applies(query, key, value, dropout_p):
         return _varlen_attention(query, key, value, lengths, scaling, kwargs.get("segment_bounds")), None
     kv_heads, value_dim = key.shape[1], value.shape[-1]
     # (rows, heads, length, dim) -> (heads, rows * length, dim): segments are contiguous slices of one flat axis.
@@ -158,11 +158,11 @@ def segmented_sdpa_attention(
     return out.reshape(heads, rows, length, value_dim).permute(1, 2, 0, 3).contiguous(), None
 
 
-def _varlen_kernel_applies(query: Any, value: Any, dropout_p: float) -> bool:
+def _varlen_kernel_applies(query: Any, key: Any, value: Any, dropout_p: float) -> bool:
     """On CUDA in bf16/fp16, PyTorch's own varlen flash kernel takes every segment in one call (no kernel launch per
-    conversation and layer, no flash-attn package). It has no dropout and needs equal query and value head sizes."""
-    import importlib.util
-
+    conversation and layer, no flash-attn package). It has no dropout, needs equal query and value head sizes and
+    an Ampere or newer GPU (flash attention's kernels are built for sm80+), and the torch installed must take a
+    causal window (and grouped KV heads where the model has them): older builds fall back to the loop."""
     import torch
 
     return (
@@ -170,8 +170,29 @@ def _varlen_kernel_applies(query: Any, value: Any, dropout_p: float) -> bool:
         and query.dtype in (torch.bfloat16, torch.float16)
         and dropout_p == 0.0
         and query.shape[-1] == value.shape[-1] <= 256
-        and importlib.util.find_spec("torch.nn.attention.varlen") is not None
+        and _flash_capable(query.device.index or 0)
+        and varlen_attn_takes(needs_gqa=key.shape[1] != query.shape[1])
     )
+
+
+def _flash_capable(device_index: int) -> bool:
+    import torch
+
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
+def varlen_attn_takes(needs_gqa: bool, varlen_attn: Any = None) -> bool:
+    """Whether ``torch.nn.attention.varlen.varlen_attn`` (or the function given) takes what ``_varlen_attention``
+    passes: ``window_size`` and, for grouped KV heads, ``enable_gqa`` (both added to torch in 2026)."""
+    import inspect
+
+    if varlen_attn is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            return False
+    parameters = inspect.signature(varlen_attn).parameters
+    return "window_size" in parameters and (not needs_gqa or "enable_gqa" in parameters)
 
 
 def _varlen_attention(

@@ -70,6 +70,17 @@ def _chunk_loss(hidden: Any, targets: Any, head: Any, transform: Callable[[Any],
     return F.cross_entropy(labelled_logits(head, hidden, transform), targets, reduction="sum")
 
 
+def takes_cu_seqlens(implementation: str | None) -> bool:
+    """Whether transformers runs this attention implementation as flash-attn does: no mask of its own, packed rows
+    found only from cu_seqlens or, in a batch of one row, from the position ids. flash_attention_2/3/4 and hub
+    flash kernels (kernels-community/flash-attn...) register flash attention's mask function; so does any other
+    kernel transformers wraps that way. Given several rows and no cu_seqlens, these run one causal kernel across
+    the conversations of a packed row."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    return implementation is not None and ALL_MASK_ATTENTION_FUNCTIONS.get(implementation) is flash_attention_mask
+
+
 def decoder_inputs(config: Any, batch: dict[str, Any]) -> dict[str, Any]:
     """Position ids and attention inputs for the decoder, chosen so that the forward reads nothing back from the
     device when the batch says enough on the host (collate's ``segment_lengths``).
@@ -81,8 +92,6 @@ def decoder_inputs(config: Any, batch: dict[str, Any]) -> dict[str, Any]:
     and lets SDPA use its causal kernel (flash on GPUs), worth more than the synchronisation. Models with
     sliding-window or chunked attention build their own per-layer masks: they keep transformers' path too.
     """
-    from .settings import VARLEN_ATTENTION
-
     implementation = getattr(config, "_attn_implementation", None)
     position_ids = batch["position_ids"]
     lengths = batch.get("segment_lengths")
@@ -91,7 +100,7 @@ def decoder_inputs(config: Any, batch: dict[str, Any]) -> dict[str, Any]:
     bounds = batch.get("segment_bounds")
     if implementation == SEGMENTED_SDPA:
         return {"position_ids": position_ids, "segment_lengths": lengths, "segment_bounds": bounds}
-    if implementation in VARLEN_ATTENTION and bounds is not None:
+    if bounds is not None and takes_cu_seqlens(implementation):
         # flash-attn's varlen call with the batch's own cu_seqlens: without them transformers derives them from the
         # position ids again in every layer, reading them back each time. Its mask preparation still reads the position
         # ids back once a forward to look for packing; that one is kept (docs/training.md).

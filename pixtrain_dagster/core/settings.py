@@ -25,8 +25,6 @@ ATTENTION_IMPLEMENTATIONS = (
     "flash_attention_3",
     "flex_attention",
 )
-# Varlen kernels read position-id restarts directly, so packed micro-batches can be one flat row (no padding).
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 ALL_LINEAR = "all-linear"
 STRATEGIES = ("auto", "ddp", "fsdp")
 

@@ -207,7 +207,8 @@ def _setup_data(
     rank: int = 0,
 ) -> _PreparedData:
     """Tokenise (too-long conversations keep their newest turns), pack, and index the batches by step."""
-    from .settings import VARLEN_ATTENTION
+    from transformers.utils.generic import is_flash_attention_requested
+
     from .throughput import segment_attention_length
     from .tokenization import StepIndexedBatches, fixed_batches, pack_rows, tokenize_conversations
 
@@ -227,8 +228,10 @@ def _setup_data(
         settings.seed,
         tokenizer.pad_token_id,
         accumulation=settings.gradient_accumulation_steps,
-        # Varlen kernels take the packed micro-batch as one flat row: no padding computed at all.
-        flatten=settings.pack_sequences and settings.attn_implementation in VARLEN_ATTENTION,
+        # Flash kernels (flash_attention_2/3/4, hub flash kernels) take the packed micro-batch as one flat row: no
+        # padding computed at all. Decided by name, as transformers does (a hub kernel registers at model load).
+        flatten=settings.pack_sequences
+        and is_flash_attention_requested(requested_attention_implementation=settings.attn_implementation),
         world_size=settings.world_size,
         rank=rank,
     )
@@ -271,7 +274,7 @@ def _setup_model(
     if settings.pack_sequences:
         verify_packing_isolation(model, attn_implementation)
     if settings.use_liger_kernel:
-        _apply_liger_kernels(model, device)
+        _apply_liger_kernels(model, compute_device or device)
     lora = LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
@@ -320,7 +323,7 @@ def _attention_for(base_snapshot_dir: Path, settings: LoraTrainingSettings, devi
 
 def _apply_liger_kernels(model: Any, device: str) -> None:
     """Swap RMSNorm, RoPE and SwiGLU for Liger's Triton kernels (CUDA only; liger-kernel installed)."""
-    if device != "cuda":
+    if device.split(":")[0] != "cuda":  # "cuda:0" under Lightning; FSDP loads on the CPU, trains on CUDA
         raise ValueError("use_liger_kernel needs a CUDA GPU (Liger's kernels are Triton); turn it off on CPU")
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
