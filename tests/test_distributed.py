@@ -243,15 +243,149 @@ def test_usable_cpus_follow_a_container_cpu_quota(tmp_path, cpu_max, cap):
     assert usable_cpus(path) == (affinity if cap is None else min(affinity, cap))
 
 
-def test_fsdp_is_configured_to_shard_decoder_layers_and_save_full_state(tiny_model_dir):
-    """The FSDP run itself needs GPUs (tests/test_gpu_only.py); its configuration is checked here."""
-    from lightning.pytorch.strategies import FSDPStrategy
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+_RNG_SCRIPT = """
+import json, sys
 
-    from pixtrain_dagster.core.training import _strategy
+import torch
+import torch.distributed as dist
 
-    strategy = _strategy(replace(SETTINGS, devices=2, strategy="fsdp"), LlamaDecoderLayer)
-    assert isinstance(strategy, FSDPStrategy)
-    assert strategy.kwargs["use_orig_params"] is True  # frozen base and LoRA weights share wrapped modules
-    assert strategy._state_dict_type == "full"  # resumable on another world size
-    assert LlamaDecoderLayer in strategy.kwargs["auto_wrap_policy"]._module_classes
+from pixtrain_dagster.core.lightning_module import restore_rng_state, rng_states_of_every_rank
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(100 + rank)  # each rank's dropout draws its own masks
+torch.rand(rank + 3)
+saved = {"rng_states_by_rank": rng_states_of_every_rank()}  # what every rank's checkpoint hook gathers
+after_save = torch.rand(4).tolist()
+torch.rand(1000)  # the crash and restart: whatever happened since
+restore_rng_state(saved)
+restored = torch.rand(4).tolist()
+torch.manual_seed(0)
+restore_rng_state({"torch_rng_state": saved["rng_states_by_rank"][0]["torch"], "cuda_rng_state": None})  # old format
+old_format = torch.rand(4).tolist()
+with open(sys.argv[1] + f".{rank}", "w") as out:
+    json.dump({"after_save": after_save, "restored": restored, "old_format": old_format}, out)
+dist.destroy_process_group()
+"""
+
+
+def test_every_rank_gets_its_own_random_state_back_on_resume(tmp_path):
+    """Each rank draws its own dropout masks, so a checkpoint keeps every rank's generator state (gathered from all
+    ranks, written by rank 0) and each rank restores its own; a run's old checkpoint (rank 0's state only) still
+    loads. CUDA's generator is saved and restored the same way, for the current device only."""
+    script, out = tmp_path / "rng_check.py", tmp_path / "rng"
+    script.write_text(_RNG_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]
+    for found in ranks:
+        assert found["restored"] == found["after_save"]
+    assert ranks[0]["after_save"] != ranks[1]["after_save"]  # so rank 1 taking rank 0's state would differ
+    assert ranks[1]["old_format"] == ranks[0]["after_save"]  # the old format: rank 0's state on every rank
+
+
+_FSDP_SCRIPT = """
+import copy, json, sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.plugins.precision.fsdp import FSDPPrecision
+from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
+from transformers import AutoTokenizer
+
+from pixtrain_dagster.core.conversations import load_conversations
+from pixtrain_dagster.core.loss import summed_token_loss
+from pixtrain_dagster.core.settings import LoraTrainingSettings
+from pixtrain_dagster.core.sharding import clip_gradients, trainable_parameter_names
+from pixtrain_dagster.core.tokenization import collate, pack_rows, tokenize_conversations
+from pixtrain_dagster.core.training import _decoder_layer_class, _setup_model, _strategy
+
+tiny, sample, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+dist.init_process_group("gloo")
+settings = LoraTrainingSettings(**json.loads(sys.argv[4]))
+
+
+class Loss(torch.nn.Module):  # what Lightning's FSDP root wraps: a module whose forward runs the training step
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return summed_token_loss(self.model, batch)[0]
+
+
+torch.manual_seed(0)
+model, _ = _setup_model(tiny, settings, "cpu", settings.precision)
+reference = Loss(copy.deepcopy(model))
+strategy = _strategy(settings, _decoder_layer_class(model))
+root = FSDP(
+    Loss(model),
+    auto_wrap_policy=strategy.kwargs["auto_wrap_policy"],
+    use_orig_params=strategy.kwargs["use_orig_params"],
+    sharding_strategy=strategy.sharding_strategy,
+    mixed_precision=FSDPPrecision(settings.precision).mixed_precision_config,
+    device_id=torch.device("cpu"),  # Lightning passes the GPU's index
+)
+units = [name for name, module in root.named_modules() if isinstance(module, FSDP)]
+tokenizer = AutoTokenizer.from_pretrained(tiny)
+conversations = tokenize_conversations(tokenizer, load_conversations(sample)[:6], 192).conversations
+batch = collate(pack_rows(conversations, 192, pack=True), tokenizer.pad_token_id)  # the same rows on both ranks
+
+root(batch).backward()  # FSDP averages the two ranks' (equal) gradients: the reference's gradient
+reference(batch).backward()
+local = [p for p in root.parameters() if p.requires_grad and p.grad is not None]
+local_norm = float(torch.nn.utils.clip_grad_norm_(local, float("inf")))  # this rank's shard only
+norm = float(clip_gradients(root, local, 1e9))
+expected = float(torch.nn.utils.clip_grad_norm_([p for p in reference.parameters() if p.requires_grad], 1e9))
+with FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
+    full = root.state_dict()
+names = trainable_parameter_names(root)
+if dist.get_rank() == 0:
+    saved = {k: v for k, v in full.items() if k in names}
+    want = {k: v for k, v in reference.state_dict().items() if k in trainable_parameter_names(reference)}
+    out.write_text(json.dumps({
+        "units": units,
+        "saved": sorted(saved),
+        "want": sorted(want),
+        "equal": all(torch.equal(saved[k], want[k]) for k in want if k in saved),
+        "dtypes": sorted({str(v.dtype) for v in saved.values()}),
+        "norm": norm,
+        "local_norm": local_norm,
+        "expected": expected,
+    }))
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_wraps_a_bf16_base_with_fp32_lora_clips_globally_and_saves_the_lora_weights(tmp_path, tiny_model_dir):
+    """The GPU recipe's FSDP wrapping, run for real as two CPU processes (gloo): the strategy's own wrap policy over
+    a bf16 base with fp32 LoRA weights (one dtype a unit: FSDP refuses to flatten mixed dtypes), the gradient norm
+    over both ranks' shards, and the full state dict's LoRA weights found under the names training saves. Lightning's
+    FSDPStrategy itself refuses a CPU accelerator; the two-GPU run is in tests/test_gpu_only.py."""
+    settings = replace(SETTINGS, devices=2, strategy="fsdp", precision="bf16-mixed")
+    script, out = tmp_path / "fsdp_check.py", tmp_path / "fsdp.json"
+    script.write_text(_FSDP_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+        + [str(tiny_model_dir), str(SAMPLE_DATASET), str(out), json.dumps(asdict(settings))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    found = json.loads(out.read_text())
+    layers = [u for u in found["units"] if u.endswith(tuple(f"layers.{i}" for i in range(8)))]
+    assert layers and any(".lora_A." in u for u in found["units"]), found["units"]
+    assert found["saved"] and found["saved"] == found["want"] and found["equal"], found
+    assert found["dtypes"] == ["torch.float32"]  # LoRA stays fp32 in the checkpoint and the adapter
+    assert found["norm"] == pytest.approx(found["expected"], rel=2e-2)
+    assert found["local_norm"] < 0.9 * found["expected"]  # what a per-rank norm would have clipped by

@@ -88,7 +88,7 @@ def test_cuda_specific_bookkeeping(tmp_path, tiny_model_dir):
         map_location="cpu",
         weights_only=False,
     )
-    assert state["pixtrain"]["cuda_rng_state"] is not None
+    assert state["pixtrain"]["rng_states_by_rank"][0]["cuda"] is not None
 
 
 @pytest.mark.skipif(

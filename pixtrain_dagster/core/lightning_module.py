@@ -28,6 +28,7 @@ import torch
 
 from .loss import summed_token_loss
 from .settings import LoraTrainingSettings
+from .sharding import clip_gradients, trainable_parameter_names
 from .tokenization import StepIndexedBatches
 
 
@@ -168,7 +169,7 @@ class LoraFineTuning(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         if not self._trainable:
             self._trainable = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(self._trainable, self.settings.gradient_clip_norm, foreach=True)
+        norm = clip_gradients(self.trainer.strategy.model, self._trainable, self.settings.gradient_clip_norm)
         self._unread_grad_norms.append(norm.detach())
 
     def flush_step_metrics(self) -> None:
@@ -210,7 +211,7 @@ class LoraFineTuning(L.LightningModule):
     # ---- checkpoint contents ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.flush_step_metrics()
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        trainable = trainable_parameter_names(self)  # FSDP's wrappers show in named_parameters, not in state dicts
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["pixtrain"] = {
             "next_micro_step": self.next_micro_step,
@@ -220,8 +221,7 @@ class LoraFineTuning(L.LightningModule):
             "train_losses": self.train_losses,
             "grad_norms": self.grad_norms,
             # Dropout draws from these generators: restoring them makes a resumed run bit-for-bit the same.
-            "torch_rng_state": torch.get_rng_state(),
-            "cuda_rng_state": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "rng_states_by_rank": rng_states_of_every_rank(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -236,10 +236,48 @@ class LoraFineTuning(L.LightningModule):
 
     def on_train_start(self) -> None:
         if self._rng_state_to_restore is not None:
-            torch.set_rng_state(self._rng_state_to_restore["torch_rng_state"])
-            if self._rng_state_to_restore["cuda_rng_state"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(self._rng_state_to_restore["cuda_rng_state"])
+            restore_rng_state(self._rng_state_to_restore)
             self._rng_state_to_restore = None
+
+
+def _own_rng_state() -> dict[str, Any]:
+    """This process's generators: the CPU one and its current GPU's (the one its dropout draws from)."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def rng_states_of_every_rank() -> list[dict[str, Any]]:
+    """Every rank's generators, by global rank (a collective: every rank calls it, as every rank saves a
+    checkpoint; rank 0 writes it). Each rank draws its own dropout masks, so each needs its own state back."""
+    import torch.distributed as dist
+
+    own = _own_rng_state()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [own]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, own)
+    return states
+
+
+def restore_rng_state(saved: dict[str, Any]) -> None:
+    """Put this rank's generators back as the checkpoint recorded them. A run resumed on another world size takes
+    the state of the rank with its number modulo the old world size (bit-for-bit resumes need the same world
+    size anyway: the rows each rank trains change). Checkpoints from before per-rank states hold rank 0's CPU
+    state and every GPU's state as rank 0 saw them."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if "rng_states_by_rank" in saved:
+        states = saved["rng_states_by_rank"]
+        mine = states[rank % len(states)]
+    else:
+        per_device = saved.get("cuda_rng_state")
+        device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        cuda = per_device[device] if per_device and device < len(per_device) else None
+        mine = {"torch": saved["torch_rng_state"], "cuda": cuda}
+    torch.set_rng_state(mine["torch"])
+    if mine["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(mine["cuda"])  # the current device's: set_rng_state_all fails on fewer GPUs
 
 
 class _BatchSequence:

@@ -350,8 +350,10 @@ def _strategy(settings: LoraTrainingSettings, model_layer_class: type | None):
         return DDPStrategy(find_unused_parameters=False)
     from lightning.pytorch.strategies import FSDPStrategy
 
+    from .sharding import fsdp_wrap_policy
+
     return FSDPStrategy(
-        auto_wrap_policy={model_layer_class} if model_layer_class else None,
+        auto_wrap_policy=fsdp_wrap_policy(model_layer_class),
         use_orig_params=True,  # LoRA: trainable and frozen parameters share wrapped modules
         state_dict_type="full",
         sharding_strategy="FULL_SHARD",
@@ -419,7 +421,9 @@ def _trainable_state(trainer: Any, peft_model: Any) -> dict[str, Any] | None:
     """The LoRA weights as a full (unsharded) state dict for saving; None where the model's own is complete."""
     if trainer.world_size == 1 or not hasattr(trainer.strategy, "lightning_module_state_dict"):
         return None
-    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    from .sharding import trainable_parameter_names
+
+    trainable = trainable_parameter_names(peft_model)
     full = trainer.strategy.lightning_module_state_dict()
     return {k.removeprefix("model."): v for k, v in full.items() if k.removeprefix("model.") in trainable}
 
