@@ -199,10 +199,14 @@ def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]])
         print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)))
 
 
-def write_json(path: Path | None, payload: Any) -> None:
+def write_json(path: Path | None, payload: Any, quiet: bool = False) -> None:
+    """Write (temporary name, then rename) so a run killed mid-write leaves the previous complete file."""
     if path is not None:
-        path.write_text(json.dumps(payload, indent=2, default=str))
-        print(f"wrote {path}")
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(payload, indent=2, default=str))
+        partial.replace(path)
+        if not quiet:
+            print(f"wrote {path}")
 
 
 def matmul_seconds_per_token(

@@ -395,6 +395,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                             "skipped": f"time budget ({elapsed:.0f} s > {args.time_budget:.0f} s)",
                         }
                     )
+                    write_json(args.json, results, quiet=True)
                     continue
                 print(f"--- {name} ({origin}), sequence {seq_len}, attention {attn or 'default'}", flush=True)
                 try:
@@ -418,6 +419,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     }
                 row["weights"] = origin
                 results.append(row)
+                # Every row as it finishes: a device call cut short by its time limit keeps what it measured.
+                write_json(args.json, results, quiet=True)
                 if device == "cuda":
                     torch.cuda.empty_cache()
     print(
