@@ -32,6 +32,8 @@ from typing import Any, Literal
 
 from dagster import ExecutorDefinition, Field, Permissive, in_process_executor, multiprocess_executor
 
+from .core.settings import REQUIRE_GPU_ENV
+
 StepKind = Literal["gpu", "cpu"]
 
 # ---- identity and paths shared by the image, the pods and the hardening test -----------------------------
@@ -342,6 +344,7 @@ def _step_pod_tags_for(kind: StepKind, settings: ExecutionSettings, secrets: tup
     if kind == "gpu":
         container["resources"] = _resources(settings.gpu_cpu, settings.gpu_memory, settings.gpu_count)
         container["env"].append({"name": "PYTORCH_CUDA_ALLOC_CONF", "value": settings.pytorch_cuda_alloc_conf})
+        container["env"].append({"name": REQUIRE_GPU_ENV, "value": "1"})  # no silent fallback to the CPU
         container["volume_mounts"] = [{"name": "dshm", "mount_path": SHM_PATH}]
         # Memory-backed; counts against the pod's memory limit, so keep it well below gpu_memory.
         pod_spec["volumes"] = [{"name": "dshm", "empty_dir": {"medium": "Memory", "size_limit": settings.gpu_shm_size}}]

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .core.backoff import Backoff
+from .core.settings import REQUIRE_GPU_ENV
 from .execution import (
     CONTAINER_SECURITY_CONTEXT,
     POD_SECURITY_CONTEXT,
@@ -225,6 +226,7 @@ def build_trainjob(
     env = [
         *step_env(settings),
         {"name": "PYTORCH_CUDA_ALLOC_CONF", "value": settings.pytorch_cuda_alloc_conf},
+        {"name": REQUIRE_GPU_ENV, "value": "1"},  # no silent fallback to the CPU
         # The node's CPUs split between its training processes (the step pod's downward-API value would give
         # each process the whole node's share), and torchrun does not print its one-thread banner.
         {"name": "OMP_NUM_THREADS", "value": str(max(1, math.ceil(parse_quantity(settings.gpu_cpu)) // gpus_per_node))},

@@ -337,6 +337,43 @@ def test_liger_kernels_are_applied_for_any_cuda_device_name(monkeypatch):
         _apply_liger_kernels(torch.nn.Linear(1, 1), "cpu")
 
 
+def test_kernel_building_options_say_what_is_missing_before_loading_the_model(monkeypatch, tmp_path):
+    """compile_model (Inductor) and use_liger_kernel (Triton) compile kernels when training starts: without a
+    compiler in the pod they are refused up front, naming the setting, what is missing and the image build arg."""
+    from pixtrain_dagster.core.training import _check_kernel_toolchain
+
+    compiled = LoraTrainingSettings(compile_model=True)
+    liger = LoraTrainingSettings(use_liger_kernel=True)
+    _check_kernel_toolchain(compiled, "cpu")  # this machine has a C++ compiler: CI compiles on CPU
+    _check_kernel_toolchain(LoraTrainingSettings(), "cuda:0")  # nothing to build
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler anywhere
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ValueError, match=r"compile_model build kernels .* need a C\+\+ compiler \(c\+\+ / g\+\+"):
+        _check_kernel_toolchain(compiled, "cpu")
+    with pytest.raises(ValueError, match=r"use_liger_kernel build kernels .* need a C compiler .*TRITON_TOOLCHAIN"):
+        _check_kernel_toolchain(liger, "cuda:0")
+    _check_kernel_toolchain(liger, "cpu")  # refused on CPU for its own reason (test above)
+
+
+def test_a_pod_given_a_gpu_refuses_to_fall_back_to_the_cpu(monkeypatch):
+    """GPU step and TrainJob pods set PIXTRAIN_REQUIRE_GPU=1 (tests/k8s): there, device auto without usable CUDA (no
+    nvidia runtime, a driver fault) stops with the reason instead of training in fp32 on the pod's CPUs for hours
+    and publishing figures no GPU run can be compared with. An explicit cpu still runs on the CPU."""
+    from pixtrain_dagster.core.models import pick_device
+    from pixtrain_dagster.core.settings import REQUIRE_GPU_ENV
+
+    assert not torch.cuda.is_available()
+    monkeypatch.delenv(REQUIRE_GPU_ENV, raising=False)
+    assert pick_device("auto") == "cpu"
+    monkeypatch.setenv(REQUIRE_GPU_ENV, "1")
+    with pytest.raises(
+        RuntimeError, match=r"given a GPU \(PIXTRAIN_REQUIRE_GPU=1\) but CUDA is not usable here: torch"
+    ):
+        pick_device("auto")
+    assert pick_device("cpu") == "cpu"
+
+
 @pytest.mark.parametrize(
     ("attn_implementation", "flat"),
     [("flash_attention_2", True), ("kernels-community/flash-attn", True), ("sdpa", False), ("segmented_sdpa", False)],

@@ -108,6 +108,31 @@ def test_generation_stops_at_the_chat_templates_end_of_turn_token(tiny_model_dir
     assert len(calls) == 1  # the first generated token ended the turn
 
 
+def test_sample_replies_are_never_compiled_even_where_the_generation_config_asks_for_a_static_cache(tiny_model_dir):
+    """Gemma 2/3 ship generation configs naming a static-shaped (hybrid) cache, and on a GPU transformers then
+    compiles the forward pass inside generate (Inductor and Triton: minutes, and a C compiler at run time) for
+    a few short sample replies. The same criteria apply on CPU once the compile config allows every device,
+    which is how this test reaches them."""
+    from transformers import CompileConfig, StaticCache
+
+    from pixtrain_dagster.core.evaluation import generate_reply
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.compile_config = CompileConfig()
+    model.generation_config.compile_config._compile_all_devices = True
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    assert model._valid_auto_compile_criteria({"cache": cache}, model.generation_config), "as on a GPU"
+
+    def compile_requested(*args, **kwargs):
+        raise AssertionError("generate compiled the model")
+
+    model.get_compiled_call = compile_requested
+    reply = generate_reply(model, tokenizer, [{"role": "user", "content": "How are you?"}], max_new_tokens=4)
+    assert isinstance(reply, str)
+
+
 def naive_first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     rows, used = [], []
     for index in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True):

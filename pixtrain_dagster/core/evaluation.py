@@ -110,6 +110,10 @@ def generate_reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], m
             use_cache=True,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=end_of_turn_token_ids(tokenizer, model),
+            # A model whose generation config names a static or hybrid cache (Gemma 2/3) would otherwise be
+            # compiled by generate on a GPU (Inductor + Triton, minutes, and a C compiler at run time) for a few
+            # short sample replies.
+            disable_compile=True,
         )
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 

