@@ -303,7 +303,7 @@ from transformers import AutoTokenizer
 from pixtrain_dagster.core.conversations import load_conversations
 from pixtrain_dagster.core.loss import summed_token_loss
 from pixtrain_dagster.core.settings import LoraTrainingSettings
-from pixtrain_dagster.core.sharding import clip_gradients, trainable_parameter_names
+from pixtrain_dagster.core.sharding import clip_gradients, trainable_full_state_dict, trainable_parameter_names
 from pixtrain_dagster.core.tokenization import collate, pack_rows, tokenize_conversations
 from pixtrain_dagster.core.training import _decoder_layer_class, _setup_model, _strategy
 
@@ -348,6 +348,7 @@ expected = float(torch.nn.utils.clip_grad_norm_([p for p in reference.parameters
 with FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
     full = root.state_dict()
 names = trainable_parameter_names(root)
+trainable_only = trainable_full_state_dict(root)  # what checkpoints gather (the strategy's state dict)
 if dist.get_rank() == 0:
     saved = {k: v for k, v in full.items() if k in names}
     want = {k: v for k, v in reference.state_dict().items() if k in trainable_parameter_names(reference)}
@@ -356,6 +357,9 @@ if dist.get_rank() == 0:
         "saved": sorted(saved),
         "want": sorted(want),
         "equal": all(torch.equal(saved[k], want[k]) for k in want if k in saved),
+        "trainable_only": sorted(trainable_only),
+        "trainable_only_equal": all(torch.equal(trainable_only[k], want[k]) for k in want if k in trainable_only),
+        "full_keys": len(full),
         "dtypes": sorted({str(v.dtype) for v in saved.values()}),
         "norm": norm,
         "local_norm": local_norm,
@@ -368,7 +372,7 @@ dist.destroy_process_group()
 def test_fsdp_wraps_a_bf16_base_with_fp32_lora_clips_globally_and_saves_the_lora_weights(tmp_path, tiny_model_dir):
     """The GPU recipe's FSDP wrapping, run for real as two CPU processes (gloo): the strategy's own wrap policy over
     a bf16 base with fp32 LoRA weights (one dtype a unit: FSDP refuses to flatten mixed dtypes), the gradient norm
-    over both ranks' shards, and the full state dict's LoRA weights found under the names training saves. Lightning's
+    over both ranks' shards, and the LoRA weights gathered alone under the names training saves. Lightning's
     FSDPStrategy itself refuses a CPU accelerator; the two-GPU run is in tests/test_gpu_only.py."""
     settings = replace(SETTINGS, devices=2, strategy="fsdp", precision="bf16-mixed")
     script, out = tmp_path / "fsdp_check.py", tmp_path / "fsdp.json"
@@ -387,5 +391,8 @@ def test_fsdp_wraps_a_bf16_base_with_fp32_lora_clips_globally_and_saves_the_lora
     assert layers and any(".lora_A." in u for u in found["units"]), found["units"]
     assert found["saved"] and found["saved"] == found["want"] and found["equal"], found
     assert found["dtypes"] == ["torch.float32"]  # LoRA stays fp32 in the checkpoint and the adapter
+    # Checkpoints gather only the LoRA weights, not every frozen base weight into rank 0's memory first.
+    assert found["trainable_only"] == found["want"] and found["trainable_only_equal"], found
+    assert found["full_keys"] > len(found["want"])
     assert found["norm"] == pytest.approx(found["expected"], rel=2e-2)
     assert found["local_norm"] < 0.9 * found["expected"]  # what a per-rank norm would have clipped by

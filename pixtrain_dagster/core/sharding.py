@@ -40,6 +40,18 @@ def trainable_parameter_names(module: Any) -> set[str]:
     return {clean_parameter_name(name) for name, p in module.named_parameters() if p.requires_grad}
 
 
+def trainable_full_state_dict(root: Any) -> dict[str, Any]:
+    """The trainable (LoRA) weights of an FSDP-wrapped model as a full state dict on the CPU, on every rank (a
+    collective: every rank calls it; LoRA weights are megabytes). A plain full state dict would first gather every
+    frozen base weight into rank 0's host memory (a 70B base: ~140 GB) at each checkpoint, only for the LoRA ones
+    to be kept. Gathered on the device and copied here: torch 2.13's cpu_offload option with ignore_frozen_params
+    fails (a KeyError for a frozen weight on one rank, a crash on the other)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
+    return {name: tensor.cpu() for name, tensor in get_model_state_dict(root, options=options).items()}
+
+
 def clip_gradients(root: Any, trainable: list[Any], max_norm: float) -> Any:
     """Clip the gradients of the whole model to ``max_norm``; returns their total norm (a device tensor).
 

@@ -382,9 +382,17 @@ def _strategy(settings: LoraTrainingSettings, model_layer_class: type | None):
         return DDPStrategy(find_unused_parameters=False)
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from .sharding import fsdp_wrap_policy
+    from .sharding import fsdp_wrap_policy, trainable_full_state_dict
 
-    return FSDPStrategy(
+    class LoraFSDPStrategy(FSDPStrategy):
+        """Checkpoints (and the published adapter) gather only the trainable weights, not the frozen base."""
+
+        def lightning_module_state_dict(self) -> dict[str, Any]:
+            if self._state_dict_type != "full":
+                return super().lightning_module_state_dict()
+            return trainable_full_state_dict(self.model)
+
+    return LoraFSDPStrategy(
         auto_wrap_policy=fsdp_wrap_policy(model_layer_class),
         use_orig_params=True,  # LoRA: trainable and frozen parameters share wrapped modules
         state_dict_type="full",
