@@ -243,6 +243,42 @@ def test_usable_cpus_follow_a_container_cpu_quota(tmp_path, cpu_max, cap):
     assert usable_cpus(path) == (affinity if cap is None else min(affinity, cap))
 
 
+_DECIDE_SCRIPT = """
+import json, os, sys
+
+import torch.distributed as dist
+
+from pixtrain_dagster.core.training import rank_zero_decides
+
+asked = []
+rank = int(os.environ["RANK"])
+# Each rank's own view of the shared checkpoints differs (a stale listing on rank 1): rank 0's answer counts.
+answer = rank_zero_decides(lambda: asked.append(rank) or f"checkpoints/step-00000{4 - 2 * rank}")
+with open(sys.argv[1] + f".{rank}", "w") as out:
+    json.dump({"answer": answer, "asked": asked, "backend": dist.get_backend()}, out)
+"""
+
+
+def test_every_rank_resumes_from_the_checkpoint_rank_zero_chose(tmp_path):
+    """Which checkpoint to resume from is decided once, on rank 0, and sent to every rank: ranks that each listed
+    a shared volume themselves could pick different steps and then wait on each other's collectives until the
+    timeout. The process group it starts is the one Lightning then reuses (tests above resume two nodes)."""
+    script, out = tmp_path / "decide.py", tmp_path / "decided"
+    script.write_text(_DECIDE_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]
+    assert [r["answer"] for r in ranks] == ["checkpoints/step-000004"] * 2
+    assert [r["asked"] for r in ranks] == [[0], []]  # only rank 0 looked
+    assert ranks[0]["backend"] == "gloo"  # on CPU; nccl where CUDA is initialised, as Lightning would choose
+
+
 _RNG_SCRIPT = """
 import json, sys
 

@@ -526,6 +526,33 @@ def _peak_memory_bytes(device: str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def rank_zero_decides(decide: Callable[[], Any]) -> Any:
+    """Run ``decide`` on global rank 0 only and return its answer on every rank (one process: just run it).
+
+    Which checkpoint to resume from must be one answer for all ranks: each rank listing and verifying a shared
+    volume on its own may see a different newest checkpoint (an I/O error skipping one, a network filesystem's
+    stale directory cache), and ranks resumed at different steps wait on each other's collectives until the
+    timeout. This starts the process group Lightning then uses (it reuses an initialised one), with Lightning's
+    backend and timeout."""
+    import atexit
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return decide()
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30), device_id=device)
+        if cuda:
+            atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    answer = [decide() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(answer, src=0)
+    return answer[0]
+
+
 def _resume_point(
     checkpoint_store: ArtifactStore, fingerprint: str, resume: bool, on_invalid: Callable[[Any], None] | None = None
 ):
@@ -533,7 +560,9 @@ def _resume_point(
     verify (damaged ones are skipped and reported to ``on_invalid``), or Nones and zeros."""
     from .safe_load import load_checkpoint_safely
 
-    key = latest_valid_checkpoint(checkpoint_store, fingerprint, on_invalid) if resume else None
+    key = rank_zero_decides(
+        lambda: latest_valid_checkpoint(checkpoint_store, fingerprint, on_invalid) if resume else None
+    )
     if key is None:
         return None, None, 0, 0
     path = checkpoint_store.local_path(key) / "checkpoint.ckpt"
