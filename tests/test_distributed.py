@@ -243,6 +243,20 @@ def test_usable_cpus_follow_a_container_cpu_quota(tmp_path, cpu_max, cap):
     assert usable_cpus(path) == (affinity if cap is None else min(affinity, cap))
 
 
+def run_two_gloo_processes(tmp_path: Path, script: str, *args: str, timeout: int = 120) -> None:
+    """``script`` as two torchrun processes on this machine (gloo on CPU), one OpenMP thread each."""
+    path = tmp_path / "two_processes.py"
+    path.write_text(script)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 _DECIDE_SCRIPT = """
 import json, os, sys
 
@@ -263,16 +277,8 @@ def test_every_rank_resumes_from_the_checkpoint_rank_zero_chose(tmp_path):
     """Which checkpoint to resume from is decided once, on rank 0, and sent to every rank: ranks that each listed
     a shared volume themselves could pick different steps and then wait on each other's collectives until the
     timeout. The process group it starts is the one Lightning then reuses (tests above resume two nodes)."""
-    script, out = tmp_path / "decide.py", tmp_path / "decided"
-    script.write_text(_DECIDE_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    out = tmp_path / "decided"
+    run_two_gloo_processes(tmp_path, _DECIDE_SCRIPT, str(out))
     ranks = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]
     assert [r["answer"] for r in ranks] == ["checkpoints/step-000004"] * 2
     assert [r["asked"] for r in ranks] == [[0], []]  # only rank 0 looked
@@ -309,16 +315,8 @@ def test_every_rank_gets_its_own_random_state_back_on_resume(tmp_path):
     """Each rank draws its own dropout masks, so a checkpoint keeps every rank's generator state (gathered from all
     ranks, written by rank 0) and each rank restores its own; a run's old checkpoint (rank 0's state only) still
     loads. CUDA's generator is saved and restored the same way, for the current device only."""
-    script, out = tmp_path / "rng_check.py", tmp_path / "rng"
-    script.write_text(_RNG_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    out = tmp_path / "rng"
+    run_two_gloo_processes(tmp_path, _RNG_SCRIPT, str(out))
     ranks = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]
     for found in ranks:
         assert found["restored"] == found["after_save"]
@@ -411,17 +409,9 @@ def test_fsdp_wraps_a_bf16_base_with_fp32_lora_clips_globally_and_saves_the_lora
     over both ranks' shards, and the LoRA weights gathered alone under the names training saves. Lightning's
     FSDPStrategy itself refuses a CPU accelerator; the two-GPU run is in tests/test_gpu_only.py."""
     settings = replace(SETTINGS, devices=2, strategy="fsdp", precision="bf16-mixed")
-    script, out = tmp_path / "fsdp_check.py", tmp_path / "fsdp.json"
-    script.write_text(_FSDP_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
-        + [str(tiny_model_dir), str(SAMPLE_DATASET), str(out), json.dumps(asdict(settings))],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    out = tmp_path / "fsdp.json"
+    arguments = (str(tiny_model_dir), str(SAMPLE_DATASET), str(out), json.dumps(asdict(settings)))
+    run_two_gloo_processes(tmp_path, _FSDP_SCRIPT, *arguments, timeout=300)
     found = json.loads(out.read_text())
     layers = [u for u in found["units"] if u.endswith(tuple(f"layers.{i}" for i in range(8)))]
     assert layers and any(".lora_A." in u for u in found["units"]), found["units"]

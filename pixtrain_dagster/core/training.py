@@ -546,8 +546,9 @@ def rank_zero_decides(decide: Callable[[], Any]) -> Any:
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30), device_id=device)
-        if cuda:
-            atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+        # Torn down before the interpreter exits: a process group left to die with it can abort the process
+        # ("terminate called without an active exception") after its work is done.
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     answer = [decide() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(answer, src=0)
     return answer[0]
