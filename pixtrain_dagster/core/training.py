@@ -546,6 +546,12 @@ def rank_zero_decides(decide: Callable[[], Any]) -> Any:
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30), device_id=device)
+        log.info(
+            "process group (%s) started: global rank %d of %d",
+            dist.get_backend(),
+            dist.get_rank(),
+            dist.get_world_size(),
+        )
         # Torn down before the interpreter exits: a process group left to die with it can abort the process
         # ("terminate called without an active exception") after its work is done.
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
