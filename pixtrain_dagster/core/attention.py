@@ -17,6 +17,8 @@ model needs more (sliding windows, soft-capping): training then refuses it, or `
 
 from __future__ import annotations
 
+import functools
+import itertools
 from typing import Any
 
 SEGMENTED_SDPA = "segmented_sdpa"
@@ -175,6 +177,7 @@ def _varlen_kernel_applies(query: Any, key: Any, value: Any, dropout_p: float) -
     )
 
 
+@functools.cache  # asked in every layer of every forward: the answer never changes in a process
 def _flash_capable(device_index: int) -> bool:
     import torch
 
@@ -184,15 +187,23 @@ def _flash_capable(device_index: int) -> bool:
 def varlen_attn_takes(needs_gqa: bool, varlen_attn: Any = None) -> bool:
     """Whether ``torch.nn.attention.varlen.varlen_attn`` (or the function given) takes what ``_varlen_attention``
     passes: ``window_size`` and, for grouped KV heads, ``enable_gqa`` (both added to torch in 2026)."""
+    parameters = _installed_varlen_parameters() if varlen_attn is None else _parameters(varlen_attn)
+    return "window_size" in parameters and (not needs_gqa or "enable_gqa" in parameters)
+
+
+def _parameters(function: Any) -> frozenset[str]:
     import inspect
 
-    if varlen_attn is None:
-        try:
-            from torch.nn.attention.varlen import varlen_attn
-        except ImportError:
-            return False
-    parameters = inspect.signature(varlen_attn).parameters
-    return "window_size" in parameters and (not needs_gqa or "enable_gqa" in parameters)
+    return frozenset(inspect.signature(function).parameters)
+
+
+@functools.cache  # asked in every layer of every forward
+def _installed_varlen_parameters() -> frozenset[str]:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return frozenset()
+    return _parameters(varlen_attn)
 
 
 def _varlen_attention(
@@ -213,10 +224,8 @@ def _varlen_attention(
     if bounds is not None and bounds.device == query.device:
         cumulative = bounds
     else:
-        offsets = [0]
-        for n in lengths:
-            offsets.append(offsets[-1] + n)
         # Built from host integers: copied to the device, never read back from it.
+        offsets = list(itertools.accumulate(lengths, initial=0))
         cumulative = torch.tensor(offsets, dtype=torch.int32).to(query.device, non_blocking=True)
     longest = max(lengths)
     out = varlen_attn(

@@ -16,6 +16,7 @@ conversations never attend to each other. `model_checks.verify_packing_isolation
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -235,9 +236,6 @@ def collate(rows: Sequence[Row], pad_token_id: int, flatten: bool = False) -> di
     # mask would make the host wait for the device to count them, in every forward and again in backward.
     predicted = label_tensor[:, 1:]  # position t - 1 predicts token t
     row_index, column = (predicted != IGNORE_INDEX).nonzero(as_tuple=True)
-    bounds = [0]
-    for length in segment_lengths:
-        bounds.append(bounds[-1] + length)
     return {
         "real_tokens": sum(row.length for row in rows),
         "label_tokens": sum(row.loss_tokens for row in rows),
@@ -249,7 +247,7 @@ def collate(rows: Sequence[Row], pad_token_id: int, flatten: bool = False) -> di
         "segment_lengths": segment_lengths,
         # The same runs as cumulative offsets (flash-attn's cu_seqlens): a tensor, so it is pinned and copied to the
         # device with the batch, once, instead of built in every layer of every forward.
-        "segment_bounds": torch.tensor(bounds, dtype=torch.int32),
+        "segment_bounds": torch.tensor(list(itertools.accumulate(segment_lengths, initial=0)), dtype=torch.int32),
         # Flat indices into the (rows x width) positions, and the tokens they predict (core/loss.py).
         "labelled_positions": row_index * width + column,
         "labelled_targets": predicted[row_index, column],

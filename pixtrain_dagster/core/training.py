@@ -336,9 +336,8 @@ def _check_kernel_toolchain(settings: LoraTrainingSettings, device: str) -> None
         wanted.remove("use_liger_kernel")  # refused on CPU for another reason (_apply_liger_kernels)
     if not wanted:
         return
-    compilers = [os.environ["CC"]] if on_gpu and os.environ.get("CC") else ["cc", "gcc", "clang"]
-    if not on_gpu:
-        compilers = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    variable, defaults = ("CC", ["cc", "gcc", "clang"]) if on_gpu else ("CXX", ["c++", "g++", "clang++"])
+    compilers = [os.environ[variable]] if os.environ.get(variable) else defaults
     missing = []
     if not any(shutil.which(c) for c in compilers):
         missing.append(f"a {'C' if on_gpu else 'C++'} compiler ({' / '.join(compilers)} on PATH)")
